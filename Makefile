@@ -1,0 +1,32 @@
+# `make test` and `make demo` bootstrap .venv on a fresh machine by themselves.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test demo lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@echo "== bootstrapping $(VENV) (first run downloads ~300 MB of wheels)"
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[export,test]"
+	@touch $@
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m export.demo --out build/demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: $(STAMP)
+	$(PY) benchmarks/export_speed.py
+	$(PY) benchmarks/int8_speed.py
+
+clean:
+	rm -rf build .pytest_cache
