@@ -1,0 +1,32 @@
+"""`edge-pfm info`: what this machine can run, and why."""
+from __future__ import annotations
+
+import platform
+import sys
+
+from edge_pfm import __version__
+from edge_pfm._lazy import is_importable
+
+
+def _version(module: str) -> str:
+    if not is_importable(module):
+        return "not installed"
+    try:
+        import importlib
+
+        return str(getattr(importlib.import_module(module), "__version__", "installed"))
+    except Exception as exc:  # a broken install is worth reporting, not crashing on
+        return f"broken ({type(exc).__name__}: {exc})"
+
+
+def describe(bundle: str | None = None) -> str:
+    lines = [
+        f"edge-pfm {__version__}  python {platform.python_version()}  {platform.machine()}  {sys.platform}",
+    ]
+    for module in ("numpy", "cv2", "onnxruntime", "tensorrt", "pycuda"):
+        lines.append(f"  {module:12s} {_version(module)}")
+    if bundle:
+        from edge_pfm.bundle import Bundle
+
+        lines.append(Bundle.load(bundle).summary())
+    return "\n".join(lines)

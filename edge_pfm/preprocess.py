@@ -1,0 +1,144 @@
+"""The one preprocessing: camera frame (BGR uint8) -> model input (float32 CHW).
+
+Training, export parity, calibration and the device runtime all call `preprocess` with the
+`PreprocessSpec` recorded in the bundle manifest. A calibration done with different
+preprocessing than the runtime's is the classic silent INT8 failure, so there is no copy.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE_POLICIES = ("center_crop", "stretch")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How one modality's frames become one model input.
+
+    size: (height, width) of the model input.
+    channels: 3 (colour, fed as `colour_order`) or 1 (monochrome: BGR frames are converted to grey).
+    resize: "center_crop" crops the centre to the input's aspect ratio, then resizes
+        (the cervix sits in the middle of a colposcope frame); "stretch" resizes the whole frame.
+    mean/std: per channel, applied to pixel/255 in `colour_order`.
+    """
+
+    size: tuple[int, int] = (224, 224)
+    channels: int = 3
+    colour_order: str = "RGB"
+    resize: str = "center_crop"
+    interpolation: str = "INTER_AREA"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    layout: str = "NCHW"
+    dtype: str = "float32"
+    _scale: np.ndarray = field(init=False, repr=False, compare=False)
+    _offset: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        size = tuple(int(s) for s in self.size)
+        mean = tuple(float(m) for m in self.mean)[: self.channels]
+        std = tuple(float(s) for s in self.std)[: self.channels]
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+        problems = []
+        if len(size) != 2 or min(size) < 8:
+            problems.append(f"size must be (height, width) >= 8, got {self.size}")
+        if self.channels not in (1, 3):
+            problems.append(f"channels must be 1 or 3, got {self.channels}")
+        if self.colour_order not in ("RGB", "BGR", "GRAY"):
+            problems.append(f"colour_order must be RGB, BGR or GRAY, got {self.colour_order!r}")
+        if self.resize not in RESIZE_POLICIES:
+            problems.append(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
+        if self.interpolation not in ("INTER_AREA", "INTER_LINEAR"):
+            problems.append(f"interpolation must be INTER_AREA or INTER_LINEAR, got {self.interpolation!r}")
+        if len(mean) != self.channels or len(std) != self.channels or min(std, default=1) <= 0:
+            problems.append(f"mean/std need {self.channels} values with std > 0, got {self.mean}/{self.std}")
+        if self.layout != "NCHW" or self.dtype != "float32":
+            problems.append("only layout NCHW and dtype float32 are supported")
+        if problems:
+            raise ValueError("invalid preprocessing spec: " + "; ".join(problems))
+        # pixel*scale - offset == (pixel/255 - mean)/std, fused into one multiply-subtract
+        std_a = np.asarray(std, np.float32)
+        object.__setattr__(self, "_scale", (1.0 / (255.0 * std_a)).reshape(-1, 1, 1))
+        object.__setattr__(self, "_offset", (np.asarray(mean, np.float32) / std_a).reshape(-1, 1, 1))
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.channels, *self.size)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        d["size"] = list(self.size)
+        d["mean"] = list(self.mean)
+        d["std"] = list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
+        known = {k: d[k] for k in ("size", "channels", "colour_order", "resize", "interpolation", "mean",
+                                   "std", "layout", "dtype") if k in d}
+        return cls(**known)
+
+
+def _crop_box(h: int, w: int, out_h: int, out_w: int) -> tuple[int, int, int, int]:
+    """Largest centred box of the output's aspect ratio: (y0, y1, x0, x1)."""
+    target = out_w / out_h
+    if w / h > target:
+        cw, ch = round(h * target), h
+    else:
+        cw, ch = w, round(w / target)
+    y0, x0 = (h - ch) // 2, (w - cw) // 2
+    return y0, y0 + ch, x0, x0 + cw
+
+
+def preprocess(frame: np.ndarray, spec: PreprocessSpec, out: np.ndarray | None = None) -> np.ndarray:
+    """One camera frame (H, W) / (H, W, 1) / (H, W, 3) BGR uint8 -> (C, h, w) float32.
+
+    `out`, if given, is a preallocated (C, h, w) float32 array written in place (no allocation on
+    the hot path); it is also returned.
+    """
+    import cv2
+
+    if not isinstance(frame, np.ndarray):
+        raise TypeError(f"frame must be a numpy array, got {type(frame).__name__}")
+    if frame.dtype != np.uint8:
+        raise ValueError(f"frame must be uint8 (an 8-bit camera frame), got {frame.dtype}")
+    if frame.ndim == 3 and frame.shape[2] == 1:
+        frame = frame[:, :, 0]
+    if frame.ndim not in (2, 3) or (frame.ndim == 3 and frame.shape[2] != 3):
+        raise ValueError(f"frame must be HxW (grey) or HxWx3 (BGR), got shape {frame.shape}")
+    out_h, out_w = spec.size
+    if spec.resize == "center_crop":
+        y0, y1, x0, x1 = _crop_box(frame.shape[0], frame.shape[1], out_h, out_w)
+        frame = frame[y0:y1, x0:x1]
+    # resize before any colour conversion: it touches 1/20 of the pixels at 1080p
+    interp = cv2.INTER_AREA if spec.interpolation == "INTER_AREA" else cv2.INTER_LINEAR
+    small = cv2.resize(frame, (out_w, out_h), interpolation=interp)
+    if spec.channels == 1:
+        if small.ndim == 3:
+            small = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
+        chw = small[None]
+    else:
+        if small.ndim == 2:
+            small = cv2.cvtColor(small, cv2.COLOR_GRAY2BGR)
+        if spec.colour_order == "RGB":
+            small = small[:, :, ::-1]
+        chw = small.transpose(2, 0, 1)
+    if out is None:
+        out = np.empty((spec.channels, out_h, out_w), np.float32)
+    np.multiply(chw, spec._scale, out=out, dtype=np.float32)
+    np.subtract(out, spec._offset, out=out)
+    return out
+
+
+def preprocess_pair(
+    white_light: np.ndarray, fluorescence: np.ndarray, white_spec: PreprocessSpec, fluo_spec: PreprocessSpec
+) -> tuple[np.ndarray, np.ndarray]:
+    """Both modalities of one pair -> (1, C, h, w) float32 each, ready for a backend."""
+    return preprocess(white_light, white_spec)[None], preprocess(fluorescence, fluo_spec)[None]

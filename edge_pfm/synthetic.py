@@ -1,0 +1,222 @@
+"""Deterministic synthetic dual-source colposcopy scenes (numpy + OpenCV only).
+
+Each scene is a pair of frames of the same cervix at camera resolution:
+- white light (BGR): pink cervix, dark os, redder transformation zone, vessels, specular
+  glare; lesions appear acetowhite, denser and sharper-edged with grade. Inflammation whitens
+  too, like LSIL does.
+- fluorescence (BGR, blue/violet excitation): green autofluorescence over the cervix, lost
+  over neoplasia in proportion to grade, but not over inflammation.
+
+So white light alone confuses inflammation with LSIL, fluorescence alone confuses normal with
+inflammation, and only the pair separates all four classes: the reason PFM has two branches.
+No real patient data exists in this repository; the generator stands in for it everywhere
+(training, calibration, evaluation, synthetic cameras).
+"""
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CLASSES: tuple[str, ...] = ("normal", "inflammation", "lsil", "hsil")
+
+# per class: white-light acetowhite density, its edge softness (fraction of cervix radius),
+# and the fraction of green autofluorescence lost over the lesion
+_LESION = {
+    "normal": dict(density=(0.0, 0.0), edge=(0.05, 0.08), fl_loss=(0.0, 0.0)),
+    "inflammation": dict(density=(0.22, 0.45), edge=(0.04, 0.09), fl_loss=(0.0, 0.05)),
+    "lsil": dict(density=(0.22, 0.45), edge=(0.03, 0.08), fl_loss=(0.22, 0.40)),
+    "hsil": dict(density=(0.50, 0.80), edge=(0.008, 0.025), fl_loss=(0.52, 0.78)),
+}
+
+
+@dataclass
+class Scene:
+    white_light: np.ndarray  # H x W x 3 uint8 BGR
+    fluorescence: np.ndarray  # H x W x 3 uint8 BGR
+    label: str
+    lesion_mask: np.ndarray  # H x W bool: where the lesion is (or would be, for `normal`)
+    cervix_mask: np.ndarray  # H x W bool
+
+
+def _low_freq_noise(rng: np.random.Generator, h: int, w: int, cells: int = 12) -> np.ndarray:
+    import cv2
+
+    small = rng.random((max(2, h * cells // max(h, w)), cells)).astype(np.float32)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+def _soft(mask: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Blur a {0,1} mask with a large sigma cheaply (at quarter resolution)."""
+    import cv2
+
+    h, w = mask.shape
+    f = 4 if min(h, w) >= 64 else 1
+    small = cv2.resize(mask, (max(1, w // f), max(1, h // f)), interpolation=cv2.INTER_AREA)
+    s = max(0.3, sigma_px / f)
+    small = cv2.GaussianBlur(small, (0, 0), s)
+    return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def render_pair(
+    label: str,
+    seed: int,
+    size: tuple[int, int] = (1280, 720),
+    *,
+    blur_sigma: float | None = None,
+    exposure: float | None = None,
+    glare: float | None = None,
+) -> Scene:
+    """Render one white-light + fluorescence pair of class `label`, deterministic in `seed`.
+
+    size is (width, height). blur_sigma (pixels), exposure (gain, 1 = nominal) and glare
+    (fraction of the cervix covered by specular spots) override the random defaults, to make
+    frames that quality gates must reject.
+    """
+    import cv2
+
+    if label not in _LESION:
+        raise ValueError(f"unknown class {label!r}; expected one of {CLASSES}")
+    rng = np.random.default_rng(seed)
+    w, h = int(size[0]), int(size[1])
+    p = _LESION[label]
+
+    # geometry
+    r = h * rng.uniform(0.30, 0.40)
+    cx = w / 2 + rng.uniform(-0.06, 0.06) * w
+    cy = h / 2 + rng.uniform(-0.06, 0.06) * h
+    ax = (int(r * rng.uniform(1.0, 1.2)), int(r))
+    angle = rng.uniform(-20, 20)
+    centre = (int(cx), int(cy))
+    cervix = np.zeros((h, w), np.float32)
+    cv2.ellipse(cervix, centre, ax, angle, 0, 360, 1.0, -1, cv2.LINE_AA)
+    tz = np.zeros_like(cervix)
+    tz_r = r * rng.uniform(0.35, 0.55)
+    cv2.ellipse(tz, centre, (int(tz_r * 1.2), int(tz_r)), angle, 0, 360, 1.0, -1, cv2.LINE_AA)
+    os_mask = np.zeros_like(cervix)
+    cv2.ellipse(os_mask, centre, (max(2, int(0.14 * r)), max(1, int(0.05 * r))), angle, 0, 360, 1.0, -1,
+                cv2.LINE_AA)
+
+    # lesion: 1-3 blobs around the os, inside the transformation zone region
+    lesion = np.zeros_like(cervix)
+    for _ in range(int(rng.integers(1, 4))):
+        a = rng.uniform(0, 2 * np.pi)
+        d = rng.uniform(0.15, 0.45) * r
+        c = (int(cx + d * np.cos(a)), int(cy + d * np.sin(a)))
+        axes = (max(2, int(rng.uniform(0.12, 0.28) * r)), max(2, int(rng.uniform(0.08, 0.2) * r)))
+        cv2.ellipse(lesion, c, axes, rng.uniform(0, 180), 0, 360, 1.0, -1, cv2.LINE_AA)
+    lesion *= cervix * (1 - os_mask)
+
+    density = rng.uniform(*p["density"])
+    wl_soft = _soft(lesion, rng.uniform(*p["edge"]) * r)
+    fl_soft = _soft(lesion, 0.04 * r)
+    fl_loss = rng.uniform(*p["fl_loss"])
+    texture = _low_freq_noise(rng, h, w)
+    vignette = _soft(cervix, 0.25 * r)
+
+    # white light (float BGR in [0, 1])
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    fall = 1 - 0.5 * (((xx - cx) / w) ** 2 + ((yy - cy) / h) ** 2) * 4
+    wl = np.empty((h, w, 3), np.float32)
+    pink = np.array([0.55, 0.55, 0.86], np.float32) * rng.uniform(0.9, 1.05, 3).astype(np.float32)
+    red = np.array([0.38, 0.36, 0.78], np.float32)
+    wall = np.array([0.18, 0.14, 0.32], np.float32)
+    tex = (0.88 + 0.24 * texture)[..., None]
+    cerv3 = vignette[..., None]
+    wl[:] = wall * (0.6 + 0.4 * fall[..., None]) * (1 - cerv3) + pink * tex * cerv3
+    tz_soft = _soft(tz, 0.08 * r)[..., None]
+    wl = wl * (1 - 0.6 * tz_soft) + red * tex * 0.6 * tz_soft
+    # vessels: thin dark-red curves
+    vessels = np.zeros((h, w), np.float32)
+    for _ in range(int(rng.integers(6, 14))):
+        pts = [(cx + rng.uniform(-1, 1) * r, cy + rng.uniform(-1, 1) * r)]
+        for _ in range(4):
+            pts.append((pts[-1][0] + rng.uniform(-0.2, 0.2) * r, pts[-1][1] + rng.uniform(-0.2, 0.2) * r))
+        cv2.polylines(vessels, [np.int32(pts)], False, 1.0, max(1, int(h / 360)), cv2.LINE_AA)
+    vessels *= cervix
+    wl -= (0.25 * vessels)[..., None] * np.array([1.0, 1.0, 0.3], np.float32)
+    # acetowhite lesion
+    white = np.array([0.93, 0.93, 0.96], np.float32)
+    dm = (density * wl_soft)[..., None]
+    wl = wl * (1 - dm) + white * dm
+    # os
+    os3 = _soft(os_mask, 0.02 * r)[..., None]
+    wl = wl * (1 - os3) + np.array([0.12, 0.08, 0.25], np.float32) * os3
+
+    # fluorescence: green autofluorescence, blue excitation leak
+    fl = np.empty((h, w, 3), np.float32)
+    green = 0.55 * (0.85 + 0.3 * texture) * vignette * (1 - 0.5 * os3[..., 0])
+    green *= 1 - fl_loss * fl_soft
+    green -= 0.12 * vessels
+    fl[..., 0] = 0.10 + 0.05 * vignette  # B: excitation leak
+    fl[..., 1] = 0.03 + green
+    fl[..., 2] = 0.05 + 0.06 * vignette * texture  # R: weak porphyrin-like signal
+
+    # specular glare (white light mostly)
+    glare_frac = rng.uniform(0.001, 0.006) if glare is None else glare
+    spot_area = np.pi * r * r * glare_frac
+    glare_mask = np.zeros_like(cervix)
+    n_spots = int(rng.integers(3, 9))
+    for _ in range(n_spots):
+        a = rng.uniform(0, 2 * np.pi)
+        d = rng.uniform(0, 0.8) * r
+        rad = max(1, int(np.sqrt(spot_area / n_spots / np.pi)))
+        c = (int(cx + d * np.cos(a)), int(cy + d * np.sin(a)))
+        cv2.ellipse(glare_mask, c, (int(rad * 1.5), rad), rng.uniform(0, 180), 0, 360, 1.0, -1, cv2.LINE_AA)
+    g3 = glare_mask[..., None]
+    wl = wl * (1 - g3) + 1.05 * g3
+    fl = fl * (1 - 0.5 * g3) + 0.6 * g3
+
+    # exposure, blur, noise
+    wl *= rng.uniform(0.85, 1.12) if exposure is None else exposure
+    fl *= rng.uniform(0.75, 1.3) if exposure is None else exposure
+    sigma = rng.uniform(0.0, 1.2) * h / 720 if blur_sigma is None else blur_sigma
+    if sigma > 0.3:
+        wl = cv2.GaussianBlur(wl, (0, 0), sigma)
+        fl = cv2.GaussianBlur(fl, (0, 0), sigma)
+    noise = rng.standard_normal((h, w, 3), dtype=np.float32)
+    wl += noise * rng.uniform(0.008, 0.025)
+    fl += noise[:, ::-1] * rng.uniform(0.015, 0.04)
+    to_u8 = lambda a: np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8)  # noqa: E731
+    return Scene(to_u8(wl), to_u8(fl), label, lesion > 0.5, cervix > 0.5)
+
+
+def scenes(n: int, seed: int = 0, size: tuple[int, int] = (1280, 720),
+           classes: tuple[str, ...] = CLASSES) -> Iterator[Scene]:
+    """n scenes, classes balanced and shuffled, deterministic in seed."""
+    rng = np.random.default_rng(seed)
+    labels = [classes[i % len(classes)] for i in range(n)]
+    order = rng.permutation(n)
+    seeds = rng.integers(0, 2**31 - 1, size=n)
+    for i in order:
+        yield render_pair(labels[i], int(seeds[i]), size)
+
+
+def write_dataset(out_dir: str | Path, n: int, seed: int = 0, size: tuple[int, int] = (1280, 720),
+                  classes: tuple[str, ...] = CLASSES, progress: bool = False) -> Path:
+    """Write n synthetic pairs in the paired dataset layout (see edge_pfm.dataset)."""
+    import cv2
+
+    from edge_pfm.dataset import CLASSES_FILE, FLUO_DIR, LABELS_FILE, WHITE_DIR
+
+    out = Path(out_dir)
+    (out / WHITE_DIR).mkdir(parents=True, exist_ok=True)
+    (out / FLUO_DIR).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, scene in enumerate(scenes(n, seed, size, classes)):
+        name = f"s{i:05d}"
+        for sub, img in ((WHITE_DIR, scene.white_light), (FLUO_DIR, scene.fluorescence)):
+            if not cv2.imwrite(str(out / sub / f"{name}.png"), img):
+                raise OSError(f"could not write {out / sub / name}.png")
+        rows.append((name, scene.label))
+        if progress and (i + 1) % max(1, n // 10) == 0:
+            print(f"  wrote {i + 1}/{n} synthetic pairs to {out}", flush=True)
+    with open(out / LABELS_FILE, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sample", "label"])
+        writer.writerows(rows)
+    (out / CLASSES_FILE).write_text("\n".join(classes) + "\n")
+    return out

@@ -1,0 +1,255 @@
+"""Reference trainer for PFM on a paired dataset or synthetic pairs.
+
+    python -m export.train --synthetic 1200 --variant pfm_tiny --epochs 12 --out build/pfm_tiny.pt
+    python -m export.train --data DATASET --variant pfm_t0 --epochs 30 --out ckpt.pt
+    python -m export.train --synthetic 1200 --ablation          # fusion vs white-only vs fluorescence-only
+
+Inputs go through edge_pfm.preprocess, the same function the device runs.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edge_pfm.preprocess import PreprocessSpec, preprocess
+from edge_pfm.synthetic import CLASSES
+from export.checkpoint import save_checkpoint
+from export.model import MODALITIES, PFM, create_model, variant_config
+
+
+@dataclass
+class PairTensors:
+    white_light: torch.Tensor  # (N, C, H, W) float32, preprocessed
+    fluorescence: torch.Tensor
+    labels: torch.Tensor  # (N,) int64
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: np.ndarray) -> PairTensors:
+        i = torch.as_tensor(idx)
+        return PairTensors(self.white_light[i], self.fluorescence[i], self.labels[i], self.classes)
+
+
+def default_preprocessing(variant: str, **overrides) -> dict[str, PreprocessSpec]:
+    cfg = variant_config(variant, **overrides)
+    return {m: PreprocessSpec(size=(cfg.img_size, cfg.img_size), channels=cfg.in_chans[m]) for m in MODALITIES}
+
+
+def _render_chunk(args: tuple) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    from edge_pfm.synthetic import render_pair
+
+    jobs, size, specs = args
+    out = []
+    for label, seed in jobs:
+        s = render_pair(label, seed, size)
+        out.append((preprocess(s.white_light, specs["white_light"]), preprocess(s.fluorescence, specs["fluorescence"]),
+                    CLASSES.index(label)))
+    return out
+
+
+def synthetic_tensors(n: int, specs: dict[str, PreprocessSpec], seed: int = 0,
+                      size: tuple[int, int] = (320, 240), progress: bool = True) -> PairTensors:
+    """Render n balanced synthetic pairs and preprocess them (all cores)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    rng = np.random.default_rng(seed)
+    seeds = rng.integers(0, 2**31 - 1, size=n)
+    jobs = [(CLASSES[i % len(CLASSES)], int(seeds[i])) for i in range(n)]
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    chunks = [(jobs[i::workers * 4], size, specs) for i in range(workers * 4)]
+    rows: list = []
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(workers) as pool:
+        for part in pool.map(_render_chunk, chunks):
+            rows.extend(part)
+            if progress:
+                print(f"\r  rendering synthetic pairs {len(rows)}/{n}", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(f"\r  rendered {n} synthetic pairs at {size[0]}x{size[1]} in {time.perf_counter() - t0:.1f}s",
+              file=sys.stderr)
+    return PairTensors(torch.from_numpy(np.stack([r[0] for r in rows])),
+                       torch.from_numpy(np.stack([r[1] for r in rows])),
+                       torch.tensor([r[2] for r in rows]), CLASSES)
+
+
+def dataset_tensors(root: str | Path, specs: dict[str, PreprocessSpec], progress: bool = True) -> PairTensors:
+    from edge_pfm.dataset import DatasetError, PairedDataset
+
+    ds = PairedDataset(root)
+    if not ds.labelled:
+        raise DatasetError(f"{root}: every sample needs a label in labels.csv to train on it")
+    w, f, y = [], [], []
+    for i in range(len(ds)):
+        wl, fl, label = ds.load(i)
+        w.append(preprocess(wl, specs["white_light"]))
+        f.append(preprocess(fl, specs["fluorescence"]))
+        y.append(label)
+        if progress and (i + 1) % 50 == 0:
+            print(f"\r  loading {i + 1}/{len(ds)}", end="", file=sys.stderr, flush=True)
+    return PairTensors(torch.from_numpy(np.stack(w)), torch.from_numpy(np.stack(f)), torch.tensor(y), ds.classes)
+
+
+def split(data: PairTensors, val_fraction: float = 0.2, seed: int = 0) -> tuple[PairTensors, PairTensors]:
+    """Stratified split: each class contributes val_fraction of its samples to validation."""
+    rng = np.random.default_rng(seed)
+    labels = data.labels.numpy()
+    val = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        val.extend(idx[: max(1, round(len(idx) * val_fraction))])
+    val_mask = np.zeros(len(labels), bool)
+    val_mask[val] = True
+    return data.subset(np.flatnonzero(~val_mask)), data.subset(np.flatnonzero(val_mask))
+
+
+@torch.inference_mode()
+def predict(model: PFM, data: PairTensors, batch_size: int = 64) -> np.ndarray:
+    model.eval()
+    out = [model(data.white_light[i:i + batch_size], data.fluorescence[i:i + batch_size])
+           for i in range(0, len(data), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def evaluate(model: PFM, data: PairTensors) -> dict:
+    pred = predict(model, data).argmax(1)
+    y = data.labels.numpy()
+    recall = {c: float((pred[y == i] == i).mean()) if (y == i).any() else float("nan")
+              for i, c in enumerate(data.classes)}
+    return {"accuracy": float((pred == y).mean()), "recall": recall}
+
+
+def train(model: PFM, train_set: PairTensors, val_set: PairTensors, epochs: int = 12, batch_size: int = 32,
+          lr: float = 3e-3, seed: int = 0, progress: bool = True, label: str = "") -> dict:
+    """Train in place; keeps the weights of the best validation epoch. -> history dict."""
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    steps = epochs * ((len(train_set) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.15)
+    best = {"accuracy": -1.0}
+    best_state = None
+    history = []
+    t0 = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = torch.randperm(len(train_set), generator=gen)
+        total, seen = 0.0, 0
+        batches = range(0, len(order), batch_size)
+        bar = tqdm(batches, desc=f"{label}epoch {epoch}/{epochs}", leave=False, disable=None if progress else True,
+                   file=sys.stderr)
+        for i in bar:
+            idx = order[i:i + batch_size]
+            w, f, y = train_set.white_light[idx], train_set.fluorescence[idx], train_set.labels[idx]
+            # the same flips for both modalities: they image the same tissue
+            if torch.rand(1, generator=gen) < 0.5:
+                w, f = w.flip(3), f.flip(3)
+            if torch.rand(1, generator=gen) < 0.5:
+                w, f = w.flip(2), f.flip(2)
+            loss = F.cross_entropy(model(w, f), y, label_smoothing=0.05)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total / seen:.3f}")
+        metrics = evaluate(model, val_set)
+        history.append({"epoch": epoch, "loss": total / seen, **metrics, "elapsed_s": time.perf_counter() - t0})
+        if progress:
+            print(f"{label}epoch {epoch:3d}/{epochs}  loss {total / seen:.4f}  val_acc {metrics['accuracy']:.4f}  "
+                  f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+        if metrics["accuracy"] > best["accuracy"]:
+            best = {**metrics, "epoch": epoch}
+            best_state = copy.deepcopy(model.state_dict())
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return {"best": best, "history": history, "train_s": time.perf_counter() - t0}
+
+
+def ablation(data: PairTensors, variant: str, epochs: int, seed: int = 0, progress: bool = True) -> dict:
+    """Fusion vs white-light-only vs fluorescence-only on the same split."""
+    train_set, val_set = split(data, seed=seed)
+    rows = {}
+    for name, source in (("fusion", None), ("white_light only", "white_light"),
+                         ("fluorescence only", "fluorescence")):
+        model = create_model(variant, num_classes=len(data.classes), single_source=source)
+        result = train(model, train_set, val_set, epochs=epochs, seed=seed, progress=progress, label=f"[{name}] ")
+        rows[name] = result["best"]
+    return rows
+
+
+def format_ablation(rows: dict, classes: tuple[str, ...]) -> str:
+    head = "| model | accuracy | " + " | ".join(f"recall {c}" for c in classes) + " |"
+    lines = [head, "|" + "---|" * (2 + len(classes))]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['accuracy']:.3f} | " + " | ".join(f"{r['recall'][c]:.3f}" for c in classes) + " |")
+    return "\n".join(lines)
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+        return w, h
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m export.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="paired dataset directory (see edge_pfm.dataset)")
+    src.add_argument("--synthetic", type=int, metavar="N", help="train on N synthetic pairs")
+    ap.add_argument("--variant", default="pfm_tiny")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resolution", type=_parse_size, default=(320, 240),
+                    help="synthetic frame size WIDTHxHEIGHT before preprocessing (default 320x240)")
+    ap.add_argument("--out", help="checkpoint path to write")
+    ap.add_argument("--ablation", action="store_true", help="train fusion and both single-source models; print a table")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    if not args.ablation and not args.out:
+        ap.error("--out is required (unless --ablation)")
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        specs = default_preprocessing(args.variant)
+    except ValueError as exc:
+        ap.error(str(exc))
+    data = (synthetic_tensors(args.synthetic, specs, args.seed, args.resolution, not args.quiet)
+            if args.synthetic else dataset_tensors(args.data, specs, not args.quiet))
+    if args.ablation:
+        rows = ablation(data, args.variant, args.epochs, args.seed, not args.quiet)
+        print(format_ablation(rows, data.classes))
+        return 0
+    train_set, val_set = split(data, seed=args.seed)
+    model = create_model(args.variant, num_classes=len(data.classes))
+    result = train(model, train_set, val_set, args.epochs, args.batch_size, args.lr, args.seed, not args.quiet)
+    best = result["best"]
+    save_checkpoint(args.out, model, args.variant, data.classes, specs,
+                    extra={"val_accuracy": best["accuracy"], "val_recall": best["recall"], "epoch": best["epoch"],
+                           "train_samples": len(train_set), "val_samples": len(val_set),
+                           "data": f"synthetic:{args.synthetic}:seed={args.seed}" if args.synthetic else str(args.data)})
+    print(f"best val accuracy {best['accuracy']:.4f} at epoch {best['epoch']}; trained in {result['train_s']:.0f}s; "
+          f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Shared fixtures: real models, real files. Expensive artifacts are built once per session."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A pfm_tiny trained briefly on synthetic pairs (enough to be far from random)."""
+    import torch
+
+    from export import train
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = tmp_path_factory.mktemp("ckpt") / "pfm_tiny.pt"
+    rc = train.main(["--synthetic", "320", "--epochs", "4", "--out", str(out), "--quiet", "--resolution", "256x192"])
+    assert rc == 0 and out.is_file()
+    return out
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+
+from edge_pfm.dataset import DatasetError, PairedDataset
+from edge_pfm.synthetic import CLASSES, render_pair, write_dataset
+
+
+def test_deterministic_per_seed():
+    a = render_pair("hsil", 123, (320, 240))
+    b = render_pair("hsil", 123, (320, 240))
+    c = render_pair("hsil", 124, (320, 240))
+    assert np.array_equal(a.white_light, b.white_light) and np.array_equal(a.fluorescence, b.fluorescence)
+    assert not np.array_equal(a.white_light, c.white_light)
+    assert a.white_light.shape == (240, 320, 3) and a.white_light.dtype == np.uint8
+
+
+def test_camera_resolution():
+    s = render_pair("lsil", 1, (1280, 720))
+    assert s.white_light.shape == s.fluorescence.shape == (720, 1280, 3)
+
+
+def _lesion_stats(label, seeds=range(12)):
+    green, white = [], []
+    for seed in seeds:
+        s = render_pair(label, seed, (320, 240))
+        m = s.lesion_mask
+        green.append(s.fluorescence[..., 1][m].mean())
+        white.append(s.white_light[m].mean())
+    return float(np.mean(green)), float(np.mean(white))
+
+
+def test_class_dependent_in_the_expected_direction():
+    g = {c: _lesion_stats(c)[0] for c in CLASSES}
+    w = {c: _lesion_stats(c)[1] for c in CLASSES}
+    # fluorescence: green lost over neoplasia, in proportion to grade; not over inflammation
+    assert g["hsil"] < g["lsil"] - 10 < g["normal"] - 20
+    assert abs(g["inflammation"] - g["normal"]) < 6
+    # white light: acetowhite over lesions, densest for hsil; inflammation whitens like lsil
+    assert w["hsil"] > w["lsil"] + 10 and w["lsil"] > w["normal"] + 10
+    assert abs(w["inflammation"] - w["lsil"]) < 8
+
+
+def test_dataset_round_trip(tmp_path):
+    root = write_dataset(tmp_path / "ds", 8, seed=3, size=(160, 120))
+    ds = PairedDataset(root)
+    assert len(ds) == 8 and ds.classes == CLASSES and ds.labelled
+    wl, fl, label = ds.load(0)
+    assert wl.shape == (120, 160, 3) and fl.shape == (120, 160, 3)
+    assert 0 <= label < 4
+    assert sorted(s.label for s in ds.samples) == [0, 0, 1, 1, 2, 2, 3, 3]
+    h1 = ds.content_hash()
+    assert h1 == PairedDataset(root).content_hash()
+
+
+def test_dataset_unpaired_and_unreadable_files_are_listed(tmp_path):
+    root = write_dataset(tmp_path / "ds", 4, seed=3, size=(64, 48))
+    (root / "white" / "s00000.png").unlink()
+    with pytest.raises(DatasetError, match=r"unpaired.*fluorescence/s00000\.png"):
+        PairedDataset(root)
+    root2 = write_dataset(tmp_path / "ds2", 4, seed=3, size=(64, 48))
+    (root2 / "fluorescence" / "s00001.png").write_bytes(b"not a png")
+    ds = PairedDataset(root2)
+    with pytest.raises(DatasetError, match=r"fluorescence/s00001\.png"):
+        ds.validate_images()
+
+
+def test_not_a_dataset(tmp_path):
+    with pytest.raises(DatasetError, match="missing"):
+        PairedDataset(tmp_path)
