@@ -27,3 +27,20 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
+    """A bundle exported from the session checkpoint through the real export path."""
+    from export.bundle_export import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    export_bundle(tiny_checkpoint, out)
+    return out
+
+
+def copy_bundle(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst

@@ -1,0 +1,193 @@
+"""The bundle: a directory that is the unit of deployment.
+
+    bundle/
+      manifest.json        schema, classes, inputs + preprocessing, outputs, artifacts + sha256,
+                           provenance, parity / calibration / accuracy facts
+      model.onnx           FP32, batch dimension symbolic
+      model.int8.onnx      explicit Q/DQ INT8 (after calibration)
+      calibration.cache    TensorRT calibration cache text (after calibration)
+      report.json/.md      parity (and accuracy) reports
+      parity/              polygraphy reference inputs/outputs
+
+`Bundle.load` verifies every artifact's sha256 before anything is deserialised.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_pfm.fileio import atomic_write_json, sha256_file
+from edge_pfm.preprocess import PreprocessSpec
+
+SCHEMA = "edge-pfm/bundle"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+MODALITIES = ("white_light", "fluorescence")
+REQUIRED_FIELDS = ("schema", "schema_version", "model", "inputs", "outputs", "artifacts", "provenance")
+# precision -> artifact that holds that model
+MODEL_ARTIFACTS = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+
+
+class BundleError(ValueError):
+    """A bundle is missing, malformed or tampered with; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+
+
+def _fix(path: Path) -> str:
+    return f"re-export the bundle (python -m export --checkpoint CKPT --out {path})"
+
+
+class Bundle:
+    """A verified bundle directory. Cheap to load: json + sha256, no ONNX parsing."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]):
+        self.root = root
+        self.manifest = manifest
+        m = manifest
+        self.classes: tuple[str, ...] = tuple(m["model"]["classes"])
+        self.inputs = [TensorSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in m["inputs"]]
+        self.outputs = [TensorSpec(o["name"], tuple(o["shape"]), o["dtype"]) for o in m["outputs"]]
+        self.preprocessing = {i["modality"]: PreprocessSpec.from_dict(i["preprocessing"]) for i in m["inputs"]}
+        self.input_names = {i["modality"]: i["name"] for i in m["inputs"]}
+
+    # ---- loading -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike, verify: bool = True) -> Bundle:
+        root = Path(path)
+        mpath = root / MANIFEST
+        if not root.is_dir():
+            raise BundleError(f"bundle {root} is not a directory; {_fix(root)}")
+        if not mpath.is_file():
+            raise BundleError(f"{mpath} is missing: {root} is not a bundle; {_fix(root)}")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{mpath} is not valid JSON ({exc}); {_fix(root)}") from exc
+        cls.validate_manifest(manifest, mpath)
+        if verify:
+            cls.verify_artifacts(root, manifest)
+        try:
+            return cls(root, manifest)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{mpath}: malformed entry ({type(exc).__name__}: {exc}); {_fix(root)}") from exc
+
+    @staticmethod
+    def validate_manifest(m: Any, mpath: Path) -> None:
+        if not isinstance(m, dict):
+            raise BundleError(f"{mpath}: expected a JSON object, got {type(m).__name__}")
+        missing = [k for k in REQUIRED_FIELDS if k not in m]
+        if missing:
+            raise BundleError(f"{mpath} lacks required fields {missing}; {_fix(mpath.parent)}")
+        if m["schema"] != SCHEMA:
+            raise BundleError(f"{mpath}: schema {m['schema']!r} is not {SCHEMA!r}; this is not an edge-pfm bundle")
+        if m["schema_version"] != SCHEMA_VERSION:
+            raise BundleError(
+                f"{mpath}: schema_version {m['schema_version']!r} is not supported (this edge-pfm reads "
+                f"{SCHEMA_VERSION}); re-export the bundle with a matching edge-pfm, or upgrade edge-pfm"
+            )
+        model, inputs, outputs, artifacts = m["model"], m["inputs"], m["outputs"], m["artifacts"]
+        problems = []
+        if not isinstance(model, dict) or not isinstance(model.get("classes"), list) or not model["classes"]:
+            problems.append("model.classes must be a non-empty list")
+        elif not all(isinstance(c, str) for c in model["classes"]):
+            problems.append("model.classes must be strings")
+        if not isinstance(inputs, list) or sorted(i.get("modality", "") for i in inputs if isinstance(i, dict)) != sorted(
+            MODALITIES
+        ):
+            problems.append(f"inputs must list one entry per modality {MODALITIES}")
+        else:
+            for i in inputs:
+                if not all(k in i for k in ("name", "shape", "dtype", "preprocessing")):
+                    problems.append(f"input {i.get('name')!r} needs name, shape, dtype, preprocessing")
+        if not isinstance(outputs, list) or len(outputs) != 1 or not isinstance(outputs[0], dict):
+            problems.append("outputs must hold exactly one entry (logits)")
+        elif isinstance(model, dict) and isinstance(model.get("classes"), list):
+            shape = outputs[0].get("shape", [])
+            if not isinstance(shape, list) or len(shape) != 2 or shape[1] != len(model["classes"]):
+                problems.append(
+                    f"output shape {shape} does not match {len(model['classes'])} classes "
+                    "(expected [batch, num_classes])"
+                )
+        if not isinstance(artifacts, dict) or MODEL_ARTIFACTS["fp32"] not in artifacts:
+            problems.append(f"artifacts must include {MODEL_ARTIFACTS['fp32']}")
+        else:
+            for name, a in artifacts.items():
+                if not isinstance(a, dict) or not isinstance(a.get("sha256"), str) or len(a["sha256"]) != 64:
+                    problems.append(f"artifact {name!r} needs a sha256")
+                if not isinstance(name, str) or "/" in name.replace("parity/", "") or ".." in name:
+                    problems.append(f"artifact name {name!r} must be a plain file name in the bundle")
+        if problems:
+            raise BundleError(f"{mpath} is invalid: " + "; ".join(problems))
+
+    @staticmethod
+    def verify_artifacts(root: Path, manifest: dict[str, Any]) -> None:
+        for name, a in manifest["artifacts"].items():
+            f = root / name
+            if not f.is_file():
+                raise BundleError(f"{f} is listed in {MANIFEST} but missing; copy the whole bundle or {_fix(root)}")
+            digest = sha256_file(f)
+            if digest != a["sha256"]:
+                raise BundleError(
+                    f"{f}: sha256 mismatch (manifest {a['sha256'][:12]}..., file {digest[:12]}...): the file was "
+                    f"modified or corrupted after export; restore it from the original bundle or {_fix(root)}"
+                )
+
+    # ---- accessors -----------------------------------------------------------------------------
+    def model_path(self, precision: str = "fp32") -> Path:
+        name = MODEL_ARTIFACTS.get(precision)
+        if name is None:
+            raise BundleError(f"unknown precision {precision!r}; bundles hold {sorted(MODEL_ARTIFACTS)}")
+        if name not in self.manifest["artifacts"]:
+            raise BundleError(
+                f"{self.root} has no {precision} model ({name}); run calibration first: "
+                f"python -m calibration --bundle {self.root} --synthetic 512"
+            )
+        return self.root / name
+
+    def has(self, artifact: str) -> bool:
+        return artifact in self.manifest["artifacts"]
+
+    def sha256(self, artifact: str = "model.onnx") -> str:
+        return self.manifest["artifacts"][artifact]["sha256"]
+
+    @property
+    def max_batch(self) -> int:
+        return int(self.manifest.get("batch", {}).get("max", 1))
+
+    def summary(self) -> str:
+        m = self.manifest
+        lines = [f"bundle {self.root}  (schema v{m['schema_version']})",
+                 f"  model    {m['model'].get('variant', '?')}  classes {', '.join(self.classes)}"]
+        for i in m["inputs"]:
+            p = i["preprocessing"]
+            lines.append(f"  input    {i['name']} {i['shape']} {i['dtype']}  {p['colour_order']} {p['resize']} "
+                         f"mean={p['mean']} std={p['std']}")
+        for name, a in m["artifacts"].items():
+            lines.append(f"  artifact {name:22s} {a['sha256'][:16]}  {a.get('bytes', '?')} bytes")
+        if "parity" in m:
+            lines.append(f"  parity   max|dlogit| {m['parity'].get('max_abs_diff')}  top-1 {m['parity'].get('top1_agreement')}")
+        if "calibration" in m:
+            c = m["calibration"]
+            lines.append(f"  int8     {c.get('method')} on {c.get('samples')} samples, TensorRT {c.get('trt_version')}")
+        return "\n".join(lines)
+
+
+def write_manifest(root: str | os.PathLike, manifest: dict[str, Any], artifact_roles: dict[str, str]) -> dict:
+    """Hash the named artifacts into manifest['artifacts'] and write manifest.json atomically."""
+    root = Path(root)
+    artifacts = dict(manifest.get("artifacts", {}))
+    for name, role in artifact_roles.items():
+        f = root / name
+        artifacts[name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size, "role": role}
+    manifest = {**manifest, "artifacts": artifacts}
+    atomic_write_json(root / MANIFEST, manifest)
+    return manifest

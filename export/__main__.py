@@ -1,0 +1,37 @@
+"""python -m export --checkpoint CKPT --out BUNDLE_DIR [--opset 17] [--max-batch N]
+
+Exports a PFM checkpoint to a verified ONNX bundle: model.onnx (symbolic batch), manifest.json,
+parity report (PyTorch vs ONNX Runtime CPU). Nothing is written unless every check passes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="checkpoint written by python -m export.train")
+    ap.add_argument("--out", required=True, help="bundle directory to create (replaced atomically)")
+    ap.add_argument("--opset", type=int, default=17)
+    ap.add_argument("--max-batch", type=int, default=8, help="largest batch the device engine profile covers")
+    ap.add_argument("--parity-pairs", type=int, default=64, help="pairs in the parity set (half random, half scenes)")
+    args = ap.parse_args(argv)
+    from export.bundle_export import export_bundle
+    from export.checkpoint import CheckpointError
+    from export.onnx_export import ExportError
+
+    if args.max_batch < 1:
+        ap.error("--max-batch must be >= 1")
+    try:
+        half = max(1, args.parity_pairs // 2)
+        export_bundle(args.checkpoint, args.out, args.opset, args.max_batch, half, args.parity_pairs - half)
+    except (CheckpointError, ExportError, PermissionError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

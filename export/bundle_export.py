@@ -1,0 +1,87 @@
+"""Checkpoint -> verified ONNX bundle (model.onnx + manifest.json + parity report), atomically."""
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import sys
+from pathlib import Path
+
+import edge_pfm
+from edge_pfm.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, write_manifest
+from edge_pfm.fileio import atomic_directory, atomic_write_json, atomic_write_text
+from export.checkpoint import load_checkpoint
+from export.model import MODALITIES
+from export.onnx_export import BATCH_DIM, OUTPUT_NAME, ExportError, check_graph, onnx_from_torch, save_onnx
+from export.parity import parity_feeds, report_markdown, run_parity
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"edge_pfm": edge_pfm.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__, "python": platform.python_version()}
+
+
+def export_bundle(checkpoint: str | Path, out: str | Path, opset: int = 17, max_batch: int = 8,
+                  parity_random: int = 32, parity_scenes: int = 32) -> dict:
+    """Write a bundle to `out`; nothing is left at `out` unless every check passed. -> manifest."""
+    _log(f"[1/4] loading checkpoint {checkpoint}")
+    model, meta = load_checkpoint(checkpoint)
+    specs = meta["preprocessing"]
+    with atomic_directory(out) as tmp:
+        _log(f"[2/4] exporting ONNX (opset {opset}, symbolic batch)")
+        proto = onnx_from_torch(model, opset=opset, example_batch=2)
+        graph = check_graph(proto)
+        onnx_path = save_onnx(proto, tmp / "model.onnx")
+        _log(f"      {graph['nodes']} nodes; census {graph['op_census']}")
+        _log(f"[3/4] parity PyTorch vs ONNX Runtime CPU on {parity_random + parity_scenes} pairs (polygraphy)")
+        feeds = parity_feeds(specs, parity_random, parity_scenes)
+        parity = run_parity(model, onnx_path, feeds, reference_dir=tmp / "parity")
+        _log(f"      max |dlogit| {parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.2%}")
+        report = {"checkpoint_sha256": meta["sha256"], "graph": graph, "parity": parity}
+        atomic_write_json(tmp / "report.json", report)
+        atomic_write_text(tmp / "report.md", report_markdown(report))
+        if not parity["passed"]:
+            raise ExportError(
+                f"parity gate failed: max |dlogit| {parity['max_abs_diff']:.3e} (<= {parity['tolerance']['max_abs_diff']:g}) "
+                f"and top-1 agreement {parity['top1_agreement']:.2%} (100%) required; the ONNX graph does not "
+                "compute what the checkpoint computes. Nothing was written."
+            )
+        _log("[4/4] writing manifest")
+        n_cls = len(meta["classes"])
+        manifest = {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "model": {"family": "PFM", "variant": meta["variant"], "classes": list(meta["classes"]),
+                      "config": meta["config"]},
+            "inputs": [
+                {"name": m, "modality": m, "shape": [BATCH_DIM, *specs[m].input_shape], "dtype": "float32",
+                 "preprocessing": specs[m].to_dict()}
+                for m in MODALITIES
+            ],
+            "outputs": [{"name": OUTPUT_NAME, "shape": [BATCH_DIM, n_cls], "dtype": "float32",
+                         "meaning": "unnormalised class scores; softmax gives probabilities; index i is classes[i]"}],
+            "batch": {"min": 1, "opt": 1, "max": int(max_batch)},
+            "artifacts": {},
+            "provenance": {
+                "checkpoint_sha256": meta["sha256"], "checkpoint": Path(meta["path"]).name,
+                "exporter": f"edge-pfm {edge_pfm.__version__} (torch.onnx legacy exporter)",
+                "opset": graph["opset"], "ir_version": graph["ir_version"], "versions": library_versions(),
+                "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "training": meta["extra"],
+            },
+            "parity": {k: parity[k] for k in ("pairs", "max_abs_diff", "top1_agreement", "passed")},
+        }
+        manifest = write_manifest(tmp, manifest, {
+            "model.onnx": "fp32 onnx", "report.json": "export report", "report.md": "export report",
+            "parity/inputs.json": "polygraphy reference inputs", "parity/outputs.json": "polygraphy reference outputs",
+        })
+    _log(f"wrote bundle {out} ({MANIFEST}, model.onnx, report.md)")
+    return manifest

@@ -1,0 +1,88 @@
+"""PyTorch PFM -> ONNX, and the checks that make the graph deployable on TensorRT."""
+from __future__ import annotations
+
+import collections
+import io
+from pathlib import Path
+
+import torch
+
+from export.model import MODALITIES, PFM
+from export.trt_onnx_ops import FORBIDDEN_OPS, TRT_SUPPORTED_OPS
+
+OUTPUT_NAME = "logits"
+BATCH_DIM = "batch"
+# onnx 1.23 stamps IR 14, onnxruntime 1.31 reads <= 13, TensorRT 8.6's parser was built against IR 8.
+# Write the lowest IR version that the opset needs.
+IR_VERSION_FOR_OPSET = {17: 8, 18: 8, 19: 9, 20: 9}
+
+
+class ExportError(RuntimeError):
+    """The exported graph is not deployable; the message says why and what to change."""
+
+
+def onnx_from_torch(model: PFM, opset: int = 17, example_batch: int = 2):
+    """-> onnx.ModelProto with inputs white_light/fluorescence, output logits, symbolic batch."""
+    import onnx
+
+    if opset not in IR_VERSION_FOR_OPSET:
+        raise ExportError(f"opset {opset} is not supported; use one of {sorted(IR_VERSION_FOR_OPSET)} "
+                          "(>= 17 keeps LayerNormalization one node; TensorRT 10 parses up to 20)")
+    if example_batch < 2:
+        raise ExportError("export with an example batch >= 2, or the exporter may freeze the batch dimension")
+    model = model.eval()
+    s = model.cfg.img_size
+    args = tuple(torch.randn(example_batch, model.cfg.in_chans[m], s, s) for m in MODALITIES)
+    buf = io.BytesIO()
+    with torch.inference_mode(False), torch.no_grad():
+        # the legacy (TorchScript) exporter: keeps batch symbolic with dynamic_axes and folds BN
+        torch.onnx.export(
+            model, args, buf, dynamo=False, opset_version=opset, input_names=list(MODALITIES),
+            output_names=[OUTPUT_NAME], do_constant_folding=True,
+            dynamic_axes={**{m: {0: BATCH_DIM} for m in MODALITIES}, OUTPUT_NAME: {0: BATCH_DIM}},
+        )
+    proto = onnx.load_from_string(buf.getvalue())
+    proto.ir_version = IR_VERSION_FOR_OPSET[opset]
+    proto.producer_name = "edge-pfm"
+    return proto
+
+
+def op_census(proto) -> collections.Counter:
+    return collections.Counter(n.op_type for n in proto.graph.node)
+
+
+def check_graph(proto, require_dynamic_batch: bool = True) -> dict:
+    """Full ONNX check + TensorRT deployability. Raises ExportError; returns facts for the report."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"onnx.checker rejected the graph: {exc}") from exc
+    census = op_census(proto)
+    problems = [f"{op} x{census[op]}: {why}" for op, why in FORBIDDEN_OPS.items() if census.get(op)]
+    unsupported = sorted(op for op in census if op not in TRT_SUPPORTED_OPS)
+    if unsupported:
+        problems.append(f"ops the TensorRT ONNX parser does not support: {unsupported} "
+                        "(see export/trt_onnx_ops.py); rewrite those layers")
+    if require_dynamic_batch:
+        for value in list(proto.graph.input) + list(proto.graph.output):
+            dim0 = value.type.tensor_type.shape.dim[0]
+            if dim0.dim_param != BATCH_DIM:
+                problems.append(f"{value.name}: batch dimension is {dim0.dim_value or dim0.dim_param!r}, "
+                                f"not symbolic {BATCH_DIM!r}; export with an example batch >= 2 and dynamic_axes")
+            static = [d.dim_value for d in value.type.tensor_type.shape.dim[1:]]
+            if any(v <= 0 for v in static):
+                problems.append(f"{value.name}: non-batch dimensions must be static, got {static}")
+    if problems:
+        raise ExportError("graph is not deployable on TensorRT:\n  - " + "\n  - ".join(problems))
+    return {"op_census": dict(sorted(census.items())), "nodes": sum(census.values()),
+            "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+            "ir_version": proto.ir_version}
+
+
+def save_onnx(proto, path: str | Path) -> Path:
+    import onnx
+
+    onnx.save_model(proto, str(path))
+    return Path(path)
