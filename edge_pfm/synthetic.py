@@ -61,6 +61,10 @@ def _soft(mask: np.ndarray, sigma_px: float) -> np.ndarray:
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
+# the smooth scene is rendered at most this wide and upscaled; noise is added at full resolution
+_WORK_WIDTH = 640
+
+
 def render_pair(
     label: str,
     seed: int,
@@ -72,16 +76,18 @@ def render_pair(
 ) -> Scene:
     """Render one white-light + fluorescence pair of class `label`, deterministic in `seed`.
 
-    size is (width, height). blur_sigma (pixels), exposure (gain, 1 = nominal) and glare
-    (fraction of the cervix covered by specular spots) override the random defaults, to make
-    frames that quality gates must reject.
+    size is (width, height). blur_sigma (pixels at full size), exposure (gain, 1 = nominal) and
+    glare (fraction of the cervix covered by specular spots) override the random defaults, to
+    make frames that quality gates must reject.
     """
     import cv2
 
     if label not in _LESION:
         raise ValueError(f"unknown class {label!r}; expected one of {CLASSES}")
     rng = np.random.default_rng(seed)
-    w, h = int(size[0]), int(size[1])
+    full_w, full_h = int(size[0]), int(size[1])
+    f = max(1.0, full_w / _WORK_WIDTH)
+    w, h = round(full_w / f), round(full_h / f)
     p = _LESION[label]
 
     # geometry
@@ -173,15 +179,24 @@ def render_pair(
     # exposure, blur, noise
     wl *= rng.uniform(0.85, 1.12) if exposure is None else exposure
     fl *= rng.uniform(0.75, 1.3) if exposure is None else exposure
-    sigma = rng.uniform(0.0, 1.2) * h / 720 if blur_sigma is None else blur_sigma
-    if sigma > 0.3:
-        wl = cv2.GaussianBlur(wl, (0, 0), sigma)
-        fl = cv2.GaussianBlur(fl, (0, 0), sigma)
-    noise = rng.standard_normal((h, w, 3), dtype=np.float32)
-    wl += noise * rng.uniform(0.008, 0.025)
-    fl += noise[:, ::-1] * rng.uniform(0.015, 0.04)
-    to_u8 = lambda a: np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8)  # noqa: E731
-    return Scene(to_u8(wl), to_u8(fl), label, lesion > 0.5, cervix > 0.5)
+    sigma = rng.uniform(0.0, 1.2) * full_h / 720 if blur_sigma is None else blur_sigma
+    if sigma / f > 0.3:
+        wl = cv2.GaussianBlur(wl, (0, 0), sigma / f)
+        fl = cv2.GaussianBlur(fl, (0, 0), sigma / f)
+    masks = [lesion > 0.5, cervix > 0.5]
+    if (w, h) != (full_w, full_h):
+        wl = cv2.resize(wl, (full_w, full_h), interpolation=cv2.INTER_LINEAR)
+        fl = cv2.resize(fl, (full_w, full_h), interpolation=cv2.INTER_LINEAR)
+        masks = [cv2.resize(m.astype(np.uint8), (full_w, full_h), interpolation=cv2.INTER_NEAREST) > 0 for m in masks]
+    # luminance noise (one plane shared by the channels): a third of the cost of colour noise
+    noise = rng.standard_normal((full_h, full_w, 1), dtype=np.float32)
+    wl_u8 = np.empty((full_h, full_w, 3), np.uint8)
+    fl_u8 = np.empty_like(wl_u8)
+    wl += noise * np.float32(rng.uniform(0.008, 0.025))
+    fl += noise[::-1] * np.float32(rng.uniform(0.015, 0.04))
+    cv2.convertScaleAbs(np.maximum(wl, 0, out=wl), wl_u8, alpha=255.0)
+    cv2.convertScaleAbs(np.maximum(fl, 0, out=fl), fl_u8, alpha=255.0)
+    return Scene(wl_u8, fl_u8, label, masks[0], masks[1])
 
 
 def scenes(n: int, seed: int = 0, size: tuple[int, int] = (1280, 720),

@@ -41,9 +41,31 @@ def onnx_from_torch(model: PFM, opset: int = 17, example_batch: int = 2):
             output_names=[OUTPUT_NAME], do_constant_folding=True,
             dynamic_axes={**{m: {0: BATCH_DIM} for m in MODALITIES}, OUTPUT_NAME: {0: BATCH_DIM}},
         )
-    proto = onnx.load_from_string(buf.getvalue())
+    proto = constants_to_initializers(onnx.load_from_string(buf.getvalue()))
     proto.ir_version = IR_VERSION_FOR_OPSET[opset]
     proto.producer_name = "edge-pfm"
+    return proto
+
+
+def constants_to_initializers(proto):
+    """Turn Constant nodes, and Identity nodes over initializers (the exporter's de-duplicated
+    weights), into initializers: every Conv weight and bias is then an initializer, which
+    quantizers need (they skip a conv whose bias is computed) and TensorRT treats the same."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    keep = []
+    for node in proto.graph.node:
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and value is not None and len(node.attribute) == 1:
+            proto.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(value.t), node.output[0]))
+        elif node.op_type == "Identity" and node.input[0] in inits:
+            arr = numpy_helper.to_array(inits[node.input[0]])
+            proto.graph.initializer.append(numpy_helper.from_array(arr, node.output[0]))
+        else:
+            keep.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
     return proto
 
 

@@ -44,3 +44,15 @@ def copy_bundle(src: Path, dst: Path) -> Path:
 
     shutil.copytree(src, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def calibrated_bundle(tiny_bundle, tmp_path_factory) -> Path:
+    """The session bundle, calibrated through the real CLI (small data: fast, gate not enforced)."""
+    from calibration.__main__ import main as calibrate
+
+    b = copy_bundle(tiny_bundle, tmp_path_factory.mktemp("calibrated") / "b")
+    rc = calibrate(["--bundle", str(b), "--synthetic", "64", "--eval-synthetic", "48", "--resolution", "320x240",
+                    "--allow-degraded"])
+    assert rc == 0
+    return b

@@ -1,0 +1,175 @@
+"""python -m calibration --bundle BUNDLE [--data DIR | --synthetic N] [--method percentile|entropy|minmax]
+       [--samples 512] [--eval DIR | --eval-synthetic N] [--trt-version 10.3] [--allow-degraded]
+
+One pass over paired calibration data (through edge_pfm's own preprocessing) gives symmetric
+activation ranges; from them: model.int8.onnx (explicit Q/DQ) and calibration.cache (TensorRT
+text format). INT8 and emulated-FP16 accuracy are measured against FP32 on a held-out labelled set,
+and a gate refuses an INT8 model that loses agreement or high-grade recall. The bundle is updated
+atomically: on any failure it is left exactly as it was.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import shutil
+import sys
+import warnings
+
+import numpy as np
+
+from calibration.accuracy import ADVICE, GATE, confusion_png, evaluate, gate, markdown
+from calibration.data import PairReader, dataset_pairs, synthetic_pairs, warn_if_few
+from calibration.fp16 import fp16_emulation_model
+from calibration.qdq import quantize_qdq
+from calibration.ranges import METHODS, compute_ranges
+from edge_pfm.bundle import Bundle, BundleError, write_manifest
+from edge_pfm.calib_cache import CalibrationCache, trt_version_int
+from edge_pfm.dataset import DatasetError
+from edge_pfm.fileio import atomic_directory, atomic_write_json, atomic_write_text
+
+FP16_METHOD = "CPU emulation: FP16-rounded weights and activations (Cast round trip after every node), FP32 math"
+
+
+class CalibrationError(RuntimeError):
+    pass
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def pair_digest(pair) -> str:
+    h = hashlib.sha256()
+    h.update(pair[0].tobytes())
+    h.update(pair[1].tobytes())
+    return h.hexdigest()
+
+
+def _size(text: str) -> tuple[int, int]:
+    w, h = (int(v) for v in text.lower().split("x"))
+    return w, h
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m calibration", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", required=True)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="paired dataset directory (edge_pfm.dataset layout) for calibration")
+    src.add_argument("--synthetic", type=int, metavar="N", help="calibrate on N synthetic pairs")
+    ap.add_argument("--method", choices=METHODS, default="percentile",
+                    help="activation range method (default percentile: 99.999th |x|, best INT8 agreement on PFM)")
+    ap.add_argument("--samples", type=int, default=512, help="at most this many calibration pairs")
+    ev = ap.add_mutually_exclusive_group()
+    ev.add_argument("--eval", help="held-out labelled dataset directory for the accuracy report")
+    ev.add_argument("--eval-synthetic", type=int, default=400, metavar="N")
+    ap.add_argument("--trt-version", default="10.3", help="TensorRT the cache targets (JetPack 6.1/6.2: 10.3)")
+    ap.add_argument("--resolution", type=_size, default=(1280, 720), help="synthetic camera resolution WxH")
+    ap.add_argument("--keep-float", nargs="*", default=["/stem/"],
+                    help="node-name substrings kept in float (default: each branch's stem conv)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--allow-degraded", action="store_true", help="write the INT8 model even if the gate fails")
+    args = ap.parse_args(argv)
+    try:
+        trt_int = trt_version_int(args.trt_version)
+    except ValueError as exc:
+        ap.error(str(exc))
+    try:
+        return run(args, trt_int)
+    except (BundleError, DatasetError, CalibrationError, PermissionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace, trt_int: int) -> int:
+    bundle = Bundle.load(args.bundle)
+    classes = bundle.classes
+    fp32 = bundle.model_path("fp32")
+    _log(f"[1/5] calibration data ({'synthetic' if args.synthetic else args.data})")
+    if args.synthetic:
+        calib = synthetic_pairs(min(args.synthetic, args.samples), args.seed, args.resolution)
+        calib_source = f"synthetic:{len(calib)}:seed={args.seed}:{args.resolution[0]}x{args.resolution[1]}"
+    else:
+        calib, _ = dataset_pairs(args.data, classes)
+        if len(calib) > args.samples:
+            idx = np.random.default_rng(args.seed).choice(len(calib), args.samples, replace=False)
+            calib = [calib[i] for i in sorted(idx)]
+        calib_source = str(args.data)
+    warn_if_few(len(calib))
+    data_hash = hashlib.sha256("".join(pair_digest(p) for p in calib).encode()).hexdigest()
+
+    if args.eval:
+        held, _ = dataset_pairs(args.eval, classes)
+        eval_source = str(args.eval)
+    else:
+        held = synthetic_pairs(args.eval_synthetic, args.seed + 10_000, args.resolution)
+        eval_source = f"synthetic:{len(held)}:seed={args.seed + 10_000}"
+    if any(p[2] is None for p in held):
+        raise CalibrationError(f"the held-out set {eval_source} needs a label for every pair (labels.csv)")
+    overlap = {pair_digest(p) for p in calib} & {pair_digest(p) for p in held}
+    if overlap:
+        raise CalibrationError(f"{len(overlap)} pair(s) appear in both the calibration and the held-out set; "
+                               "accuracy must be measured on pairs calibration never saw (use another --eval)")
+
+    specs, names = bundle.preprocessing, bundle.input_names
+    _log(f"[2/5] activation ranges ({args.method}, symmetric) over {len(calib)} pairs on the FP32 graph")
+    amax = compute_ranges(fp32, PairReader(calib, specs, names, progress="calibrating"), args.method)
+    cache = CalibrationCache(trt_int, "EntropyCalibration2", amax)
+
+    with atomic_directory(bundle.root) as tmp:
+        shutil.copytree(bundle.root, tmp, dirs_exist_ok=True)
+        _log("[3/5] INT8 Q/DQ model and TensorRT calibration cache from the same ranges")
+        quantize_qdq(fp32, amax, tmp / "model.int8.onnx", keep_float=tuple(args.keep_float))
+        atomic_write_text(tmp / "calibration.cache", cache.to_text())
+        atomic_write_json(tmp / "calibration.json", {"method": args.method, "symmetric": True, "amax": amax})
+
+        _log(f"[4/5] accuracy on {len(held)} held-out pairs: FP32 vs INT8 vs FP16 (emulated), ONNX Runtime CPU")
+        labels = np.array([p[2] for p in held])
+        reader = PairReader(held, specs, names)
+        results = evaluate({"fp32": fp32, "int8": tmp / "model.int8.onnx", "fp16": fp16_emulation_model(fp32)},
+                           reader, labels, classes)
+        reasons = gate(results, classes)
+        report = {
+            "eval": {"samples": len(held), "source": eval_source},
+            "calibration": {"method": args.method, "samples": len(calib), "data_sha256": data_hash,
+                            "source": calib_source},
+            "fp16_method": FP16_METHOD, "results": results,
+            "gate": {"passed": not reasons, "reasons": reasons, "thresholds": GATE},
+        }
+        atomic_write_json(tmp / "accuracy.json", report)
+        atomic_write_text(tmp / "accuracy.md", markdown(report, classes))
+        confusion_png(results, classes, tmp / "confusion.png")
+        print(markdown(report, classes))
+        if reasons and not args.allow_degraded:
+            raise CalibrationError("INT8 accuracy gate failed, bundle left unchanged:\n  - " + "\n  - ".join(reasons)
+                                   + "\n" + ADVICE)
+        if reasons:
+            warnings.warn("INT8 gate failed but --allow-degraded was given: " + "; ".join(reasons), stacklevel=1)
+
+        _log("[5/5] updating the manifest")
+        manifest = dict(bundle.manifest)
+        manifest["calibration"] = {
+            "method": args.method, "symmetric": True, "samples": len(calib), "data_sha256": data_hash,
+            "source": calib_source, "trt_version": args.trt_version, "trt_version_int": trt_int,
+            "cache_header": f"TRT-{trt_int}-EntropyCalibration2", "tensors": len(amax),
+            "keep_float": list(args.keep_float),
+            "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        manifest["accuracy"] = {name: {k: results[name][k] for k in ("accuracy", "top1_agreement", "max_abs_prob_diff",
+                                                                     "logit_rmse")} for name in results}
+        manifest["accuracy"]["gate_passed"] = not reasons
+        manifest["accuracy"]["eval_samples"] = len(held)
+        write_manifest(tmp, manifest, {
+            "model.int8.onnx": "int8 explicit Q/DQ onnx", "calibration.cache": "TensorRT calibration cache (implicit INT8, DLA)",
+            "calibration.json": "activation ranges", "accuracy.json": "accuracy report", "accuracy.md": "accuracy report",
+            "confusion.png": "confusion matrices",
+        })
+    i8 = results["int8"]
+    _log(f"calibrated {bundle.root}: INT8 agreement {i8['top1_agreement']:.2%}, FP16 agreement "
+         f"{results['fp16']['top1_agreement']:.2%}; cache header TRT-{trt_int}-EntropyCalibration2")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Calibration / evaluation data: paired frames -> feed dicts, through edge_pfm's own preprocessing.
+
+`PairReader` is the tiny data-reader ABC of onnxruntime.quantization (get_next() -> feed dict or
+None; also iterable), so the same object feeds onnxruntime's calibrators, polygraphy's
+`--data-loader-script` and our accuracy evaluation.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from edge_pfm.dataset import DatasetError, PairedDataset
+from edge_pfm.preprocess import PreprocessSpec, preprocess
+from edge_pfm.synthetic import CLASSES, render_pair
+
+Pair = tuple[np.ndarray, np.ndarray, int | None]  # white BGR, fluorescence BGR, label
+MIN_RECOMMENDED_SAMPLES = 300
+
+
+def dataset_pairs(root: str | Path, classes: tuple[str, ...] | None = None) -> tuple[list[Pair], PairedDataset]:
+    """Load and validate every pair of a dataset directory; one error lists all bad files."""
+    ds = PairedDataset(root, classes)
+    pairs: list[Pair] = []
+    bad: list[str] = []
+    for i in range(len(ds)):
+        try:
+            wl, fl, label = ds.load(i)
+        except DatasetError as exc:
+            bad.append(str(exc))
+            continue
+        pairs.append((wl, fl, label))
+    if bad:
+        raise DatasetError(f"{len(bad)} bad image file(s) in {root}:\n  " + "\n  ".join(bad))
+    return pairs, ds
+
+
+def synthetic_pairs(n: int, seed: int, size: tuple[int, int] = (1280, 720)) -> list[Pair]:
+    """n balanced synthetic pairs at camera resolution (rendered on all cores)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    rng = np.random.default_rng(seed)
+    seeds = [int(s) for s in rng.integers(0, 2**31 - 1, size=n)]
+    labels = [CLASSES[i % len(CLASSES)] for i in range(n)]
+    with ProcessPoolExecutor(2) as pool:
+        scenes = list(pool.map(render_pair, labels, seeds, [size] * n, chunksize=16))
+    return [(s.white_light, s.fluorescence, CLASSES.index(s.label)) for s in scenes]
+
+
+def warn_if_few(n: int) -> None:
+    if n < MIN_RECOMMENDED_SAMPLES:
+        warnings.warn(
+            f"only {n} calibration samples: activation ranges from fewer than ~{MIN_RECOMMENDED_SAMPLES} pairs "
+            "miss rare bright/dark frames and INT8 accuracy suffers on the device; use more pairs that cover "
+            "every class, camera setting and illumination", stacklevel=2)
+
+
+class PairReader:
+    """Feed dicts {input_name: (1, C, H, W) float32} for each pair, preprocessed by edge_pfm.preprocess."""
+
+    def __init__(self, pairs: Iterable[Pair], specs: dict[str, PreprocessSpec], input_names: dict[str, str],
+                 progress: str | None = None, total: int | None = None):
+        self.pairs = list(pairs)
+        self.specs = specs
+        self.input_names = input_names
+        self.progress = progress
+        self.total = total or len(self.pairs)
+        self._it: Iterator[dict[str, np.ndarray]] | None = None
+        self.served = 0
+
+    def feed(self, pair: Pair) -> dict[str, np.ndarray]:
+        wl, fl, _ = pair
+        return {self.input_names["white_light"]: preprocess(wl, self.specs["white_light"])[None],
+                self.input_names["fluorescence"]: preprocess(fl, self.specs["fluorescence"])[None]}
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for pair in self.pairs:
+            self.served += 1
+            if self.progress and (self.served % 32 == 0 or self.served == self.total):
+                print(f"\r  {self.progress}: {self.served}/{self.total} pairs", end="", file=sys.stderr, flush=True)
+                if self.served == self.total:
+                    print(file=sys.stderr)
+            yield self.feed(pair)
+
+    # onnxruntime.quantization.CalibrationDataReader protocol
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._it is None:
+            self._it = iter(self)
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = None
+        self.served = 0
+
+    def chunks(self, size: int) -> Iterator[PairReader]:
+        """Sub-readers of `size` pairs sharing this reader's progress line."""
+        for i in range(0, len(self.pairs), size):
+            sub = PairReader(self.pairs[i:i + size], self.specs, self.input_names)
+            sub.progress, sub.total, sub.served = self.progress, self.total, i
+            yield sub

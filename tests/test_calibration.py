@@ -1,0 +1,191 @@
+"""Calibration: TensorRT cache format, Q/DQ census, one preprocessing, accuracy gate, bad data."""
+import collections
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import copy_bundle
+from onnx import numpy_helper
+
+import calibration.data
+import edge_pfm.preprocess
+from calibration.__main__ import main as calibrate
+from calibration.accuracy import GATE
+from calibration.ranges import activation_tensors
+from edge_pfm.bundle import Bundle
+from edge_pfm.calib_cache import CalibrationCache, CalibrationCacheError, hex_to_amax, scale_hex, trt_version_int
+from edge_pfm.synthetic import write_dataset
+
+
+def test_trt_version_numbers():
+    assert trt_version_int("8.6.1") == 8601
+    assert trt_version_int("10.3.0") == 100300
+    assert trt_version_int("10.3") == 100300
+    assert trt_version_int("10.16.1.11") == 101601
+    with pytest.raises(ValueError):
+        trt_version_int("ten")
+
+
+def test_scale_hex_hand_computed():
+    # scale = amax / 127; big-endian IEEE-754 float32 bits
+    assert scale_hex(127.0) == "3f800000"  # scale 1.0
+    assert scale_hex(254.0) == "40000000"  # scale 2.0
+    assert scale_hex(63.5) == "3f000000"  # scale 0.5
+    assert hex_to_amax("3c92aa10") / 127 == pytest.approx(0.017903, abs=1e-6)  # NVIDIA forum example
+
+
+def test_cache_round_trip_and_header():
+    cache = CalibrationCache(8601, "EntropyCalibration2", {"white_light": 2.5, "/stem/Conv_output_0": 11.0})
+    text = cache.to_text()
+    assert text.splitlines()[0] == "TRT-8601-EntropyCalibration2"
+    assert text.splitlines()[1] == f"white_light: {scale_hex(2.5)}"
+    back = CalibrationCache.from_text(text)
+    assert back.trt_version == 8601 and list(back.amax) == list(cache.amax)
+    for k, v in cache.amax.items():
+        assert back.amax[k] == pytest.approx(v, rel=1e-6)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("white_light 0.123\nfluorescence 4.5\n", "onnxruntime's calibration.cache is a different format"),
+    ("TRT-100300-EntropyCalibration2\nx: zz00ff00\n", "line 2"),
+    ("TRT-100300-EntropyCalibration2\nx: 3f800000\nx: 3f800000\n", "appears twice"),
+    ("TRT-100300-Bogus\n", "unknown calibration algorithm"),
+    ("", "empty"),
+])
+def test_cache_reader_errors(text, match):
+    with pytest.raises(CalibrationCacheError, match=match):
+        CalibrationCache.from_text(text)
+
+
+def test_one_preprocessing():
+    assert calibration.data.preprocess is edge_pfm.preprocess.preprocess
+    b_specs = {m: edge_pfm.preprocess.PreprocessSpec(size=(32, 32)) for m in ("white_light", "fluorescence")}
+    rng = np.random.default_rng(0)
+    pair = (rng.integers(0, 256, (90, 160, 3), dtype=np.uint8), rng.integers(0, 256, (90, 160, 3), dtype=np.uint8), 0)
+    reader = calibration.data.PairReader([pair], b_specs, {"white_light": "wl", "fluorescence": "fl"})
+    feed = reader.get_next()
+    assert np.array_equal(feed["wl"][0], edge_pfm.preprocess.preprocess(pair[0], b_specs["white_light"]))
+    assert reader.get_next() is None
+
+
+def test_calibrated_bundle_contents(calibrated_bundle):
+    b = Bundle.load(calibrated_bundle)  # verifies every hash, new artifacts included
+    for name in ("model.int8.onnx", "calibration.cache", "accuracy.json", "accuracy.md", "confusion.png"):
+        assert b.has(name), name
+    cal = b.manifest["calibration"]
+    assert cal["method"] == "percentile" and cal["samples"] == 64 and len(cal["data_sha256"]) == 64
+    assert cal["trt_version"] == "10.3" and cal["cache_header"] == "TRT-100300-EntropyCalibration2"
+    report = json.loads((calibrated_bundle / "accuracy.json").read_text())
+    for name in ("fp32", "int8", "fp16"):
+        r = report["results"][name]
+        assert {"accuracy", "top1_agreement", "recall", "recall_delta", "max_abs_prob_diff", "logit_rmse"} <= set(r)
+    assert report["results"]["fp16"]["top1_agreement"] >= 0.97  # FP16 barely moves logits
+    assert (calibrated_bundle / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cache_covers_every_activation_tensor(calibrated_bundle):
+    cache = CalibrationCache.read(calibrated_bundle / "calibration.cache")
+    expected = activation_tensors(calibrated_bundle / "model.onnx")
+    assert cache.trt_version == 100300
+    assert set(expected) == set(cache.amax)
+    assert {"white_light", "fluorescence"} <= set(cache.amax)
+    ranges = json.loads((calibrated_bundle / "calibration.json").read_text())["amax"]
+    for name, amax in ranges.items():  # the cache and the Q/DQ model come from the same ranges
+        assert cache.amax[name] == pytest.approx(amax, rel=1e-6, abs=1e-9)
+
+
+def test_qdq_census(calibrated_bundle):
+    model = onnx.load(str(calibrated_bundle / "model.int8.onnx"))
+    census = collections.Counter(n.op_type for n in model.graph.node)
+    assert census["QuantizeLinear"] > 20 and census["DequantizeLinear"] > census["QuantizeLinear"]
+    assert census["Softmax"] == 1 and census["LayerNormalization"] == 3  # still float ops
+    producers = {o: n for n in model.graph.node for o in n.output}
+    consumers = collections.defaultdict(list)
+    for n in model.graph.node:
+        for i in n.input:
+            consumers[i].append(n)
+    for n in model.graph.node:
+        if n.op_type in ("Softmax", "LayerNormalization"):
+            assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in n.input), n.name
+            assert all(c.op_type != "QuantizeLinear" for c in consumers[n.output[0]]), n.name
+    inits = {i.name: i for i in model.graph.initializer}
+    weight_dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                  and numpy_helper.to_array(inits[n.input[0]]).ndim == 4]
+    assert len(weight_dqs) > 20
+    for dq in weight_dqs:  # per-channel, symmetric int8 conv weights
+        w = numpy_helper.to_array(inits[dq.input[0]])
+        scale = numpy_helper.to_array(inits[dq.input[1]])
+        assert w.dtype == np.int8 and scale.shape == (w.shape[0],)
+        zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 else np.zeros(1)
+        assert not zp.any()
+    acts = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    for q in acts:  # symmetric int8 activations: zero point 0
+        zp = numpy_helper.to_array(inits[q.input[2]])
+        assert zp.dtype == np.int8 and not zp.any()
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_int8_model_runs_on_ort_cpu(calibrated_bundle, batch):
+    sess = ort.InferenceSession(str(calibrated_bundle / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((batch, 3, 128, 128)).astype(np.float32)
+    (out,) = sess.run(None, {"white_light": x, "fluorescence": x})
+    assert out.shape == (batch, 4) and np.isfinite(out).all()
+
+
+def _manifest_bytes(b):
+    return (b / "manifest.json").read_bytes()
+
+
+def test_bad_calibration_data_is_listed_and_bundle_untouched(tiny_bundle, tmp_path, capsys):
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    before = _manifest_bytes(b)
+    ds = write_dataset(tmp_path / "ds", 6, seed=5, size=(96, 72))
+    (ds / "white" / "s00002.png").unlink()
+    (ds / "fluorescence" / "s00003.png").write_bytes(b"garbage")
+    assert calibrate(["--bundle", str(b), "--data", str(ds), "--eval-synthetic", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "unpaired" in err and "fluorescence/s00002.png" in err
+    (ds / "fluorescence" / "s00002.png").unlink()
+    rgba = np.zeros((72, 96, 4), np.uint8)
+    import cv2
+
+    cv2.imwrite(str(ds / "white" / "s00004.png"), rgba)
+    assert calibrate(["--bundle", str(b), "--data", str(ds), "--eval-synthetic", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "fluorescence/s00003.png" in err and "white/s00004.png" in err and "2 bad image file(s)" in err
+    assert _manifest_bytes(b) == before and not b.joinpath("model.int8.onnx").exists()
+
+
+def test_eval_must_not_overlap_calibration(tiny_bundle, tmp_path, capsys):
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    ds = write_dataset(tmp_path / "ds", 8, seed=5, size=(96, 72))
+    assert calibrate(["--bundle", str(b), "--data", str(ds), "--eval", str(ds)]) == 2
+    assert "both the calibration and the held-out set" in capsys.readouterr().err
+
+
+def test_gate_failure_leaves_bundle_unchanged(tiny_bundle, tmp_path, monkeypatch, capsys):
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    before = _manifest_bytes(b)
+    monkeypatch.setitem(GATE, "int8_top1_agreement", 1.01)  # unreachable: the gate must refuse
+    with pytest.warns(UserWarning, match="calibration samples"):
+        rc = calibrate(["--bundle", str(b), "--synthetic", "16", "--eval-synthetic", "8", "--resolution", "160x120"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "gate failed" in err and "--method" in err and "--allow-degraded" in err
+    assert _manifest_bytes(b) == before and sorted(p.name for p in b.iterdir()) == sorted(
+        p.name for p in tiny_bundle.iterdir())
+
+
+def test_polygraphy_data_loader_script(calibrated_bundle, monkeypatch):
+    from calibration import data_loader
+
+    monkeypatch.setenv("EDGE_PFM_BUNDLE", str(calibrated_bundle))
+    monkeypatch.setenv("EDGE_PFM_CALIB_SYNTHETIC", "3")
+    monkeypatch.delenv("EDGE_PFM_CALIB_DATA", raising=False)
+    feeds = list(data_loader.load_data())
+    assert len(feeds) == 3
+    assert set(feeds[0]) == {"white_light", "fluorescence"} and feeds[0]["white_light"].shape == (1, 3, 128, 128)
+    assert os.environ["EDGE_PFM_BUNDLE"]
