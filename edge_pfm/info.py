@@ -25,8 +25,16 @@ def describe(bundle: str | None = None) -> str:
     ]
     for module in ("numpy", "cv2", "onnxruntime", "tensorrt", "pycuda"):
         lines.append(f"  {module:12s} {_version(module)}")
+    from edge_pfm.backends.select import tensorrt_status
+
+    ok, why = tensorrt_status()
+    lines.append(f"  TensorRT backend: {'available' if ok else 'unavailable'} ({why})")
     if bundle:
+        from edge_pfm.backends.select import select_backend
         from edge_pfm.bundle import Bundle
 
-        lines.append(Bundle.load(bundle).summary())
+        b = Bundle.load(bundle)
+        lines.append(b.summary())
+        sel = select_backend(b, "auto", trt_status=(ok, why))
+        lines.append(f"  backend  auto -> {sel.backend} {sel.precision}: {sel.reason}")
     return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""The backend contract: load, input/output specs, infer(white_light, fluorescence) -> logits, close."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from edge_pfm.bundle import Bundle, TensorSpec
+
+
+class BackendError(RuntimeError):
+    """A backend cannot load or run; the message says why and what to do."""
+
+
+class Backend(ABC):
+    """One loaded model. Not thread-safe: one thread calls infer() (TensorRT: the owning thread)."""
+
+    name: str = "?"
+
+    def __init__(self, bundle: Bundle, precision: str):
+        self.bundle = bundle
+        self.precision = precision
+        self.inputs: list[TensorSpec] = bundle.inputs
+        self.outputs: list[TensorSpec] = bundle.outputs
+        self._names = (bundle.input_names["white_light"], bundle.input_names["fluorescence"])
+        self._chw = {s.name: tuple(s.shape[1:]) for s in bundle.inputs}
+        self.max_batch = bundle.max_batch
+        self.closed = False
+
+    def check_inputs(self, white_light: np.ndarray, fluorescence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Validate shape and dtype against the manifest; -> C-contiguous float32 arrays."""
+        if self.closed:
+            raise BackendError(f"{self.name} backend is closed")
+        out = []
+        for name, x in zip(self._names, (white_light, fluorescence)):
+            if not isinstance(x, np.ndarray) or x.ndim != 4 or tuple(x.shape[1:]) != self._chw[name]:
+                shape = getattr(x, "shape", type(x).__name__)
+                raise BackendError(f"input {name!r}: expected (batch, {', '.join(map(str, self._chw[name]))}) "
+                                   f"float32, got {shape}; preprocess frames with edge_pfm.preprocess")
+            if x.dtype != np.float32:
+                raise BackendError(f"input {name!r}: expected float32, got {x.dtype}")
+            out.append(np.ascontiguousarray(x))
+        if out[0].shape[0] != out[1].shape[0] or out[0].shape[0] < 1:
+            raise BackendError(f"both inputs need the same batch >= 1, got {out[0].shape[0]} and {out[1].shape[0]}")
+        return out[0], out[1]
+
+    @abstractmethod
+    def infer(self, white_light: np.ndarray, fluorescence: np.ndarray) -> np.ndarray:
+        """(B, C, H, W) float32 x2 -> logits (B, num_classes) float32."""
+
+    def close(self) -> None:
+        self.closed = True
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.precision})"
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,109 @@
+"""TensorRT backend with pycuda: page-locked host buffers and device buffers allocated once, one stream,
+async copies, set_input_shape + set_tensor_address + execute_async_v3.
+
+pycuda contexts are per thread: the backend retains the device's primary context and pushes/pops
+it around every call, and only the thread that created the backend may call infer() (create it in
+the inference thread). One execution context per backend.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from edge_pfm._lazy import require
+from edge_pfm.backends.base import Backend, BackendError
+from edge_pfm.bundle import Bundle
+from edge_pfm.engine.trt_build import trt_version
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+
+    def __init__(self, bundle: Bundle, engine_path: str | Path, precision: str, device: int = 0):
+        super().__init__(bundle, precision)
+        trt = require("tensorrt", "the tensorrt backend")
+        cuda = require("pycuda.driver", "the tensorrt backend (device buffers)")
+        self._trt, self._cuda = trt, cuda
+        cuda.init()
+        self._ctx = cuda.Device(device).retain_primary_context()
+        self._owner = threading.get_ident()
+        self._ctx.push()
+        try:
+            self._load(Path(engine_path))
+        finally:
+            self._ctx.pop()
+
+    def _load(self, engine_path: Path) -> None:
+        trt, cuda = self._trt, self._cuda
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(self._logger)
+        engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if engine is None:
+            raise BackendError(f"TensorRT {trt_version(trt)} could not deserialise {engine_path}: built by another "
+                               "TensorRT version or for another GPU; delete it and run `edge-pfm build`")
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        want_in, want_out = {s.name for s in self.inputs}, [s.name for s in self.outputs]
+        if set(inputs) != want_in or outputs != want_out:
+            raise BackendError(f"{engine_path}: engine I/O {inputs} -> {outputs} does not match the manifest "
+                               f"{sorted(want_in)} -> {want_out}; rebuild it from this bundle")
+        for n in names:
+            if engine.get_tensor_dtype(n) != trt.float32:  # trt.float32 is DataType.FLOAT
+                raise BackendError(f"{engine_path}: tensor {n!r} is {engine.get_tensor_dtype(n)}, expected float32")
+            if n in inputs and tuple(engine.get_tensor_shape(n))[1:] != self._chw[n]:
+                raise BackendError(f"{engine_path}: input {n!r} has shape {tuple(engine.get_tensor_shape(n))}, "
+                                   f"the manifest says (batch, {self._chw[n]})")
+        self.max_batch = int(engine.get_tensor_profile_shape(inputs[0], 0)[2][0])
+        self._engine = engine
+        self._context = engine.create_execution_context()
+        self._stream = cuda.Stream()
+        self._host, self._device = {}, {}
+        out_shape = (self.max_batch, len(self.bundle.classes))
+        for n in names:
+            shape = (self.max_batch, *self._chw[n]) if n in inputs else out_shape
+            self._host[n] = cuda.pagelocked_empty(shape, np.float32)
+            self._device[n] = cuda.mem_alloc(self._host[n].nbytes)
+            self._context.set_tensor_address(n, int(self._device[n]))
+        self._inputs, self._output = inputs, outputs[0]
+
+    def infer(self, white_light: np.ndarray, fluorescence: np.ndarray) -> np.ndarray:
+        w, f = self.check_inputs(white_light, fluorescence)
+        if threading.get_ident() != self._owner:
+            raise BackendError("the tensorrt backend must be called from the thread that created it "
+                               "(pycuda contexts are per thread)")
+        b = w.shape[0]
+        if b > self.max_batch:
+            raise BackendError(f"batch {b} exceeds the engine's profile (max {self.max_batch}); rebuild with --max-batch")
+        cuda = self._cuda
+        self._ctx.push()
+        try:
+            for name, x in zip(self._names, (w, f)):
+                np.copyto(self._host[name][:b], x)
+                cuda.memcpy_htod_async(self._device[name], self._host[name][:b], self._stream)
+                self._context.set_input_shape(name, x.shape)
+            if not self._context.execute_async_v3(self._stream.handle):
+                raise BackendError("TensorRT execute_async_v3 failed")
+            out = self._host[self._output]
+            cuda.memcpy_dtoh_async(out[:b], self._device[self._output], self._stream)
+            self._stream.synchronize()
+            return out[:b].copy()
+        finally:
+            self._ctx.pop()
+
+    def describe(self) -> str:
+        return f"tensorrt {trt_version(self._trt)} {self.precision}"
+
+    def close(self) -> None:
+        if not self.closed:
+            self._ctx.push()
+            try:
+                for mem in self._device.values():
+                    mem.free()
+                self._context = self._engine = None
+            finally:
+                self._ctx.pop()
+                self._ctx.detach()
+        super().close()

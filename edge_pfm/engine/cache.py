@@ -1,0 +1,98 @@
+"""Engine cache: key, file names, atomic writes, and the checks that refuse a stale or foreign engine.
+
+An engine is only valid for the exact ONNX, precision, TensorRT version, GPU and profile it was
+built for. The key holds all of them; the sidecar JSON repeats the key fields and the engine's
+sha256, so a mismatch is caught before TensorRT deserialises anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edge_pfm.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+
+SIDECAR_SCHEMA = "edge-pfm/engine/v1"
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    onnx_sha256: str
+    precision: str  # fp32 | fp16 | int8
+    int8_source: str  # "" | qdq | cache
+    trt_version: str  # e.g. 10.3.0
+    gpu_name: str
+    compute_capability: str  # e.g. 8.7
+    dla_core: int  # -1 = GPU
+    profile: tuple[int, int, int]  # batch min, opt, max
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def file_stem(self) -> str:
+        device = f"dla{self.dla_core}" if self.dla_core >= 0 else "gpu"
+        src = f"-{self.int8_source}" if self.int8_source else ""
+        return f"pfm.{self.precision}{src}.trt{self.trt_version}.sm{self.compute_capability.replace('.', '')}.{device}." \
+               f"{self.digest()}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["profile"] = list(self.profile)
+        return d
+
+
+def engine_paths(cache_dir: str | Path, key: EngineKey) -> tuple[Path, Path]:
+    stem = Path(cache_dir) / key.file_stem()
+    return stem.with_suffix(".engine"), stem.with_suffix(".json")
+
+
+def write_engine(cache_dir: str | Path, key: EngineKey, engine: bytes, build_s: float,
+                 warnings: list[str] | None = None) -> Path:
+    """Engine first, sidecar last: a crash in between leaves an engine without sidecar, which is rebuilt."""
+    engine_path, sidecar_path = engine_paths(cache_dir, key)
+    atomic_write_bytes(engine_path, engine)
+    atomic_write_json(sidecar_path, {
+        "schema": SIDECAR_SCHEMA, "key": key.to_dict(), "engine_sha256": hashlib.sha256(engine).hexdigest(),
+        "engine_bytes": len(engine), "build_seconds": round(build_s, 2),
+        "built_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "trt_warnings": list(warnings or [])[:200],
+    })
+    return engine_path
+
+
+def check_engine(cache_dir: str | Path, key: EngineKey) -> tuple[Path | None, str]:
+    """-> (engine path, "ok") if a valid engine for `key` is cached, else (None, why not)."""
+    engine_path, sidecar_path = engine_paths(cache_dir, key)
+    if not engine_path.is_file():
+        return None, f"no cached engine {engine_path.name}"
+    if not sidecar_path.is_file():
+        return None, f"{engine_path.name} has no sidecar {sidecar_path.name} (interrupted build?)"
+    try:
+        side = json.loads(sidecar_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return None, f"sidecar {sidecar_path} is unreadable ({exc})"
+    if not isinstance(side, dict) or side.get("schema") != SIDECAR_SCHEMA:
+        return None, f"sidecar {sidecar_path} has an unknown schema"
+    want = key.to_dict()
+    got = side.get("key", {})
+    diffs = [f"{k}: engine {got.get(k)!r} != needed {v!r}" for k, v in want.items() if got.get(k) != v]
+    if diffs:
+        return None, f"{engine_path.name} was built for something else ({'; '.join(diffs)})"
+    digest = sha256_file(engine_path)
+    if digest != side.get("engine_sha256"):
+        return None, f"{engine_path.name} is corrupt (sha256 {digest[:12]} != sidecar {str(side.get('engine_sha256'))[:12]})"
+    return engine_path, "ok"
+
+
+def find_any_engine(cache_dir: str | Path) -> list[dict]:
+    """Sidecars in a cache directory (for `edge-pfm info`)."""
+    out = []
+    for p in sorted(Path(cache_dir).glob("*.json")):
+        try:
+            side = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(side, dict) and side.get("schema") == SIDECAR_SCHEMA:
+            out.append({"file": p.with_suffix(".engine").name, **side.get("key", {})})
+    return out

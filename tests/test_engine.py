@@ -1,0 +1,127 @@
+"""Engine cache keys, sidecar validation, atomic writes, build planning and the removed-API guard."""
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from edge_pfm.backends import BackendError, select_backend
+from edge_pfm.bundle import Bundle
+from edge_pfm.engine.cache import EngineKey, check_engine, engine_paths, find_any_engine, write_engine
+from edge_pfm.engine.plan import BuildRefused, TrtCapabilities, plan_build
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = EngineKey("a" * 64, "int8", "qdq", "10.3.0", "Orin", "8.7", -1, (1, 1, 8))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("onnx_sha256", "b" * 64), ("precision", "fp16"), ("int8_source", "cache"), ("trt_version", "10.16.1"),
+    ("gpu_name", "Orin Nano"), ("compute_capability", "8.6"), ("dla_core", 0), ("profile", (1, 1, 4)),
+])
+def test_every_key_field_changes_the_key(field, value):
+    other = dataclasses.replace(KEY, **{field: value})
+    assert other.digest() != KEY.digest() and other.file_stem() != KEY.file_stem()
+
+
+def test_write_then_find(tmp_path):
+    path = write_engine(tmp_path, KEY, b"engine-bytes", 12.3, ["a warning"])
+    assert check_engine(tmp_path, KEY) == (path, "ok")
+    side = json.loads(engine_paths(tmp_path, KEY)[1].read_text())
+    assert side["key"]["trt_version"] == "10.3.0" and side["trt_warnings"] == ["a warning"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
+    assert find_any_engine(tmp_path)[0]["gpu_name"] == "Orin"
+
+
+def test_foreign_engine_is_never_loaded(tmp_path):
+    write_engine(tmp_path, KEY, b"engine-bytes", 1.0)
+    engine, sidecar = engine_paths(tmp_path, KEY)
+    side = json.loads(sidecar.read_text())
+    side["key"]["trt_version"] = "8.6.1"  # a sidecar from another TensorRT under this key's name
+    sidecar.write_text(json.dumps(side))
+    path, why = check_engine(tmp_path, KEY)
+    assert path is None and "trt_version: engine '8.6.1' != needed '10.3.0'" in why
+    side["key"]["trt_version"], side["key"]["gpu_name"] = "10.3.0", "Xavier"
+    sidecar.write_text(json.dumps(side))
+    assert "gpu_name" in check_engine(tmp_path, KEY)[1]
+
+
+def test_corrupt_or_orphan_engine_is_rebuilt(tmp_path):
+    write_engine(tmp_path, KEY, b"engine-bytes", 1.0)
+    engine, sidecar = engine_paths(tmp_path, KEY)
+    engine.write_bytes(b"engine-bytez")
+    path, why = check_engine(tmp_path, KEY)
+    assert path is None and "corrupt" in why
+    sidecar.unlink()
+    assert "no sidecar" in check_engine(tmp_path, KEY)[1]
+    sidecar.write_text("{broken")
+    assert "unreadable" in check_engine(tmp_path, KEY)[1]
+    assert "no cached engine" in check_engine(tmp_path / "empty", KEY)[1]
+
+
+JP6 = TrtCapabilities((10, 3, 0), num_dla_cores=2)
+JP60 = TrtCapabilities((8, 6, 2), num_dla_cores=2)
+TRT11 = TrtCapabilities((11, 4, 1), num_dla_cores=0)
+NANO = TrtCapabilities((10, 3, 0), num_dla_cores=0)
+
+
+def test_plans_on_tensorrt_10_and_8():
+    assert plan_build(JP6, "fp16").builder_flags == ("FP16",)
+    p = plan_build(JP6, "int8")
+    assert (p.int8_source, p.onnx_artifact, p.builder_flags) == ("qdq", "model.int8.onnx", ("INT8", "FP16"))
+    c = plan_build(JP60, "int8", "cache")
+    assert c.use_calibration_cache and c.onnx_artifact == "model.onnx"
+    d = plan_build(JP6, "int8", dla_core=1)
+    assert d.int8_source == "cache" and d.dla_core == 1 and "GPU_FALLBACK" in d.builder_flags
+    assert plan_build(JP6, "fp32").builder_flags == ()
+
+
+def test_plans_on_tensorrt_11_are_strongly_typed():
+    p = plan_build(TRT11, "int8")
+    assert p.strongly_typed and p.builder_flags == () and p.onnx_artifact == "model.int8.onnx"
+    with pytest.raises(BuildRefused, match="removed implicit INT8 calibration"):
+        plan_build(TRT11, "int8", "cache")
+    with pytest.raises(BuildRefused, match="FP16-typed ONNX"):
+        plan_build(TRT11, "fp16")
+    assert plan_build(dataclasses.replace(TRT11, has_fp16_onnx=True), "fp16").onnx_artifact == "model.fp16.onnx"
+
+
+@pytest.mark.parametrize("caps,kwargs,match", [
+    (NANO, dict(precision="int8", dla_core=0), "no DLA"),
+    (JP6, dict(precision="int8", dla_core=2), "2 DLA core"),
+    (JP6, dict(precision="fp32", dla_core=0), "FP16 and INT8 only"),
+    (JP6, dict(precision="int8", int8_source="qdq", dla_core=0), "needs the calibration cache"),
+    (JP6, dict(precision="fp16", int8_source="qdq"), "only applies"),
+    (TrtCapabilities((8, 4, 3)), dict(precision="fp32"), "too old"),
+    (dataclasses.replace(JP6, has_int8_onnx=False), dict(precision="int8"), "run python -m calibration"),
+])
+def test_unsupported_builds_are_refused_before_building(caps, kwargs, match):
+    with pytest.raises(BuildRefused, match=match):
+        plan_build(caps, **kwargs)
+
+
+def test_selection_logic(calibrated_bundle, tiny_bundle):
+    b = Bundle.load(calibrated_bundle)
+    assert select_backend(b, "auto", trt_status=(True, "ok")).backend == "tensorrt"
+    sel = select_backend(b, "auto", trt_status=(False, "tensorrt is not importable"))
+    assert (sel.backend, sel.precision) == ("onnxruntime", "int8") and "not importable" in sel.reason
+    assert select_backend(Bundle.load(tiny_bundle), "auto", trt_status=(False, "x")).precision == "fp32"
+    with pytest.raises(BackendError, match="JetPack"):
+        select_backend(b, "tensorrt", trt_status=(False, "tensorrt is not importable"))
+    with pytest.raises(BackendError, match="fp16 runs on TensorRT"):
+        select_backend(b, "onnxruntime", "fp16")
+    with pytest.raises(BackendError, match="no INT8 model"):
+        select_backend(Bundle.load(tiny_bundle), "onnxruntime", "int8")
+
+
+REMOVED_IN_TRT10 = ["execute_async_v2", "execute_async(", "build_engine(", "max_workspace_size", "num_bindings",
+                    "get_binding_shape", "set_binding_shape", "binding_is_input", "get_binding_index", "max_batch_size"]
+
+
+def test_tensorrt_code_uses_no_api_removed_in_10():
+    files = [ROOT / "edge_pfm/engine/trt_build.py", ROOT / "edge_pfm/backends/tensorrt_backend.py"]
+    for f in files:
+        code = "\n".join(line.split("#")[0] for line in f.read_text().splitlines())
+        for name in REMOVED_IN_TRT10:
+            assert not re.search(r"\." + re.escape(name), code), f"{f.name} uses {name} (removed in TensorRT 10)"
+        assert "execute_async_v3" in code or "build_serialized_network" in code
