@@ -36,6 +36,75 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    import json
+
+    from edge_pfm.config import ConfigError, load_config
+    from edge_pfm.decision import DecisionConfig
+    from edge_pfm.pipeline import RunConfig, Runner, format_summary
+    from edge_pfm.quality import GateConfig
+    from edge_pfm.sources import SceneBank, SourceError, open_source
+
+    try:
+        cfg = load_config(args.config) if args.config else {}
+        cams = cfg.get("cameras", {})
+        run_cfg = cfg.get("run", {})
+        gates = GateConfig.from_dict(cfg.get("gates", {}))
+        if args.no_gates:
+            gates = GateConfig(enabled=False)
+        decision = DecisionConfig.from_dict(cfg.get("decision", {}))
+    except (ConfigError, ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    def spec(name: str, flag: str | None) -> tuple[str | None, dict]:
+        cam = dict(cams.get(name, {}))
+        return (flag or cam.pop("source", None)), {k: v for k, v in cam.items() if k != "source"}
+
+    white, white_opts = spec("white_light", args.white)
+    fluo, fluo_opts = spec("fluorescence", args.fluo)
+    alt, alt_opts = spec("alternating", args.alternating)
+    if not ((white and fluo) or alt) or (alt and (args.white or args.fluo)):
+        print("error: give --white SRC and --fluo SRC, or --alternating SRC (or set them in --config)", file=sys.stderr)
+        return 2
+    try:
+        if alt:
+            sources = {"alternating": open_source(alt, "alternating", loop=args.loop, **alt_opts)}
+        else:
+            bank = None
+            if white.startswith("synthetic") and fluo.startswith("synthetic"):  # the two cameras see one scene
+                from edge_pfm.sources import _parse_kv
+
+                o = _parse_kv(white.partition(":")[2])
+                bank = SceneBank((int(o.get("width", 1280)), int(o.get("height", 720))), o.get("label"),
+                                 int(o.get("seed", 0)))
+            sources = {"white": open_source(white, "white_light", bank, loop=args.loop, **white_opts),
+                       "fluo": open_source(fluo, "fluorescence", bank, loop=args.loop, **fluo_opts)}
+    except SourceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    config = RunConfig(backend=args.backend or run_cfg.get("backend", "auto"),
+                       precision=args.precision or run_cfg.get("precision"),
+                       threads=args.threads or run_cfg.get("threads"),
+                       tolerance_ms=args.tolerance_ms or run_cfg.get("tolerance_ms"),
+                       seconds=args.seconds, log=args.log, video=args.video, preview=args.preview,
+                       gates=gates, decision=decision)
+    runner = Runner(args.bundle, config=config, **sources)
+    summary = runner.run(install_signal_handlers=True)
+    print(format_summary(summary))
+    if args.summary_json:
+        from edge_pfm.fileio import atomic_write_text
+
+        atomic_write_text(args.summary_json, json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from edge_pfm.bench import main as bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="edge-pfm",
@@ -57,6 +126,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="engine cache (default ~/.cache/edge-pfm/engines)")
     p.add_argument("--no-build", action="store_true", help="only look in the cache; fail with the reason if absent")
     p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("run", help="classify live (or recorded, or synthetic) camera pairs")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--white", help="white-light source: 0 | /dev/videoN | gst:PIPELINE | FILE | FOLDER | synthetic[:k=v,...]")
+    p.add_argument("--fluo", help="fluorescence source (same syntax)")
+    p.add_argument("--alternating", help="one source with alternating white/fluorescence illumination")
+    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"))
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"))
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--tolerance-ms", type=float, help="pairing tolerance (default: half a frame period)")
+    p.add_argument("--log", help="append every decision to this JSONL file")
+    p.add_argument("--video", help="write an annotated side-by-side video (.avi, MJPG)")
+    p.add_argument("--preview", action="store_true", help="show a preview window (needs a display)")
+    p.add_argument("--seconds", type=float, help="stop after this long (default: until Ctrl-C or the sources end)")
+    p.add_argument("--loop", action="store_true", help="loop video/folder sources")
+    p.add_argument("--no-gates", action="store_true", help="disable the quality gates")
+    p.add_argument("--config", help="device.toml with cameras, gates, decision settings")
+    p.add_argument("--summary-json", help="also write the exit summary here")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("bench", help="backend vs naive loop vs pipeline, one process, one run")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--resolution", default="1920x1080")
+    p.add_argument("--seconds", type=float, default=8.0, help="per measurement")
+    p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime"))
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"))
+    p.add_argument("--threads", type=int)
+    p.add_argument("--json", dest="json_out", help="write the results here")
+    p.set_defaults(func=_cmd_bench)
     return ap
 
 
@@ -68,10 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from edge_pfm.backends.base import BackendError
     from edge_pfm.bundle import BundleError
+    from edge_pfm.sources import SourceError
 
     try:
         return int(args.func(args) or 0)
-    except (BundleError, BackendError) as exc:
+    except (BundleError, BackendError, SourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

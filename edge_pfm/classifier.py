@@ -1,0 +1,70 @@
+"""The two-line API:
+
+    clf = edge_pfm.Classifier("bundle/")
+    result = clf.classify(white_bgr, fluo_bgr)    # Result(label='hsil', confidence=0.93, ...)
+
+Preprocessing is the bundle's (edge_pfm.preprocess); the backend is chosen as `edge-pfm info` says.
+With the TensorRT backend, create and call the Classifier from one thread.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_pfm.backends import Backend, BackendError, open_backend
+from edge_pfm.bundle import Bundle
+from edge_pfm.decision import softmax
+from edge_pfm.preprocess import preprocess
+
+
+@dataclass
+class Result:
+    label: str
+    index: int
+    confidence: float
+    probs: dict[str, float]
+    logits: np.ndarray
+
+
+class Classifier:
+    def __init__(self, bundle: str | os.PathLike | Bundle, backend: str = "auto", precision: str | None = None,
+                 threads: int | None = None, cache_dir: str | Path | None = None):
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        self.backend: Backend = open_backend(self.bundle, backend, precision, cache_dir=cache_dir, threads=threads)
+        self.classes = self.bundle.classes
+        self.specs = self.bundle.preprocessing
+        self.model_sha256 = self.bundle.sha256(
+            "model.int8.onnx" if self.backend.precision == "int8" else "model.onnx")
+
+    def preprocess(self, white_bgr: np.ndarray, fluo_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Two camera frames -> (1, C, H, W) float32 inputs, exactly as the manifest says."""
+        w = np.empty((1, *self.specs["white_light"].input_shape), np.float32)
+        f = np.empty((1, *self.specs["fluorescence"].input_shape), np.float32)
+        preprocess(white_bgr, self.specs["white_light"], out=w[0])
+        preprocess(fluo_bgr, self.specs["fluorescence"], out=f[0])
+        return w, f
+
+    def infer(self, white_light: np.ndarray, fluorescence: np.ndarray) -> np.ndarray:
+        """Preprocessed inputs (B, C, H, W) -> logits (B, classes). Non-finite output is refused."""
+        logits = self.backend.infer(white_light, fluorescence)
+        if not np.all(np.isfinite(logits)):
+            raise BackendError(f"{self.backend.describe()} returned non-finite logits {logits.tolist()}")
+        return logits
+
+    def classify(self, white_bgr: np.ndarray, fluo_bgr: np.ndarray) -> Result:
+        logits = self.infer(*self.preprocess(white_bgr, fluo_bgr))[0]
+        probs = softmax(logits)
+        i = int(np.argmax(probs))
+        return Result(self.classes[i], i, float(probs[i]), dict(zip(self.classes, map(float, probs))), logits)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Classifier:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

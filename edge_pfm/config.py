@@ -1,0 +1,60 @@
+"""Device configuration file (TOML): cameras, gates, decision smoothing. CLI flags override it.
+
+    [cameras.white_light]          # or [cameras.fluorescence]
+    source = "/dev/video0"
+    fourcc = "MJPG"
+    width = 1920
+    height = 1080
+    fps = 30
+    [cameras.fluorescence]
+    source = "/dev/video2"
+    exposure = 300                 # manual exposure: the fluorescence camera needs it
+    gain = 8
+    [gates.white_light]
+    blur_min = 2.1
+    glare_max = 0.04
+    [decision]
+    method = "ema"
+    alpha = 0.3
+    max_age_s = 0.5
+    [run]
+    backend = "auto"
+    tolerance_ms = 16
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+CAMERA_KEYS = {"source", "fourcc", "width", "height", "fps", "exposure", "gain", "buffer_size"}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    try:
+        import tomllib  # Python >= 3.11
+    except ModuleNotFoundError:  # JetPack 6's Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError as exc:
+            raise ConfigError("reading a TOML config on Python 3.10 needs `pip install tomli`") from exc
+    p = Path(path)
+    try:
+        cfg = tomllib.loads(p.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {p} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML ({exc})") from exc
+    unknown = set(cfg) - {"cameras", "gates", "decision", "run"}
+    if unknown:
+        raise ConfigError(f"{p}: unknown sections {sorted(unknown)} (known: cameras, gates, decision, run)")
+    for name, cam in cfg.get("cameras", {}).items():
+        if name not in ("white_light", "fluorescence", "alternating"):
+            raise ConfigError(f"{p}: [cameras.{name}] must be white_light, fluorescence or alternating")
+        bad = set(cam) - CAMERA_KEYS
+        if bad:
+            raise ConfigError(f"{p}: [cameras.{name}] unknown keys {sorted(bad)} (known: {sorted(CAMERA_KEYS)})")
+    return cfg

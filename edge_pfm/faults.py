@@ -1,0 +1,86 @@
+"""Fault-injecting sources: wrap any FrameSource and misbehave on purpose, deterministically by seed.
+
+    FaultySource(ReplaySource("w.mkv", "white_light"), drop=0.1, jitter_ms=10, drift_ppm=1000,
+                 stall=(2.0, 2.0), disconnect=(4.0, 1.5), corrupt=0.05)
+
+drop: probability a frame is lost; jitter_ms / drift_ppm: timestamp noise and clock-rate error;
+stall=(after_s, for_s): no frames for a while; disconnect=(after_s, for_s): reads fail (the runtime
+reopens with backoff); corrupt: probability a frame is replaced by a wrong-size, greyscale or empty frame.
+Used by the tests and the soak benchmark; never by a clinical run.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from edge_pfm.sources import Frame, FrameSource, SourceError
+
+
+class FaultySource(FrameSource):
+    def __init__(self, inner: FrameSource, drop: float = 0.0, jitter_ms: float = 0.0, drift_ppm: float = 0.0,
+                 stall: tuple[float, float] | None = None, disconnect: tuple[float, float] | None = None,
+                 corrupt: float = 0.0, seed: int = 0):
+        super().__init__(f"faulty:{inner.name}", inner.modality)
+        self.inner = inner
+        self.drop, self.jitter_ns, self.drift = drop, jitter_ms * 1e6, drift_ppm * 1e-6
+        self.stall, self.disconnect, self.corrupt = stall, disconnect, corrupt
+        self.rng = np.random.default_rng(seed)
+        self.reconnect = disconnect is not None
+        self.faults = {"dropped": 0, "stalled_s": 0.0, "disconnected_reads": 0, "corrupted": 0}
+        self.t0_ns: int | None = None
+        self._opened = False
+
+    def _open(self) -> None:
+        if self.disconnect and self.t0_ns is not None and self._in_window(self.disconnect):
+            raise SourceError(f"{self.inner.name}: device disconnected (injected)")
+        if not self._opened:
+            self.inner._open()
+            self._opened = True
+        if self.t0_ns is None:
+            self.t0_ns = time.monotonic_ns()
+
+    def _in_window(self, window: tuple[float, float]) -> bool:
+        elapsed = (time.monotonic_ns() - self.t0_ns) / 1e9
+        return window[0] <= elapsed < window[0] + window[1]
+
+    def _grab(self) -> Frame | None:
+        while True:
+            if self.stall and self._in_window(self.stall):
+                t = time.monotonic()
+                self._stop.wait(0.01)
+                self.faults["stalled_s"] += time.monotonic() - t
+                self.inner._grab()  # the camera keeps running; its frames are lost
+                continue
+            frame = self.inner._grab()
+            if frame is None:
+                return None
+            if self.disconnect and self._in_window(self.disconnect):
+                self.faults["disconnected_reads"] += 1
+                raise SourceError(f"{self.inner.name}: read failed (injected disconnect)")
+            if self.rng.random() < self.drop:
+                self.faults["dropped"] += 1
+                continue
+            break
+        t = frame.t_capture_ns
+        t = self.t0_ns + int((t - self.t0_ns) * (1 + self.drift) + self.rng.uniform(-1, 1) * self.jitter_ns)
+        image = frame.image
+        if self.rng.random() < self.corrupt:
+            self.faults["corrupted"] += 1
+            kind = self.rng.integers(4)
+            if kind == 0:
+                image = image[: image.shape[0] // 3, : image.shape[1] // 5]  # wrong size
+            elif kind == 1:
+                image = image.mean(axis=2).astype(np.uint8) if image.ndim == 3 else image  # greyscale
+            elif kind == 2:
+                image = np.zeros((0, 0, 3), np.uint8)  # empty frame
+            else:
+                image = None  # a driver that hands back nothing
+        return Frame(image, t, frame.seq, frame.meta)
+
+    def _close(self) -> None:
+        pass  # the inner source stays open across injected disconnects
+
+    def stop(self) -> None:
+        super().stop()
+        self.inner._close()

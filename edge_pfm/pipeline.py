@@ -1,0 +1,324 @@
+"""The streaming runner: capture -> pair -> preprocess -> infer -> decide -> log.
+
+Threads: one reader per camera (in the sources), one pairing + gating + preprocessing thread, one
+inference thread that owns the backend (TensorRT contexts are per thread). Between stages, bounded
+queues that drop the oldest, so inference always sees the freshest pair while capture and
+preprocessing overlap with it. Every stage is timed; latency runs from the capture of the older
+frame of a pair to its decision.
+"""
+from __future__ import annotations
+
+import collections
+import datetime as _dt
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_pfm.decision import DecisionConfig, DecisionEngine, softmax
+from edge_pfm.pairing import AlternatingPairer, Pair, TimestampPairer
+from edge_pfm.quality import GateConfig, assess
+from edge_pfm.record import DecisionLog
+from edge_pfm.sources import FrameSource
+
+STAGES = ("pair_wait", "preprocess", "queue", "infer", "decide", "total")
+
+
+@dataclass
+class RunConfig:
+    backend: str = "auto"
+    precision: str | None = None
+    threads: int | None = None
+    tolerance_ms: float | None = None  # pairing tolerance; default half a frame period
+    fps_hint: float = 30.0
+    signal_timeout_s: float = 1.0  # no frame from a camera for this long -> no_signal
+    seconds: float | None = None
+    log: str | None = None
+    video: str | None = None
+    preview: bool = False
+    gates: GateConfig = field(default_factory=GateConfig)
+    decision: DecisionConfig = field(default_factory=DecisionConfig)
+
+
+@dataclass
+class Work:
+    pair: Pair
+    white: np.ndarray
+    fluo: np.ndarray
+    gates: dict[str, list[str]]
+    metrics: dict[str, dict[str, float]]
+    t_paired_ns: int
+    t_ready_ns: int
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan"), "n": 0}
+    a = np.asarray(values)
+    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
+            "p99": float(np.percentile(a, 99)), "n": len(values)}
+
+
+class Runner:
+    def __init__(self, bundle, white: FrameSource | None = None, fluo: FrameSource | None = None,
+                 alternating: FrameSource | None = None, config: RunConfig | None = None, classifier=None):
+        if alternating is None and (white is None or fluo is None):
+            raise ValueError("give both white and fluo sources, or one alternating source")
+        self.bundle_arg = bundle
+        self.cfg = config or RunConfig()
+        self.sources = [alternating] if alternating is not None else [white, fluo]
+        self.alternating = alternating is not None
+        tol_ms = self.cfg.tolerance_ms or (1000.0 / self.cfg.fps_hint / 2)
+        self.pairer = (AlternatingPairer(int(tol_ms * 2e6)) if self.alternating
+                       else TimestampPairer(int(tol_ms * 1e6)))
+        self.ready: collections.deque[Work] = collections.deque(maxlen=1)
+        self.ready_cond = threading.Condition()
+        self.frame_event = threading.Event()
+        self.stop_event = threading.Event()
+        self.timings: dict[str, list[float]] = {s: [] for s in STAGES}
+        self.counts = collections.Counter()
+        self.classifier = classifier  # built in the inference thread when None
+        self.decisions: list[dict] = []
+        self.keep_decisions = False
+        self.error: BaseException | None = None
+        self.last_state = None
+
+    # -- threads ------------------------------------------------------------------------------------
+    def _prepare(self, pair: Pair, specs, pool) -> Work | None:
+        """Gate and preprocess both frames of a pair (in parallel: OpenCV releases the GIL)."""
+        from edge_pfm.preprocess import preprocess_keep_intermediate
+
+        t_paired = time.monotonic_ns()
+        gates = self.cfg.gates
+        w = np.empty((1, *specs["white_light"].input_shape), np.float32)
+        f = np.empty((1, *specs["fluorescence"].input_shape), np.float32)
+
+        def one(m, frame, buf):
+            _, mid = preprocess_keep_intermediate(frame.image, specs[m], out=buf[0])
+            return assess(mid, getattr(gates, m)) if gates.enabled else ([], {})
+
+        try:
+            fw = pool.submit(one, "fluorescence", pair.fluorescence, f)
+            res_w = one("white_light", pair.white_light, w)
+            res_f = fw.result()
+        except (ValueError, TypeError) as exc:  # a malformed frame (wrong type, empty): counted, never inferred
+            self.counts["bad_frames"] += 1
+            self.last_bad_frame = str(exc)
+            return None
+        flags = {"white_light": res_w[0], "fluorescence": res_f[0]}
+        metrics = {"white_light": res_w[1], "fluorescence": res_f[1]}
+        return Work(pair, w, f, flags, metrics, t_paired, time.monotonic_ns())
+
+    def _pair_loop(self, specs) -> None:
+        """Pair continuously; preprocess only the freshest pair, and only when inference can take it, so
+        preprocessing never outruns the model and never works on a pair that will be superseded."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        latest: Pair | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix="preprocess") as pool:
+            while not self.stop_event.is_set():
+                self.frame_event.wait(0.05)
+                self.frame_event.clear()
+                if self.alternating:
+                    pairs = self.pairer.add(self.sources[0].take())
+                else:
+                    self.pairer.add("white_light", self.sources[0].take())
+                    self.pairer.add("fluorescence", self.sources[1].take())
+                    pairs = self.pairer.pairs()
+                if pairs:
+                    self.counts["pairs_dropped_stale"] += len(pairs) - 1 + (latest is not None)
+                    latest = pairs[-1]
+                with self.ready_cond:
+                    slot_free = not self.ready
+                if latest is None or not slot_free:
+                    continue
+                work = self._prepare(latest, specs, pool)
+                latest = None
+                if work is None:
+                    continue
+                with self.ready_cond:
+                    if self.ready:
+                        self.counts["pairs_dropped_stale"] += 1
+                    self.ready.append(work)
+                    self.ready_cond.notify()
+
+    def _signal_state(self, now_ns: int) -> str | None:
+        """Why there is no signal now, or None."""
+        for s in self.sources:
+            if s.ended:
+                return f"{s.modality if not self.alternating else 'camera'} source ended"
+            silent = now_ns - (s.last_frame_ns or self.t_start_ns)
+            if silent > self.cfg.signal_timeout_s * 1e9:
+                return f"no frame from the {s.modality if not self.alternating else 'camera'} camera for {silent / 1e9:.1f}s"
+        return None
+
+    def _infer_loop(self) -> None:
+        from edge_pfm.backends import BackendError
+        from edge_pfm.classifier import Classifier
+
+        clf = self.classifier or Classifier(self.bundle_arg, self.cfg.backend, self.cfg.precision, self.cfg.threads)
+        self.classifier = clf
+        self.engine = DecisionEngine(clf.classes, self.cfg.decision)
+        self.ready_event.set()
+        backend_desc = clf.backend.describe()
+        while not self.stop_event.is_set():
+            with self.ready_cond:
+                if not self.ready:
+                    self.ready_cond.wait(0.05)
+                work = self.ready.popleft() if self.ready else None
+            if work is not None:
+                self.frame_event.set()  # the slot is free: let the pairing thread prepare the next pair
+            now = time.monotonic_ns()
+            if work is None:
+                why = self._signal_state(now)
+                if why and self.last_state != "no_signal":
+                    self._emit(self.engine.no_signal(now, why), None, None, backend_desc, clf)
+                if all(s.ended for s in self.sources) and not any(s._frames for s in self.sources):
+                    self.stop_event.set()
+                continue
+            t0 = time.monotonic_ns()
+            try:
+                logits = clf.backend.infer(work.white, work.fluo)[0]
+            except BackendError as exc:
+                self.counts["infer_errors"] += 1
+                self.last_infer_error = str(exc)
+                continue
+            t1 = time.monotonic_ns()
+            probs = softmax(logits.astype(np.float64))
+            gate_flags = [f"{m}:{flag}" for m, fl in work.gates.items() for flag in fl]
+            decision = self.engine.update(probs, t1, gate_flags)
+            self._emit(decision, work, probs, backend_desc, clf, t0, t1)
+
+    def _emit(self, decision, work: Work | None, probs, backend_desc, clf, t0=None, t1=None) -> None:
+        t_dec = time.monotonic_ns()
+        self.last_state = decision.state
+        self.counts[f"decisions_{decision.state}"] += 1
+        rec = {"t_ns": t_dec, "wall": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
+               "state": decision.state, "shown_class": decision.shown_class,
+               "confidence": round(decision.confidence, 5), "smoothed": decision.smoothed,
+               "flags": decision.flags, "backend": backend_desc, "model_sha256": clf.model_sha256}
+        if work is not None:
+            p = work.pair
+            cap = p.t_capture_ns
+            lat = {"pair_wait": (work.t_paired_ns - max(p.white_light.t_capture_ns, p.fluorescence.t_capture_ns)) / 1e6,
+                   "preprocess": (work.t_ready_ns - work.t_paired_ns) / 1e6, "queue": (t0 - work.t_ready_ns) / 1e6,
+                   "infer": (t1 - t0) / 1e6, "decide": (t_dec - t1) / 1e6, "total": (t_dec - cap) / 1e6}
+            for k, v in lat.items():
+                self.timings[k].append(v)
+            rec.update({
+                "seq_white": p.white_light.seq, "seq_fluo": p.fluorescence.seq,
+                "t_capture_white_ns": p.white_light.t_capture_ns, "t_capture_fluo_ns": p.fluorescence.t_capture_ns,
+                "skew_ms": round(p.skew_ns / 1e6, 3), "raw_class": clf.classes[int(np.argmax(probs))],
+                "probs": [round(float(x), 6) for x in probs], "gates": work.gates,
+                "latency_ms": {k: round(v, 3) for k, v in lat.items()},
+            })
+            for key in ("label", "index", "file_index"):
+                for m, fr in (("white", p.white_light), ("fluo", p.fluorescence)):
+                    if key in fr.meta:
+                        rec[f"{key}_{m}"] = fr.meta[key]
+            self.counts["pairs_inferred"] += 1
+            if self.video is not None:
+                self.video.submit(work, decision, self)
+        if self.log is not None:
+            self.log.write(rec)
+        if self.keep_decisions:
+            self.decisions.append(rec)
+
+    # -- public -------------------------------------------------------------------------------------
+    def run(self, seconds: float | None = None, install_signal_handlers: bool = False) -> dict:
+        from edge_pfm.bundle import Bundle
+
+        seconds = seconds if seconds is not None else self.cfg.seconds
+        bundle = self.bundle_arg if isinstance(self.bundle_arg, Bundle) else Bundle.load(self.bundle_arg)
+        self.bundle_arg = bundle
+        self.log = DecisionLog(self.cfg.log) if self.cfg.log else None
+        self.video = None
+        if self.cfg.video or self.cfg.preview:
+            from edge_pfm.overlay import AnnotatedVideo
+
+            self.video = AnnotatedVideo(self.cfg.video, self.cfg.preview, bundle.classes)
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop_event.set())
+        self.ready_event = threading.Event()
+        infer_thread = threading.Thread(target=self._guard(self._infer_loop), name="infer", daemon=True)
+        infer_thread.start()
+        if not self.ready_event.wait(120) or self.error:  # backend loaded (engine built) before cameras start
+            self.stop_event.set()
+            infer_thread.join(5)
+            raise self.error or RuntimeError("the backend did not load within 120 s")
+        for s in self.sources:
+            s.on_frame = self.frame_event.set
+            s.start()
+        self.t_start_ns = time.monotonic_ns()
+        pair_thread = threading.Thread(target=self._guard(lambda: self._pair_loop(bundle.preprocessing)),
+                                       name="pair", daemon=True)
+        pair_thread.start()
+        try:
+            deadline = None if seconds is None else time.monotonic() + seconds
+            while not self.stop_event.is_set():
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                self.stop_event.wait(0.05)
+        finally:
+            self.stop_event.set()
+            for s in self.sources:
+                s.stop()
+            pair_thread.join(5)
+            infer_thread.join(10)
+            if self.video is not None:
+                self.video.close()
+            if self.log is not None:
+                self.log.close()
+        self.elapsed_s = (time.monotonic_ns() - self.t_start_ns) / 1e9
+        if self.error:
+            raise self.error
+        return self.summary()
+
+    def _guard(self, fn):
+        def run():
+            try:
+                fn()
+            except BaseException as exc:  # surfaced by run(); the other threads stop
+                self.error = exc
+                self.stop_event.set()
+                if hasattr(self, "ready_event"):
+                    self.ready_event.set()
+
+        return run
+
+    def summary(self) -> dict:
+        inferred = self.counts["pairs_inferred"]
+        src = {s.modality if not self.alternating else "camera": dict(s.stats) for s in self.sources}
+        return {
+            "seconds": round(self.elapsed_s, 2),
+            "pairs": int(self.pairer.stats["pairs"]),
+            "pairs_inferred": inferred,
+            "pairs_per_s": round(inferred / self.elapsed_s, 2) if self.elapsed_s else 0.0,
+            "pairs_dropped_stale": self.counts["pairs_dropped_stale"],
+            "unpaired": {k: v for k, v in self.pairer.stats.items() if k.startswith("unpaired")},
+            "pairing": dict(self.pairer.stats),
+            "sources": src,
+            "decisions": {k.removeprefix("decisions_"): v for k, v in self.counts.items() if k.startswith("decisions_")},
+            "gated": self.engine.stats["gated"] if hasattr(self, "engine") else 0,
+            "rejected_nonfinite": self.engine.stats["rejected_nonfinite"] if hasattr(self, "engine") else 0,
+            "bad_frames": self.counts["bad_frames"],
+            "infer_errors": self.counts["infer_errors"],
+            "latency_ms": {k: _percentiles(v) for k, v in self.timings.items()},
+            "backend": self.classifier.backend.describe() if self.classifier else None,
+        }
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"{s['pairs_inferred']} pairs in {s['seconds']} s = {s['pairs_per_s']} pairs/s  "
+             f"(backend {s['backend']})",
+             f"paired {s['pairs']}, dropped stale {s['pairs_dropped_stale']}, unpaired {s['unpaired']}, "
+             f"gated {s['gated']}, rejected {s['rejected_nonfinite']}, bad frames {s['bad_frames']}",
+             f"decisions {s['decisions']}",
+             f"sources {s['sources']}",
+             "latency ms      p50      p95      p99"]
+    for stage, p in s["latency_ms"].items():
+        lines.append(f"  {stage:11s} {p['p50']:8.2f} {p['p95']:8.2f} {p['p99']:8.2f}")
+    return "\n".join(lines)
