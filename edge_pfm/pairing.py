@@ -3,10 +3,12 @@
 TimestampPairer: two free-running cameras. Nearest timestamp within a tolerance (default half a
 frame period), each frame used at most once, older unmatched frames dropped and counted.
 
-AlternatingPairer: one sensor with time-multiplexed illumination. Consecutive frames form a pair;
-each frame's modality comes from its illumination tag (meta['illumination']) or, without one, from
-its brightness (fluorescence frames are much darker). Two frames of the same modality in a row
-mean one was dropped: the older is discarded, so a drop can never swap white light and fluorescence.
+AlternatingPairer: one sensor with time-multiplexed illumination. A pair is the two frames of one
+illumination cycle, in cycle order (white light then fluorescence by default); each frame's
+modality comes from its illumination tag (meta['illumination']) or, without one, from its
+brightness (fluorescence frames are much darker). Two frames of the same modality in a row, or a
+cycle out of order, mean a frame was dropped: the orphan is discarded, so a drop can never swap
+white light and fluorescence nor join two cycles.
 """
 from __future__ import annotations
 
@@ -80,9 +82,12 @@ class TimestampPairer:
 
 
 class AlternatingPairer:
-    def __init__(self, tolerance_ns: int, brightness_threshold: float = 60.0):
+    def __init__(self, tolerance_ns: int, brightness_threshold: float = 60.0, first: str = "white_light"):
+        if first not in MODALITIES:
+            raise ValueError(f"first must be one of {MODALITIES}")
         self.tolerance_ns = int(tolerance_ns)
         self.brightness_threshold = brightness_threshold
+        self.first = first
         self.pending: tuple[str, Frame] | None = None
         self.stats = collections.Counter()
 
@@ -100,14 +105,18 @@ class AlternatingPairer:
             mod = self.modality_of(frame)
             self.stats[f"frames_{mod}"] += 1
             if self.pending is None:
-                self.pending = (mod, frame)
+                if mod == self.first:
+                    self.pending = (mod, frame)
+                else:  # the second frame of a cycle whose first frame was lost
+                    self.stats[f"unpaired_{mod}"] += 1
+                    self.stats["orphans"] += 1
                 continue
             p_mod, p_frame = self.pending
             too_far = frame.t_capture_ns - p_frame.t_capture_ns > self.tolerance_ns
             if p_mod == mod or too_far:
                 self.stats[f"unpaired_{p_mod}"] += 1
                 self.stats["alternation_breaks" if p_mod == mod else "stale_pending"] += 1
-                self.pending = (mod, frame)
+                self.pending = (mod, frame) if mod == self.first else None
                 continue
             self.pending = None
             out.append(Pair(frame, p_frame) if mod == "white_light" else Pair(p_frame, frame))

@@ -115,4 +115,5 @@ def test_alternating_by_brightness():
     bright, dark = np.full((64, 64, 3), 150, np.uint8), np.full((64, 64, 3), 20, np.uint8)
     fr = [Frame(bright, 0, 0), Frame(dark, int(33e6), 1), Frame(dark, int(66e6), 2), Frame(bright, int(99e6), 3)]
     pairs = p.add(fr)
-    assert [(q.white_light.seq, q.fluorescence.seq) for q in pairs] == [(0, 1), (3, 2)]
+    assert [(q.white_light.seq, q.fluorescence.seq) for q in pairs] == [(0, 1)]  # dark 2 then bright 3: out of cycle
+    assert p.stats["alternation_breaks"] == 0 and p.stats["unpaired_fluorescence"] == 1
