@@ -98,16 +98,17 @@ def markdown(report: dict, classes: tuple[str, ...]) -> str:
 
 
 def confusion_png(results: dict, classes: tuple[str, ...], path: str | Path) -> Path:
-    """Side-by-side confusion matrices (rows: truth, columns: prediction), drawn with OpenCV."""
+    """Side-by-side confusion matrices, one per entry of `results` ({name: {"confusion", "accuracy"}});
+    rows: truth, columns: prediction. Drawn with OpenCV."""
     import cv2
 
     cell, pad, label_w = 64, 24, 120
     n = len(classes)
     panels = []
-    for name in ("fp32", "int8", "fp16"):
+    for name in results:
         conf = np.array(results[name]["confusion"])
         norm = conf / np.maximum(conf.sum(1, keepdims=True), 1)
-        w, h = label_w + n * cell + pad, pad * 3 + n * cell + 40
+        w, h = max(label_w + n * cell + pad, 300), pad * 3 + n * cell + 40
         img = np.full((h, w, 3), 255, np.uint8)
         cv2.putText(img, f"{name}  acc {results[name]['accuracy']:.3f}", (label_w, 28), cv2.FONT_HERSHEY_SIMPLEX,
                     0.6, (0, 0, 0), 1, cv2.LINE_AA)
