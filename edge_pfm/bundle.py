@@ -72,7 +72,12 @@ class Bundle:
             manifest = json.loads(mpath.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BundleError(f"{mpath} is not valid JSON ({exc}); {_fix(root)}") from exc
-        cls.validate_manifest(manifest, mpath)
+        try:
+            cls.validate_manifest(manifest, mpath)
+        except BundleError:
+            raise
+        except (TypeError, AttributeError, KeyError, ValueError) as exc:  # a structure nobody anticipated
+            raise BundleError(f"{mpath} is malformed ({type(exc).__name__}: {exc}); {_fix(root)}") from exc
         if verify:
             cls.verify_artifacts(root, manifest)
         try:

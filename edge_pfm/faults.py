@@ -48,9 +48,10 @@ class FaultySource(FrameSource):
         while True:
             if self.stall and self._in_window(self.stall):
                 t = time.monotonic()
-                self._stop.wait(0.01)
-                self.faults["stalled_s"] += time.monotonic() - t
                 self.inner._grab()  # the camera keeps running; its frames are lost
+                self.faults["stalled_s"] += time.monotonic() - t
+                if self._stop.is_set():
+                    return None
                 continue
             frame = self.inner._grab()
             if frame is None:
@@ -84,3 +85,22 @@ class FaultySource(FrameSource):
     def stop(self) -> None:
         super().stop()
         self.inner._close()
+
+
+class NonFiniteBackend:
+    """Wraps a real backend; every `every`-th call returns NaN/Inf logits (a diverged engine, bad memory)."""
+
+    def __init__(self, inner, every: int = 5):
+        self.inner, self.every, self.calls, self.injected = inner, every, 0, 0
+
+    def infer(self, white_light, fluorescence):
+        out = self.inner.infer(white_light, fluorescence)
+        self.calls += 1
+        if self.calls % self.every == 0:
+            self.injected += 1
+            out = out.copy()
+            out[:, 0] = np.nan if self.injected % 2 else np.inf
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)

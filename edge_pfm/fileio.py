@@ -74,6 +74,8 @@ def atomic_directory(final: str | os.PathLike, *, replace: bool = True) -> Itera
     parent = final.parent if str(final.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        for stale in parent.glob(f".{final.name}.*.partial"):  # left by a killed writer; never the real thing
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=parent))
         os.chmod(tmp, 0o777 & ~_umask())
     except OSError as exc:

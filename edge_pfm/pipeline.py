@@ -82,6 +82,7 @@ class Runner:
         self.classifier = classifier  # built in the inference thread when None
         self.decisions: list[dict] = []
         self.keep_decisions = False
+        self.observers: list = []  # callables (work, decision) for every inferred pair (checks, metrics)
         self.error: BaseException | None = None
         self.last_state = None
 
@@ -219,6 +220,8 @@ class Runner:
                     if key in fr.meta:
                         rec[f"{key}_{m}"] = fr.meta[key]
             self.counts["pairs_inferred"] += 1
+            for observe in self.observers:
+                observe(work, decision)
             if self.video is not None:
                 self.video.submit(work, decision, self)
         if self.log is not None:
@@ -289,9 +292,15 @@ class Runner:
 
         return run
 
+    def current(self):
+        """What a display may show right now (a decision older than its bound comes back 'stale')."""
+        engine = getattr(self, "engine", None)
+        return None if engine is None else engine.current(time.monotonic_ns())
+
     def summary(self) -> dict:
         inferred = self.counts["pairs_inferred"]
-        src = {s.modality if not self.alternating else "camera": dict(s.stats) for s in self.sources}
+        src = {s.modality if not self.alternating else "camera": {**dict(s.stats), **getattr(s, "faults", {})}
+               for s in self.sources}
         return {
             "seconds": round(self.elapsed_s, 2),
             "pairs": int(self.pairer.stats["pairs"]),

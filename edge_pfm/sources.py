@@ -97,7 +97,7 @@ class FrameSource:
                 if not self.reconnect:
                     break
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 2.0)
                 try:
                     self._close()
                     self._open()

@@ -1,0 +1,119 @@
+"""The fault matrix: the real pipeline through fault-injecting sources. No crash, no mispaired or swapped
+modality (checked on the pixel stamps), no stale decision presented as current, every fault counted."""
+import threading
+import time
+
+import pytest
+
+import edge_pfm
+from edge_pfm.faults import FaultySource, NonFiniteBackend
+from edge_pfm.pipeline import RunConfig, Runner
+from edge_pfm.sources import SceneBank, SyntheticSource
+from edge_pfm.stamp import read_stamp
+
+TOL_MS = 1000 / 30 / 2
+
+
+@pytest.fixture(scope="module")
+def bank():
+    return SceneBank((320, 240), seed=2)
+
+
+class Watch:
+    """Observes every inferred pair and polls what a display would show."""
+
+    def __init__(self, runner, max_age_s):
+        self.runner, self.max_age_ns = runner, max_age_s * 1e9
+        self.pairs, self.bad_pairs, self.stale_shown, self.states = 0, [], 0, []
+        self.seen = set()
+        self.stop = threading.Event()
+        runner.observers.append(self.observe)
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+        self.thread.start()
+
+    def observe(self, work, decision):
+        self.pairs += 1
+        if min(f.image.shape[1] for f in (work.pair.white_light, work.pair.fluorescence)) < 26 * 6:
+            return  # a corrupted, cropped frame: its stamp is cut off (the skew is checked by the pairer)
+        wi, wm = read_stamp(work.pair.white_light.image)
+        fi, fm = read_stamp(work.pair.fluorescence.image)
+        reused = ("w", wi) in self.seen or ("f", fi) in self.seen
+        if (wm, fm) != ("white_light", "fluorescence") or reused or abs(work.pair.skew_ns) > TOL_MS * 1e6:
+            self.bad_pairs.append((wi, wm, fi, fm, work.pair.skew_ns))
+        self.seen |= {("w", wi), ("f", fi)}
+
+    def poll(self):
+        while not self.stop.is_set():
+            d = self.runner.current()
+            if d is not None:
+                self.states.append(d.state)
+                if d.shown_class is not None and time.monotonic_ns() - d.t_update_ns > self.max_age_ns:
+                    self.stale_shown += 1
+            time.sleep(0.01)
+
+
+def recovered_after_no_signal(states: list[str]) -> bool:
+    """The display showed no_signal during the fault and classified again after it."""
+    if "no_signal" not in states:
+        return False
+    return any(x in ("ok", "warming_up") for x in states[states.index("no_signal"):])
+
+
+def run_faulty(bundle, bank, seconds, white_faults=None, fluo_faults=None, classifier=None, **cfg):
+    white = FaultySource(SyntheticSource("white_light", bank, fps=30, seed=1), seed=11, **(white_faults or {}))
+    fluo = FaultySource(SyntheticSource("fluorescence", bank, fps=30, seed=2), seed=12, **(fluo_faults or {}))
+    config = RunConfig(backend="onnxruntime", tolerance_ms=TOL_MS, signal_timeout_s=0.4, **cfg)
+    runner = Runner(bundle, white, fluo, config=config, classifier=classifier)
+    watch = Watch(runner, config.decision.max_age_s)
+    summary = runner.run(seconds)
+    watch.stop.set()
+    watch.thread.join()
+    assert watch.bad_pairs == [], f"mispaired or swapped: {watch.bad_pairs[:5]}"
+    assert watch.stale_shown == 0, "a stale decision was presented as current"
+    return summary, watch, white, fluo
+
+
+def test_random_drops(calibrated_bundle, bank):
+    s, w, white, fluo = run_faulty(calibrated_bundle, bank, 3.0, dict(drop=0.1), dict(drop=0.1))
+    assert white.faults["dropped"] > 0 and fluo.faults["dropped"] > 0
+    assert s["sources"]["white_light"]["dropped"] == white.faults["dropped"]  # counted in the summary
+    assert sum(s["unpaired"].values()) > 0 and w.pairs > 40
+
+
+def test_jitter_and_drift(calibrated_bundle, bank):
+    s, w, *_ = run_faulty(calibrated_bundle, bank, 3.0, dict(jitter_ms=10), dict(jitter_ms=10, drift_ppm=1000))
+    assert w.pairs > 30
+
+
+def test_stall_gives_no_signal_then_recovers(calibrated_bundle, bank):
+    s, w, white, _ = run_faulty(calibrated_bundle, bank, 3.5, dict(stall=(1.0, 1.2)))
+    assert white.faults["stalled_s"] > 0.8
+    assert s["decisions"].get("no_signal", 0) >= 1
+    assert recovered_after_no_signal(w.states)
+
+
+def test_disconnect_reopens_with_backoff_while_the_other_runs(calibrated_bundle, bank):
+    s, w, _, fluo = run_faulty(calibrated_bundle, bank, 4.0, None, dict(disconnect=(1.0, 1.0)))
+    assert fluo.faults["disconnected_reads"] >= 1 and fluo.stats["reconnects"] >= 1
+    assert s["sources"]["fluorescence"]["read_errors"] >= 1
+    assert s["decisions"].get("no_signal", 0) >= 1
+    assert s["sources"]["white_light"]["grabbed"] > 100  # the white-light camera kept running throughout
+    assert recovered_after_no_signal(w.states)
+
+
+def test_corrupt_frames_are_counted_never_inferred(calibrated_bundle, bank):
+    s, w, white, fluo = run_faulty(calibrated_bundle, bank, 3.0, dict(corrupt=0.15), dict(corrupt=0.15))
+    corrupted = white.faults["corrupted"] + fluo.faults["corrupted"]
+    assert corrupted > 5
+    # empty and None frames are refused by preprocessing; wrong-size and grey ones are valid input
+    assert 0 < s["bad_frames"] <= corrupted
+
+
+def test_nonfinite_output_is_rejected_and_counted(calibrated_bundle, bank):
+    clf = edge_pfm.Classifier(calibrated_bundle, backend="onnxruntime")
+    clf.backend = NonFiniteBackend(clf.backend, every=4)
+    s, w, *_ = run_faulty(calibrated_bundle, bank, 2.5, classifier=clf)
+    assert clf.backend.injected > 3
+    assert s["rejected_nonfinite"] == clf.backend.injected
+    assert s["decisions"]["rejected"] == clf.backend.injected
+    assert "rejected" not in [x for x in w.states]  # a rejected output is never what the display shows
