@@ -63,6 +63,7 @@ def main() -> int:
     checker = PairChecker(int(tol_ms * 1e6))
     totals = {"decisions_made": 0, "faults": {}, "summaries": []}
     rss_start = None
+    rss_samples: list[float] = []
     t_start = time.monotonic()
     period = 0
     while time.monotonic() - t_start < seconds:
@@ -78,14 +79,11 @@ def main() -> int:
         checker.seen = set()  # frame indices restart with each period's sources
         runner.observers.append(checker)
         if rss_start is None:  # sample RSS after a 30 s warm-up of the first period
-            def sample():
-                nonlocal_rss.append(_rss_mb())
-            nonlocal_rss: list[float] = []
-            threading.Timer(30.0, sample).start()
+            threading.Timer(30.0, lambda: rss_samples.append(_rss_mb())).start()
         t_period = time.monotonic()
         summary = runner.run(run_s)
         if rss_start is None:
-            rss_start = nonlocal_rss[0] if nonlocal_rss else _rss_mb()
+            rss_start = rss_samples[0] if rss_samples else _rss_mb()
         made = sum(summary["decisions"].values())
         totals["decisions_made"] += made
         for src in (white, fluo):
