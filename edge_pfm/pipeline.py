@@ -213,6 +213,7 @@ class Runner:
                 "t_capture_white_ns": p.white_light.t_capture_ns, "t_capture_fluo_ns": p.fluorescence.t_capture_ns,
                 "skew_ms": round(p.skew_ns / 1e6, 3), "raw_class": clf.classes[int(np.argmax(probs))],
                 "probs": [round(float(x), 6) for x in probs], "gates": work.gates,
+                "gate_metrics": {m: {k: round(v, 4) for k, v in mt.items()} for m, mt in work.metrics.items()},
                 "latency_ms": {k: round(v, 3) for k, v in lat.items()},
             })
             for key in ("label", "index", "file_index"):
