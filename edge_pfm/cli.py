@@ -89,6 +89,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
                        tolerance_ms=args.tolerance_ms or run_cfg.get("tolerance_ms"),
                        seconds=args.seconds, log=args.log, video=args.video, preview=args.preview,
                        gates=gates, decision=decision)
+    from edge_pfm.memory import limit_heap_fragmentation
+
+    limit_heap_fragmentation()
     runner = Runner(args.bundle, config=config, **sources)
     summary = runner.run(install_signal_handlers=True)
     print(format_summary(summary))
@@ -101,7 +104,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from edge_pfm.bench import main as bench_main
+    from edge_pfm.memory import limit_heap_fragmentation
 
+    limit_heap_fragmentation()
     return bench_main(args)
 
 

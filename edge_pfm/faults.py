@@ -5,7 +5,8 @@
 
 drop: probability a frame is lost; jitter_ms / drift_ppm: timestamp noise and clock-rate error;
 stall=(after_s, for_s): no frames for a while; disconnect=(after_s, for_s): reads fail (the runtime
-reopens with backoff); corrupt: probability a frame is replaced by a wrong-size, greyscale or empty frame.
+reopens with backoff); every_s: repeat the stall and disconnect windows with this period;
+corrupt: probability a frame is replaced by a wrong-size, greyscale, empty or None frame.
 Used by the tests and the soak benchmark; never by a clinical run.
 """
 from __future__ import annotations
@@ -20,11 +21,11 @@ from edge_pfm.sources import Frame, FrameSource, SourceError
 class FaultySource(FrameSource):
     def __init__(self, inner: FrameSource, drop: float = 0.0, jitter_ms: float = 0.0, drift_ppm: float = 0.0,
                  stall: tuple[float, float] | None = None, disconnect: tuple[float, float] | None = None,
-                 corrupt: float = 0.0, seed: int = 0):
+                 corrupt: float = 0.0, every_s: float | None = None, seed: int = 0):
         super().__init__(f"faulty:{inner.name}", inner.modality)
         self.inner = inner
         self.drop, self.jitter_ns, self.drift = drop, jitter_ms * 1e6, drift_ppm * 1e-6
-        self.stall, self.disconnect, self.corrupt = stall, disconnect, corrupt
+        self.stall, self.disconnect, self.corrupt, self.every_s = stall, disconnect, corrupt, every_s
         self.rng = np.random.default_rng(seed)
         self.reconnect = disconnect is not None
         self.faults = {"dropped": 0, "stalled_s": 0.0, "disconnected_reads": 0, "corrupted": 0}
@@ -41,8 +42,10 @@ class FaultySource(FrameSource):
             self.t0_ns = time.monotonic_ns()
 
     def _in_window(self, window: tuple[float, float]) -> bool:
-        elapsed = (time.monotonic_ns() - self.t0_ns) / 1e9
-        return window[0] <= elapsed < window[0] + window[1]
+        elapsed = (time.monotonic_ns() - self.t0_ns) / 1e9 - window[0]
+        if elapsed < 0:
+            return False
+        return (elapsed % self.every_s if self.every_s else elapsed) < window[1]
 
     def _grab(self) -> Frame | None:
         while True:

@@ -24,6 +24,7 @@ from edge_pfm.record import DecisionLog
 from edge_pfm.sources import FrameSource
 
 STAGES = ("pair_wait", "preprocess", "queue", "infer", "decide", "total")
+LATENCY_WINDOW = 20_000  # latency samples kept per stage: the summary covers the last ~11 minutes at 30 fps
 
 
 @dataclass
@@ -53,7 +54,7 @@ class Work:
     t_ready_ns: int
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
+def _percentiles(values) -> dict[str, float]:
     if not values:
         return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan"), "n": 0}
     a = np.asarray(values)
@@ -77,7 +78,8 @@ class Runner:
         self.ready_cond = threading.Condition()
         self.frame_event = threading.Event()
         self.stop_event = threading.Event()
-        self.timings: dict[str, list[float]] = {s: [] for s in STAGES}
+        # bounded: an always-on device must not grow with uptime
+        self.timings: dict[str, collections.deque[float]] = {s: collections.deque(maxlen=LATENCY_WINDOW) for s in STAGES}
         self.counts = collections.Counter()
         self.classifier = classifier  # built in the inference thread when None
         self.decisions: list[dict] = []

@@ -117,3 +117,23 @@ def test_nonfinite_output_is_rejected_and_counted(calibrated_bundle, bank):
     assert s["rejected_nonfinite"] == clf.backend.injected
     assert s["decisions"]["rejected"] == clf.backend.injected
     assert "rejected" not in [x for x in w.states]  # a rejected output is never what the display shows
+
+
+def test_fault_windows_repeat(bank):
+    src = FaultySource(SyntheticSource("white_light", bank, fps=30), stall=(0.2, 0.1), every_s=0.5)
+    src.t0_ns = time.monotonic_ns()
+    inside = []
+    t_end = time.monotonic() + 1.3
+    while time.monotonic() < t_end:
+        inside.append(src._in_window(src.stall))
+        time.sleep(0.01)
+    starts = sum(1 for a, b in zip(inside, inside[1:]) if b and not a)
+    assert starts == 3  # at 0.2, 0.7 and 1.2 s
+
+
+def test_heap_setting_applies_on_linux():
+    import sys
+
+    from edge_pfm.memory import limit_heap_fragmentation
+
+    assert limit_heap_fragmentation() is sys.platform.startswith("linux")
