@@ -197,3 +197,19 @@ def test_cli_run_with_synthetic_cameras_and_config(calibrated_bundle, tmp_path):
     run = subprocess.run([sys.executable, "-m", "edge_pfm", "run", "--bundle", str(calibrated_bundle), "--white",
                           "synthetic", "--fluo", "synthetic", "--config", str(bad_cfg)], capture_output=True, text=True)
     assert run.returncode == 2 and "unknown sections ['camera']" in run.stderr
+
+
+def test_bench_command_writes_its_figures(calibrated_bundle, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "edge_pfm", "bench", "--bundle", str(calibrated_bundle),
+                          "--backend", "onnxruntime", "--resolution", "640x360", "--seconds", "1.5", "--json", str(out)],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-2000:]
+    d = json.loads(out.read_text())
+    for key in ("backend_pairs_per_s", "naive_pairs_per_s", "pipeline_pairs_per_s", "added_latency_ms_p50",
+                "added_latency_ms_p99", "preprocess_ms_p50", "rss_mb"):
+        assert isinstance(d[key], (int, float)) and d[key] == d[key], key  # present and not NaN
+    assert d["backend_pairs_per_s"] > 0 and d["pipeline_pairs_per_s"] > 0
