@@ -62,8 +62,9 @@ def main() -> int:
     tol_ms = 1000 / 30 / 2
     white = FaultySource(SyntheticSource("white_light", bank, fps=30, seed=1), drop=0.05, jitter_ms=10, corrupt=0.01,
                          stall=(60.0, 2.0), every_s=300.0, seed=101)
-    fluo = FaultySource(SyntheticSource("fluorescence", bank, fps=30, seed=2), drop=0.05, jitter_ms=10,
-                        drift_ppm=1000, corrupt=0.01, disconnect=(150.0, 3.0), every_s=300.0, seed=202)
+    # 1000 ppm clock drift: the fluorescence camera runs at 29.97 fps (both are stamped by the host clock)
+    fluo = FaultySource(SyntheticSource("fluorescence", bank, fps=30, seed=2, drift_ppm=1000), drop=0.05,
+                        jitter_ms=10, corrupt=0.01, disconnect=(150.0, 3.0), every_s=300.0, seed=202)
     runner = Runner(args.bundle, white, fluo, config=RunConfig(backend="onnxruntime", log=args.log,
                                                                 tolerance_ms=tol_ms))
     checker = PairChecker(int(tol_ms * 1e6))

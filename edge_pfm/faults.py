@@ -1,12 +1,14 @@
 """Fault-injecting sources: wrap any FrameSource and misbehave on purpose, deterministically by seed.
 
-    FaultySource(ReplaySource("w.mkv", "white_light"), drop=0.1, jitter_ms=10, drift_ppm=1000,
+    FaultySource(ReplaySource("w.mkv", "white_light"), drop=0.1, jitter_ms=10,
                  stall=(2.0, 2.0), disconnect=(4.0, 1.5), corrupt=0.05)
 
-drop: probability a frame is lost; jitter_ms / drift_ppm: timestamp noise and clock-rate error;
+drop: probability a frame is lost; jitter_ms: timestamp noise (exposure/readout/scheduling);
 stall=(after_s, for_s): no frames for a while; disconnect=(after_s, for_s): reads fail (the runtime
 reopens with backoff); every_s: repeat the stall and disconnect windows with this period;
 corrupt: probability a frame is replaced by a wrong-size, greyscale, empty or None frame.
+Clock drift between cameras is a frame-rate difference (both are stamped by the host's monotonic
+clock): give the inner source the rate, e.g. SyntheticSource(drift_ppm=1000) or ReplaySource(fps=29.97).
 Used by the tests and the soak benchmark; never by a clinical run.
 """
 from __future__ import annotations
@@ -19,12 +21,12 @@ from edge_pfm.sources import Frame, FrameSource, SourceError
 
 
 class FaultySource(FrameSource):
-    def __init__(self, inner: FrameSource, drop: float = 0.0, jitter_ms: float = 0.0, drift_ppm: float = 0.0,
+    def __init__(self, inner: FrameSource, drop: float = 0.0, jitter_ms: float = 0.0,
                  stall: tuple[float, float] | None = None, disconnect: tuple[float, float] | None = None,
                  corrupt: float = 0.0, every_s: float | None = None, seed: int = 0):
         super().__init__(f"faulty:{inner.name}", inner.modality)
         self.inner = inner
-        self.drop, self.jitter_ns, self.drift = drop, jitter_ms * 1e6, drift_ppm * 1e-6
+        self.drop, self.jitter_ns = drop, jitter_ms * 1e6
         self.stall, self.disconnect, self.corrupt, self.every_s = stall, disconnect, corrupt, every_s
         self.rng = np.random.default_rng(seed)
         self.reconnect = disconnect is not None
@@ -66,8 +68,7 @@ class FaultySource(FrameSource):
                 self.faults["dropped"] += 1
                 continue
             break
-        t = frame.t_capture_ns
-        t = self.t0_ns + int((t - self.t0_ns) * (1 + self.drift) + self.rng.uniform(-1, 1) * self.jitter_ns)
+        t = frame.t_capture_ns + int(self.rng.uniform(-1, 1) * self.jitter_ns)
         image = frame.image
         if self.rng.random() < self.corrupt:
             self.faults["corrupted"] += 1

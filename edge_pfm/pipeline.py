@@ -85,6 +85,7 @@ class Runner:
         self.decisions: list[dict] = []
         self.keep_decisions = False
         self.observers: list = []  # callables (work, decision) for every inferred pair (checks, metrics)
+        self.last_pair_ns = 0
         self.error: BaseException | None = None
         self.last_state = None
 
@@ -133,6 +134,7 @@ class Runner:
                 if pairs:
                     self.counts["pairs_dropped_stale"] += len(pairs) - 1 + (latest is not None)
                     latest = pairs[-1]
+                    self.last_pair_ns = time.monotonic_ns()
                 with self.ready_cond:
                     slot_free = not self.ready
                 if latest is None or not slot_free:
@@ -155,6 +157,11 @@ class Runner:
             silent = now_ns - (s.last_frame_ns or self.t_start_ns)
             if silent > self.cfg.signal_timeout_s * 1e9:
                 return f"no frame from the {s.modality if not self.alternating else 'camera'} camera for {silent / 1e9:.1f}s"
+        unpaired_for = now_ns - (self.last_pair_ns or self.t_start_ns)
+        if unpaired_for > self.cfg.signal_timeout_s * 1e9:
+            # frames arrive but none pair: out of sync, or one camera runs at another rate
+            return (f"frames arrive but none paired within +-{self.pairer.tolerance_ns / 1e6:.0f} ms for "
+                    f"{unpaired_for / 1e9:.1f}s: cameras out of sync (check fps and the skew_ms column)")
         return None
 
     def _infer_loop(self) -> None:

@@ -59,9 +59,11 @@ def recovered_after_no_signal(states: list[str]) -> bool:
     return any(x in ("ok", "warming_up") for x in states[states.index("no_signal"):])
 
 
-def run_faulty(bundle, bank, seconds, white_faults=None, fluo_faults=None, classifier=None, **cfg):
+def run_faulty(bundle, bank, seconds, white_faults=None, fluo_faults=None, classifier=None, fluo_drift_ppm=0.0,
+               **cfg):
     white = FaultySource(SyntheticSource("white_light", bank, fps=30, seed=1), seed=11, **(white_faults or {}))
-    fluo = FaultySource(SyntheticSource("fluorescence", bank, fps=30, seed=2), seed=12, **(fluo_faults or {}))
+    fluo = FaultySource(SyntheticSource("fluorescence", bank, fps=30, seed=2, drift_ppm=fluo_drift_ppm), seed=12,
+                        **(fluo_faults or {}))
     config = RunConfig(backend="onnxruntime", tolerance_ms=TOL_MS, signal_timeout_s=0.4, **cfg)
     runner = Runner(bundle, white, fluo, config=config, classifier=classifier)
     watch = Watch(runner, config.decision.max_age_s)
@@ -81,7 +83,7 @@ def test_random_drops(calibrated_bundle, bank):
 
 
 def test_jitter_and_drift(calibrated_bundle, bank):
-    s, w, *_ = run_faulty(calibrated_bundle, bank, 3.0, dict(jitter_ms=10), dict(jitter_ms=10, drift_ppm=1000))
+    s, w, *_ = run_faulty(calibrated_bundle, bank, 3.0, dict(jitter_ms=10), dict(jitter_ms=10), fluo_drift_ppm=1000)
     assert w.pairs > 20
 
 
@@ -137,3 +139,15 @@ def test_heap_setting_applies_on_linux():
     from edge_pfm.memory import limit_heap_fragmentation
 
     assert limit_heap_fragmentation() is sys.platform.startswith("linux")
+
+
+def test_cameras_out_of_sync_give_no_signal_with_the_reason(calibrated_bundle, bank):
+    """Frames keep arriving but never pair (here: 15 vs 30 fps with a 5 ms tolerance and an offset phase)."""
+    white = SyntheticSource("white_light", bank, fps=30, seed=1)
+    fluo = SyntheticSource("fluorescence", bank, fps=7, seed=2, phase_ms=16)
+    config = RunConfig(backend="onnxruntime", tolerance_ms=0.5, signal_timeout_s=0.4)
+    runner = Runner(calibrated_bundle, white, fluo, config=config)
+    runner.keep_decisions = True
+    runner.run(2.5)
+    reasons = [r["flags"][0] for r in runner.decisions if r["state"] == "no_signal"]
+    assert any("none paired" in r and "out of sync" in r for r in reasons), reasons

@@ -66,7 +66,7 @@ def _collect_pairs(white, fluo, tolerance_ms, seconds):
 @pytest.mark.parametrize("faults", [
     dict(),
     dict(jitter_ms=5),
-    dict(drift_ppm=1000, jitter_ms=3),
+    dict(jitter_ms=3, fluo_fps=30 * (1 + 1000e-6)),  # 1000 ppm: the fluorescence camera runs faster
     dict(drop=0.15, jitter_ms=4),
 ], ids=["clean", "jitter", "drift", "drops"])
 def test_pairing_frame_by_frame_on_lossless_video(tmp_path, faults):
@@ -75,8 +75,9 @@ def test_pairing_frame_by_frame_on_lossless_video(tmp_path, faults):
     w_path = write_video(tmp_path / "w.mkv", [f[0] for f in frames])
     f_path = write_video(tmp_path / "f.mkv", [f[1] for f in frames])
     # keep=8: this test reads every frame; the runtime keeps only the freshest 2
+    fluo_fps = faults.pop("fluo_fps", None)
     white = FaultySource(ReplaySource(w_path, "white_light", keep=8), seed=1, **faults)
-    fluo = FaultySource(ReplaySource(f_path, "fluorescence", keep=8), seed=2, **faults)
+    fluo = FaultySource(ReplaySource(f_path, "fluorescence", keep=8, fps=fluo_fps), seed=2, **faults)
     pairs, pairer = _collect_pairs(white, fluo, tolerance_ms=1000 / 30 / 2, seconds=10)
     got = []
     for p in pairs:
