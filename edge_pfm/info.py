@@ -29,6 +29,12 @@ def describe(bundle: str | None = None) -> str:
 
     ok, why = tensorrt_status()
     lines.append(f"  TensorRT backend: {'available' if ok else 'unavailable'} ({why})")
+    from edge_pfm.engine.cache import find_any_engine
+    from edge_pfm.engine.trt_build import DEFAULT_CACHE_DIR
+
+    for e in find_any_engine(DEFAULT_CACHE_DIR) if DEFAULT_CACHE_DIR.is_dir() else []:
+        lines.append(f"  cached engine {e['file']}: {e.get('precision')} TensorRT {e.get('trt_version')} "
+                     f"{e.get('gpu_name')} sm{e.get('compute_capability')}")
     if bundle:
         from edge_pfm.backends.select import select_backend
         from edge_pfm.bundle import Bundle

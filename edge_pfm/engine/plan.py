@@ -27,10 +27,6 @@ class TrtCapabilities:
     def strongly_typed_only(self) -> bool:  # TensorRT 11 removed the FP16/INT8 builder flags and calibrators
         return self.version[0] >= 11
 
-    @property
-    def needs_explicit_batch_flag(self) -> bool:
-        return self.version[0] < 10
-
 
 @dataclass(frozen=True)
 class BuildPlan:
