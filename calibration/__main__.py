@@ -4,8 +4,9 @@
 One pass over paired calibration data (through edge_pfm's own preprocessing) gives symmetric
 activation ranges; from them: model.int8.onnx (explicit Q/DQ) and calibration.cache (TensorRT
 text format). INT8 and emulated-FP16 accuracy are measured against FP32 on a held-out labelled set,
-and a gate refuses an INT8 model that loses agreement or high-grade recall. The bundle is updated
-atomically: on any failure it is left exactly as it was.
+and a gate refuses an INT8 model that loses agreement or high-grade recall (exit 3; the bundle stays
+FP32 and the refused report goes to BUNDLE.int8-rejected/). The bundle is updated atomically: on any
+failure it is left exactly as it was (exit 2 for bad input).
 """
 from __future__ import annotations
 
@@ -33,6 +34,13 @@ FP16_METHOD = "CPU emulation: FP16-rounded weights and activations (Cast round t
 
 class CalibrationError(RuntimeError):
     pass
+
+
+class GateRefused(CalibrationError):
+    """The INT8 model is less accurate than the gate allows; the bundle stays FP32."""
+
+
+EXIT_GATE_REFUSED = 3  # distinct from bad input (2): the bundle is fine, INT8 was refused
 
 
 def _log(msg: str) -> None:
@@ -77,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(exc))
     try:
         return run(args, trt_int)
+    except GateRefused as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return EXIT_GATE_REFUSED
     except (BundleError, DatasetError, CalibrationError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -142,8 +153,13 @@ def run(args: argparse.Namespace, trt_int: int) -> int:
         confusion_png(results, classes, tmp / "confusion.png")
         print(markdown(report, classes))
         if reasons and not args.allow_degraded:
-            raise CalibrationError("INT8 accuracy gate failed, bundle left unchanged:\n  - " + "\n  - ".join(reasons)
-                                   + "\n" + ADVICE)
+            rejected = bundle.root.with_name(bundle.root.name + ".int8-rejected")
+            shutil.rmtree(rejected, ignore_errors=True)
+            rejected.mkdir(parents=True)
+            for name in ("accuracy.json", "accuracy.md", "confusion.png", "calibration.json"):
+                shutil.copyfile(tmp / name, rejected / name)
+            raise GateRefused("INT8 accuracy gate failed: the bundle stays FP32 (unchanged); the refused report is in "
+                              f"{rejected}/\n  - " + "\n  - ".join(reasons) + "\n" + ADVICE)
         if reasons:
             warnings.warn("INT8 gate failed but --allow-degraded was given: " + "; ".join(reasons), stacklevel=1)
 
@@ -165,6 +181,8 @@ def run(args: argparse.Namespace, trt_int: int) -> int:
             "calibration.json": "activation ranges", "accuracy.json": "accuracy report", "accuracy.md": "accuracy report",
             "confusion.png": "confusion matrices",
         })
+    # an earlier refusal's report no longer describes this bundle
+    shutil.rmtree(bundle.root.with_name(bundle.root.name + ".int8-rejected"), ignore_errors=True)
     i8 = results["int8"]
     _log(f"calibrated {bundle.root}: INT8 agreement {i8['top1_agreement']:.2%}, FP16 agreement "
          f"{results['fp16']['top1_agreement']:.2%}; cache header TRT-{trt_int}-EntropyCalibration2")

@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=1200, help="synthetic training pairs")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--seconds", type=float, default=20.0, help="how long the cameras stream")
+    ap.add_argument("--calib-pairs", type=int, default=512)
+    ap.add_argument("--eval-pairs", type=int, default=400)
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     if export(["--checkpoint", str(ckpt), "--out", str(bundle)]):
         return 1
     _step(3, total, "calibrate: INT8 Q/DQ + TensorRT calibration cache + accuracy gate")
-    if calibrate(["--bundle", str(bundle), "--synthetic", "512", "--eval-synthetic", "400"]):
+    rc = calibrate(["--bundle", str(bundle), "--synthetic", str(args.calib_pairs), "--eval-synthetic",
+                    str(args.eval_pairs)])
+    rejected = bundle.with_name(bundle.name + ".int8-rejected")
+    if rc == 3:  # the gate refused INT8: the device would run FP32, and so does the demo
+        print("\n!! the INT8 accuracy gate refused this model (report above and in "
+              f"{rejected}/): streaming with FP32 instead", flush=True)
+    elif rc:
         return 1
     b = Bundle.load(bundle)
     sel = select_backend(b, "auto")
@@ -117,15 +125,17 @@ def main(argv: list[str] | None = None) -> int:
     confusion_png({f"runtime per pair ({scores['raw_class']['n']})": scores["raw_class"],
                    f"runtime shown ({scores['shown_class']['n']})": scores["shown_class"]},
                   b.classes, out / "confusion_runtime.png")
-    shutil.copyfile(bundle / "confusion.png", out / "confusion_calibration.png")
+    report_dir = bundle if b.has("accuracy.json") else rejected
+    shutil.copyfile(report_dir / "confusion.png", out / "confusion_calibration.png")
     summary["accuracy_vs_truth"] = {k: v["accuracy"] for k, v in scores.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(format_summary(summary))
-    acc = json.loads((bundle / "accuracy.json").read_text())["results"]
+    acc = json.loads((report_dir / "accuracy.json").read_text())["results"]
     print(f"\naccuracy vs synthetic truth: per pair {scores['raw_class']['accuracy']:.1%}, shown (smoothed) "
           f"{scores['shown_class']['accuracy']:.1%} (the shown class lags scene changes by design)")
     print(f"held-out accuracy: FP32 {acc['fp32']['accuracy']:.1%}, INT8 {acc['int8']['accuracy']:.1%} "
-          f"(agreement {acc['int8']['top1_agreement']:.1%}), FP16 {acc['fp16']['accuracy']:.1%}")
+          f"(agreement {acc['int8']['top1_agreement']:.1%}{'' if b.has('accuracy.json') else ', REFUSED'}), "
+          f"FP16 {acc['fp16']['accuracy']:.1%}")
     print(f"\n== demo done in {time.perf_counter() - t0:.0f}s; in {out}/: bundle/, decisions.jsonl, annotated.avi, "
           "latency_histogram.png, confusion_runtime.png, confusion_calibration.png, summary.json")
     return 0

@@ -172,11 +172,13 @@ def test_gate_failure_leaves_bundle_unchanged(tiny_bundle, tmp_path, monkeypatch
     monkeypatch.setitem(GATE, "int8_top1_agreement", 1.01)  # unreachable: the gate must refuse
     with pytest.warns(UserWarning, match="calibration samples"):
         rc = calibrate(["--bundle", str(b), "--synthetic", "16", "--eval-synthetic", "8", "--resolution", "160x120"])
-    assert rc == 2
+    assert rc == 3  # refused, not an input error
     err = capsys.readouterr().err
-    assert "gate failed" in err and "--method" in err and "--allow-degraded" in err
+    assert "gate failed" in err and "stays FP32" in err and "--method" in err and "--allow-degraded" in err
     assert _manifest_bytes(b) == before and sorted(p.name for p in b.iterdir()) == sorted(
         p.name for p in tiny_bundle.iterdir())
+    rejected = b.with_name("b.int8-rejected")
+    assert (rejected / "accuracy.md").is_file() and (rejected / "confusion.png").is_file()
 
 
 def test_polygraphy_data_loader_script(calibrated_bundle, monkeypatch):
