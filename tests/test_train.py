@@ -6,8 +6,8 @@ from export.train import default_preprocessing, format_ablation, split, syntheti
 
 def test_trainer_writes_a_loadable_checkpoint(tiny_checkpoint):
     model, meta = load_checkpoint(tiny_checkpoint)
-    assert meta["extra"]["val_accuracy"] > 0.25  # 4 epochs on 320 pairs: better than chance
-    assert meta["extra"]["train_samples"] + meta["extra"]["val_samples"] == 320
+    assert meta["extra"]["val_accuracy"] > 0.35  # 6 epochs on 480 pairs: clearly better than chance (0.25)
+    assert meta["extra"]["train_samples"] + meta["extra"]["val_samples"] == 480
     assert not model.training
 
 
