@@ -43,7 +43,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from edge_pfm.decision import DecisionConfig
     from edge_pfm.pipeline import RunConfig, Runner, format_summary
     from edge_pfm.quality import GateConfig
-    from edge_pfm.sources import SceneBank, SourceError, open_source
+    from edge_pfm.sources import SourceError, open_source, synthetic_bank
 
     try:
         cfg = load_config(args.config) if args.config else {}
@@ -71,13 +71,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if alt:
             sources = {"alternating": open_source(alt, "alternating", loop=args.loop, **alt_opts)}
         else:
-            bank = None
-            if white.startswith("synthetic") and fluo.startswith("synthetic"):  # the two cameras see one scene
-                from edge_pfm.sources import _parse_kv
-
-                o = _parse_kv(white.partition(":")[2])
-                bank = SceneBank((int(o.get("width", 1280)), int(o.get("height", 720))), o.get("label"),
-                                 int(o.get("seed", 0)))
+            both_synthetic = white.startswith("synthetic") and fluo.startswith("synthetic")
+            bank = synthetic_bank(white) if both_synthetic else None  # the two cameras see one scene
             sources = {"white": open_source(white, "white_light", bank, loop=args.loop, **white_opts),
                        "fluo": open_source(fluo, "fluorescence", bank, loop=args.loop, **fluo_opts)}
     except SourceError as exc:

@@ -371,25 +371,35 @@ SYNTHETIC_KEYS = {"fps": float, "drift_ppm": float, "jitter_ms": float, "drop": 
                   "phase_ms": float, "width": int, "height": int, "frames": int}
 
 
+def _synthetic_options(spec: str) -> dict[str, Any]:
+    opts = _parse_kv(spec.partition(":")[2])
+    unknown = set(opts) - set(SYNTHETIC_KEYS)
+    if unknown:
+        raise SourceError(f"unknown synthetic options {sorted(unknown)}; known: {sorted(SYNTHETIC_KEYS)}")
+    try:
+        o = {k: SYNTHETIC_KEYS[k](v) for k, v in opts.items()}
+    except ValueError as exc:
+        raise SourceError(f"bad synthetic option in {spec!r}: {exc}") from exc
+    from edge_pfm.synthetic import CLASSES
+
+    if o.get("label") and o["label"] not in CLASSES:
+        raise SourceError(f"synthetic label {o['label']!r} is not one of {CLASSES}")
+    return o
+
+
+def synthetic_bank(spec: str) -> SceneBank:
+    """The scene bank a synthetic source string describes; pass it to both cameras so they see one scene."""
+    o = _synthetic_options(spec)
+    return SceneBank((o.get("width", 1280), o.get("height", 720)), o.get("label"), o.get("seed", 0))
+
+
 def open_source(spec: str, modality: str, bank: SceneBank | None = None, paced: bool = True, loop: bool = False,
                 **camera: Any) -> FrameSource:
     """Parse a source string (see module doc) into an unstarted FrameSource."""
     spec = str(spec).strip()
     if spec == "synthetic" or spec.startswith("synthetic:"):
-        opts = _parse_kv(spec.partition(":")[2])
-        unknown = set(opts) - set(SYNTHETIC_KEYS)
-        if unknown:
-            raise SourceError(f"unknown synthetic options {sorted(unknown)}; known: {sorted(SYNTHETIC_KEYS)}")
-        try:
-            o = {k: SYNTHETIC_KEYS[k](v) for k, v in opts.items()}
-        except ValueError as exc:
-            raise SourceError(f"bad synthetic option in {spec!r}: {exc}") from exc
-        if bank is None:
-            from edge_pfm.synthetic import CLASSES
-
-            if o.get("label") and o["label"] not in CLASSES:
-                raise SourceError(f"synthetic label {o['label']!r} is not one of {CLASSES}")
-            bank = SceneBank((o.get("width", 1280), o.get("height", 720)), o.get("label"), o.get("seed", 0))
+        o = _synthetic_options(spec)
+        bank = bank or synthetic_bank(spec)
         return SyntheticSource(modality, bank, o.get("fps", 30.0), o.get("phase_ms", 0.0), o.get("drift_ppm", 0.0),
                                o.get("jitter_ms", 0.0), o.get("drop", 0.0), o.get("seed", 0) + (modality == "fluorescence"),
                                o.get("frames"))
