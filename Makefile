@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: test demo lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
-	@echo "== bootstrapping $(VENV) (first run downloads ~300 MB of wheels)"
+	@echo "== bootstrapping $(VENV) (first run downloads ~400 MB of wheels)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e ".[export,test]"

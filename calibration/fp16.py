@@ -1,57 +1,31 @@
-"""FP16 accuracy on the CPU: a faithful emulation of a TensorRT FP16 engine.
+"""model.fp16.onnx: the FP16-typed model that strongly typed TensorRT (11.x, TensorRT-RTX) builds for FP16.
 
-ONNX Runtime's CPU provider has few FP16 kernels, so instead of an FP16 graph we round what
-FP16 rounds: every weight and every activation tensor is rounded to float16 (Cast to FLOAT16
-and back after each node), while each op computes in float32 - as TensorRT's FP16 kernels
-accumulate in FP32. Inputs are rounded too.
+onnxconverter-common's float16 converter, with float32 inputs and outputs (the runtime feeds float32
+either way) and, in float32, the ops FP16 breaks: LayerNormalization (its variance overflows FP16
+after attention) and the converter's own default list. Its `op_block_list` replaces that default
+list instead of extending it, so both are passed. The converter can leave the graph out of
+topological order with `keep_io_types`; it is sorted here, and the artifact gate checks it.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
+# ops kept in float32 on top of onnxconverter-common's DEFAULT_OP_BLOCK_LIST
+FP32_OPS = ("LayerNormalization",)
 
 
-def fp16_emulation_model(onnx_path: str | Path):
-    """-> onnx.ModelProto computing like an FP16 engine (FP16-rounded weights and activations)."""
+def fp16_model(onnx_path: str | Path):
+    """-> onnx.ModelProto: the FP32 model typed FP16 inside, float32 I/O."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_path)))
-    g = model.graph
-    for init in g.initializer:
-        if init.data_type == TensorProto.FLOAT:
-            arr = numpy_helper.to_array(init).astype(np.float16).astype(np.float32)
-            init.CopyFrom(numpy_helper.from_array(arr, init.name))
-    float_tensors = {v.name for v in [*g.value_info, *g.output] if v.type.tensor_type.elem_type == TensorProto.FLOAT}
-    new_nodes = []
+    from edge_pfm._lazy import require
+    from export.onnx_export import topological_sort
 
-    def round_trip(name: str) -> tuple[str, list]:
-        raw = f"{name}__fp32"
-        half = f"{name}__fp16"
-        return raw, [helper.make_node("Cast", [raw], [half], to=TensorProto.FLOAT16, name=f"{name}/to_fp16"),
-                     helper.make_node("Cast", [half], [name], to=TensorProto.FLOAT, name=f"{name}/to_fp32")]
-
-    rounded_inputs = {}
-    for inp in g.input:
-        if inp.type.tensor_type.elem_type == TensorProto.FLOAT:
-            rounded_inputs[inp.name] = f"{inp.name}__rounded"
-            new_nodes += [
-                helper.make_node("Cast", [inp.name], [f"{inp.name}__fp16"], to=TensorProto.FLOAT16),
-                helper.make_node("Cast", [f"{inp.name}__fp16"], [rounded_inputs[inp.name]], to=TensorProto.FLOAT),
-            ]
-    for node in g.node:
-        for k, i in enumerate(node.input):
-            if i in rounded_inputs:
-                node.input[k] = rounded_inputs[i]
-        casts = []
-        for k, out in enumerate(node.output):
-            if out in float_tensors:
-                raw, pair = round_trip(out)
-                node.output[k] = raw
-                casts += pair
-        new_nodes += [node, *casts]
-    del g.node[:]
-    g.node.extend(new_nodes)
-    del g.value_info[:]
-    return model
+    float16 = require("onnxconverter_common.float16", "writing model.fp16.onnx")
+    model = onnx.load(str(onnx_path))
+    half = float16.convert_float_to_float16(model, keep_io_types=True,
+                                            op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, *FP32_OPS])
+    half = topological_sort(half)
+    half.ir_version = model.ir_version
+    half.producer_name, half.producer_version = model.producer_name, model.producer_version
+    return half

@@ -5,13 +5,18 @@ Placement (TensorRT's explicit-quantization rules):
   int8 symmetric per-channel weights (per output channel);
 - residual Adds of the FasterNet blocks quantized, so TensorRT fuses them into the conv epilogue;
 - Softmax, LayerNormalization, Sigmoid (attention gates), Erf/GELU and the attention scaling stay
-  in float: they are where INT8 costs accuracy and saves nothing.
+  in float: they are where INT8 costs accuracy and saves nothing;
+- biases stay float: TensorRT's parser refuses an int32 DequantizeLinear (NVIDIA/TensorRT#3360),
+  which onnxruntime's quantizer writes by default; zero points are int8 0 (symmetric);
+- nodes are topologically sorted (the quantizer appends its Q/DQ nodes out of order).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+from export.onnx_export import topological_sort
 
 QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
 # Measured on PFM: quantizing the attention MatMuls and the head Gemm too costs INT8 agreement and
@@ -54,10 +59,40 @@ def quantize_qdq(onnx_path: str | Path, amax: dict[str, float], out_path: str | 
     quantizer = QDQQuantizer(
         model, per_channel=True, reduce_range=False, weight_qType=QuantType.QInt8, activation_qType=QuantType.QInt8,
         tensors_range=ranges, nodes_to_quantize=nodes, nodes_to_exclude=[], op_types_to_quantize=[*op_types, "Add"],
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
                        "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1, "Gemm": 0}},
     )
-    qmodel = quantizer.quantize_model()
+    qmodel = topological_sort(quantizer.quantize_model())
     qmodel.ir_version = model.ir_version
+    qmodel.producer_name = model.producer_name
+    qmodel.producer_version = model.producer_version
+    problems = tensorrt_qdq_problems(qmodel)
+    if problems:
+        raise ValueError("the Q/DQ model is not what TensorRT accepts:\n  - " + "\n  - ".join(problems[:10]))
     onnx.save_model(qmodel, str(out_path))
     return qmodel
+
+
+def tensorrt_qdq_problems(model) -> list[str]:
+    """What TensorRT refuses in a Q/DQ graph: non-int8 quantized types (int32 biases, uint8 activations)
+    and non-zero zero points. Empty list = fine."""
+    from onnx import TensorProto, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    problems = []
+    for n in model.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        zp_name = n.input[2] if len(n.input) > 2 else ""
+        quantized = n.input[0] if n.op_type == "DequantizeLinear" else None
+        if quantized in inits and inits[quantized].data_type != TensorProto.INT8:
+            dtype = TensorProto.DataType.Name(inits[quantized].data_type).lower()
+            problems.append(f"{n.name}: dequantizes {dtype} {quantized!r} (TensorRT takes int8 only; keep biases float)")
+        if zp_name in inits:
+            zp = inits[zp_name]
+            if zp.data_type != TensorProto.INT8:
+                problems.append(f"{n.name}: zero point {zp_name!r} is {TensorProto.DataType.Name(zp.data_type).lower()}, "
+                                "not int8")
+            elif np.any(numpy_helper.to_array(zp) != 0):
+                problems.append(f"{n.name}: zero point {zp_name!r} is not 0 (TensorRT quantization is symmetric)")
+    return problems

@@ -15,6 +15,8 @@ INSTALL_HINTS = {
     "torch": "pip install -e '.[export]' (build machine only; the device runtime never needs torch)",
     "onnx": "pip install -e '.[export]' (build machine only)",
     "polygraphy": "pip install polygraphy (build machine only)",
+    "tensorrt_rtx": "pip install tensorrt-rtx==1.7.1.116 (x86-64 Linux or Windows; it is in the '.[export]' extra)",
+    "onnxconverter_common": "pip install -e '.[export]' (build machine only: onnxconverter-common)",
 }
 
 

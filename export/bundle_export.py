@@ -9,6 +9,7 @@ from pathlib import Path
 import edge_pfm
 from edge_pfm.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, write_manifest
 from edge_pfm.fileio import atomic_directory, atomic_write_json, atomic_write_text
+from export.artifact_check import check_artifact, summary_line
 from export.checkpoint import load_checkpoint
 from export.model import MODALITIES
 from export.onnx_export import BATCH_DIM, OUTPUT_NAME, ExportError, check_graph, onnx_from_torch, save_onnx
@@ -41,11 +42,23 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opset: int = 17, max_
         graph = check_graph(proto)
         onnx_path = save_onnx(proto, tmp / "model.onnx")
         _log(f"      {graph['nodes']} nodes; census {graph['op_census']}")
+        _log("      TensorRT check: onnx.checker full check, then TensorRT-RTX parses and builds it")
+        build_check = check_artifact(onnx_path, "fp32", max_batch)
+        _log(f"      {summary_line('model.onnx', build_check)}")
         _log(f"[3/4] parity PyTorch vs ONNX Runtime CPU on {parity_random + parity_scenes} pairs (polygraphy)")
         feeds = parity_feeds(specs, parity_random, parity_scenes)
         parity = run_parity(model, onnx_path, feeds, reference_dir=tmp / "parity")
+        qat = meta["extra"].get("qat")
+        if qat:  # QAT ranges, by ONNX tensor name, for calibration's Q/DQ and cache writers
+            from export.qat import onnx_tensor_ranges
+
+            amax = onnx_tensor_ranges(model, proto, qat["ranges"])
+            atomic_write_json(tmp / "qat_ranges.json", {"source": "quantization-aware fine-tuning (export.qat)",
+                                                        "percentile": qat["ranges"]["percentile"], "amax": amax})
+            _log(f"      QAT ranges for {len(amax)} tensors -> qat_ranges.json")
         _log(f"      max |dlogit| {parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.2%}")
-        report = {"checkpoint_sha256": meta["sha256"], "graph": graph, "parity": parity}
+        report = {"checkpoint_sha256": meta["sha256"], "graph": graph, "parity": parity,
+                  "build_check": build_check}
         atomic_write_json(tmp / "report.json", report)
         atomic_write_text(tmp / "report.md", report_markdown(report))
         if not parity["passed"]:
@@ -75,13 +88,16 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opset: int = 17, max_
                 "exporter": f"edge-pfm {edge_pfm.__version__} (torch.onnx legacy exporter)",
                 "opset": graph["opset"], "ir_version": graph["ir_version"], "versions": library_versions(),
                 "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "training": meta["extra"],
+                "training": {**meta["extra"], "qat": {k: v for k, v in qat.items() if k != "ranges"}} if qat
+                else meta["extra"],
             },
             "parity": {k: parity[k] for k in ("pairs", "max_abs_diff", "top1_agreement", "passed")},
+            "build_checks": {"model.onnx": build_check},
         }
         manifest = write_manifest(tmp, manifest, {
             "model.onnx": "fp32 onnx", "report.json": "export report", "report.md": "export report",
             "parity/inputs.json": "polygraphy reference inputs", "parity/outputs.json": "polygraphy reference outputs",
+            **({"qat_ranges.json": "activation ranges from quantization-aware fine-tuning"} if qat else {}),
         })
     _log(f"wrote bundle {out} ({MANIFEST}, model.onnx, report.md)")
     return manifest

@@ -1,7 +1,8 @@
 """`make demo`: the main job end to end on a machine with no GPU, cameras or data.
 
-train pfm_tiny on synthetic pairs -> export the bundle (parity gate) -> calibrate (INT8 Q/DQ +
-TensorRT cache + accuracy gate) -> stream two synthetic cameras through the runtime with the best
+train pfm_tiny on synthetic pairs, then quantization-aware fine-tuning -> export the bundle (parity gate,
+TensorRT-RTX build check) -> calibrate (INT8 Q/DQ + FP16 ONNX + TensorRT cache + accuracy gate on 2000
+held-out pairs) -> stream two synthetic cameras through the runtime with the best
 backend available -> summary + decision log, annotated video, latency histogram, confusion matrices
 in build/demo/.
 """
@@ -74,9 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="build/demo")
     ap.add_argument("--pairs", type=int, default=1200, help="synthetic training pairs")
     ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--qat-epochs", type=int, default=3, help="quantization-aware fine-tuning epochs (0: PTQ only)")
     ap.add_argument("--seconds", type=float, default=20.0, help="how long the cameras stream")
     ap.add_argument("--calib-pairs", type=int, default=512)
-    ap.add_argument("--eval-pairs", type=int, default=400)
+    ap.add_argument("--eval-pairs", type=int, default=2000)
+    ap.add_argument("--eval-resolution", default="640x360", help="held-out synthetic camera resolution")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,15 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     from export.__main__ import main as export
 
     total = 4
-    _step(1, total, f"train pfm_tiny on {args.pairs} synthetic pairs ({args.epochs} epochs)")
-    if train.main(["--synthetic", str(args.pairs), "--epochs", str(args.epochs), "--out", str(ckpt)]):
+    _step(1, total, f"train pfm_tiny on {args.pairs} synthetic pairs ({args.epochs} epochs, then {args.qat_epochs} "
+                    "quantization-aware)")
+    if train.main(["--synthetic", str(args.pairs), "--epochs", str(args.epochs), "--qat-epochs", str(args.qat_epochs),
+                   "--out", str(ckpt)]):
         return 1
     _step(2, total, "export the ONNX bundle (parity gate: PyTorch vs ONNX Runtime CPU)")
     if export(["--checkpoint", str(ckpt), "--out", str(bundle)]):
         return 1
-    _step(3, total, "calibrate: INT8 Q/DQ + TensorRT calibration cache + accuracy gate")
+    _step(3, total, "calibrate: INT8 Q/DQ + FP16 ONNX + TensorRT calibration cache + accuracy gate")
     rc = calibrate(["--bundle", str(bundle), "--synthetic", str(args.calib_pairs), "--eval-synthetic",
-                    str(args.eval_pairs)])
+                    str(args.eval_pairs), "--eval-resolution", args.eval_resolution])
     rejected = bundle.with_name(bundle.name + ".int8-rejected")
     if rc == 3:  # the gate refused INT8: the device would run FP32, and so does the demo
         print("\n!! the INT8 accuracy gate refused this model (report above and in "
@@ -133,9 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     acc = json.loads((report_dir / "accuracy.json").read_text())["results"]
     print(f"\naccuracy vs synthetic truth: per pair {scores['raw_class']['accuracy']:.1%}, shown (smoothed) "
           f"{scores['shown_class']['accuracy']:.1%} (the shown class lags scene changes by design)")
-    print(f"held-out accuracy: FP32 {acc['fp32']['accuracy']:.1%}, INT8 {acc['int8']['accuracy']:.1%} "
-          f"(agreement {acc['int8']['top1_agreement']:.1%}{'' if b.has('accuracy.json') else ', REFUSED'}), "
-          f"FP16 {acc['fp16']['accuracy']:.1%}")
+    i8, n_eval = acc["int8"], acc["int8"]["samples"]
+    lo, hi = i8["agreement_ci95"]
+    hsil = i8["recall_change"][b.classes[-1]]
+    print(f"held-out ({n_eval} pairs): accuracy FP32 {acc['fp32']['accuracy']:.1%}, INT8 {i8['accuracy']:.1%}, FP16 "
+          f"{acc['fp16']['accuracy']:.1%}; INT8 agreement {i8['top1_agreement']:.2%} (95 % CI {lo:.2%}-{hi:.2%})"
+          f"{'' if b.has('accuracy.json') else ', REFUSED'}, {b.classes[-1]} recall change {hsil['delta']:+.2%} "
+          f"(95 % CI {hsil['ci95'][0]:+.2%} to {hsil['ci95'][1]:+.2%}); FP16 agreement "
+          f"{acc['fp16']['top1_agreement']:.2%}")
     print(f"\n== demo done in {time.perf_counter() - t0:.0f}s; in {out}/: bundle/, decisions.jsonl, annotated.avi, "
           "latency_histogram.png, confusion_runtime.png, confusion_calibration.png, summary.json")
     return 0

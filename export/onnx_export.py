@@ -108,3 +108,40 @@ def save_onnx(proto, path: str | Path) -> Path:
 
     onnx.save_model(proto, str(path))
     return Path(path)
+
+
+def topological_sort(proto):
+    """Order graph nodes so every input is produced before it is read (onnx.checker and TensorRT's
+    parser require it; quantizers and float16 converters can break it). Stable: nodes that are
+    already in order keep their order. Raises ExportError on a cycle or a dangling input."""
+    import heapq
+
+    graph = proto.graph
+    nodes = list(graph.node)
+    available = {i.name for i in graph.initializer} | {i.name for i in graph.input} | {""}
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output}
+    waiting = [0] * len(nodes)
+    readers: dict[int, list[int]] = {}
+    for k, n in enumerate(nodes):
+        deps = {producer[i] for i in n.input if i not in available and i in producer}
+        missing = [i for i in n.input if i not in available and i not in producer]
+        if missing:
+            raise ExportError(f"node {n.name or n.op_type} reads {missing}, which nothing produces")
+        waiting[k] = len(deps)
+        for d in deps:
+            readers.setdefault(d, []).append(k)
+    ready = [k for k in range(len(nodes)) if waiting[k] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(k)
+        for r in readers.get(k, ()):
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    if len(order) != len(nodes):
+        raise ExportError("the graph has a cycle; it cannot be sorted")
+    del graph.node[:]
+    graph.node.extend(nodes[k] for k in order)
+    return proto

@@ -120,6 +120,8 @@ def run_parity(model: PFM, onnx_path: str | Path, feeds: list[dict[str, np.ndarr
 
 
 def report_markdown(report: dict) -> str:
+    from export.artifact_check import summary_line
+
     p = report["parity"]
     lines = [
         "# Export report",
@@ -133,6 +135,10 @@ def report_markdown(report: dict) -> str:
         "|---|---|---|---|---|---|",
         f"| {p['pairs']} | {p['batch_sizes']} | {p['max_abs_diff']:.2e} | {p['mean_abs_diff']:.2e} | "
         f"{p['top1_agreement']:.2%} | {'PASS' if p['passed'] else 'FAIL'} (<= {p['tolerance']['max_abs_diff']:g}, 100%) |",
+        "",
+        "## TensorRT build check",
+        "",
+        summary_line("model.onnx", report["build_check"]) if "build_check" in report else "not run",
         "",
         "## Op census",
         "",

@@ -3,8 +3,13 @@
     python -m export.train --synthetic 1200 --variant pfm_tiny --epochs 12 --out build/pfm_tiny.pt
     python -m export.train --data DATASET --variant pfm_t0 --epochs 30 --out ckpt.pt
     python -m export.train --synthetic 1200 --ablation          # fusion vs white-only vs fluorescence-only
+    python -m export.train --synthetic 1200 --epochs 20 --qat-epochs 3 --out ckpt.pt   # + quantization-aware
+    python -m export.train --qat-from ckpt.pt --synthetic 1200 --qat-epochs 3 --out ckpt.qat.pt
 
-Inputs go through edge_pfm.preprocess, the same function the device runs.
+Inputs go through edge_pfm.preprocess, the same function the device runs. Training is reproducible: the
+same command, machine, thread count and library versions give bitwise-identical weights (seeded
+initialisation and data order, rendering order independent of the process pool, deterministic
+algorithms, fixed threads). The checkpoint records the seed, thread count and library versions.
 """
 from __future__ import annotations
 
@@ -51,10 +56,10 @@ def _render_chunk(args: tuple) -> list[tuple[np.ndarray, np.ndarray, int]]:
 
     jobs, size, specs = args
     out = []
-    for label, seed in jobs:
+    for index, label, seed in jobs:
         s = render_pair(label, seed, size)
-        out.append((preprocess(s.white_light, specs["white_light"]), preprocess(s.fluorescence, specs["fluorescence"]),
-                    CLASSES.index(label)))
+        out.append((index, preprocess(s.white_light, specs["white_light"]),
+                    preprocess(s.fluorescence, specs["fluorescence"]), CLASSES.index(label)))
     return out
 
 
@@ -65,16 +70,19 @@ def synthetic_tensors(n: int, specs: dict[str, PreprocessSpec], seed: int = 0,
 
     rng = np.random.default_rng(seed)
     seeds = rng.integers(0, 2**31 - 1, size=n)
-    jobs = [(CLASSES[i % len(CLASSES)], int(seeds[i])) for i in range(n)]
+    jobs = [(i, CLASSES[i % len(CLASSES)], int(seeds[i])) for i in range(n)]
     workers = max(1, min(os.cpu_count() or 1, 8))
     chunks = [(jobs[i::workers * 4], size, specs) for i in range(workers * 4)]
-    rows: list = []
+    rows: list = [None] * n  # placed by job index: the order never depends on the pool
     t0 = time.perf_counter()
     with ProcessPoolExecutor(workers) as pool:
+        done = 0
         for part in pool.map(_render_chunk, chunks):
-            rows.extend(part)
+            for index, *row in part:
+                rows[index] = row
+            done += len(part)
             if progress:
-                print(f"\r  rendering synthetic pairs {len(rows)}/{n}", end="", file=sys.stderr, flush=True)
+                print(f"\r  rendering synthetic pairs {done}/{n}", end="", file=sys.stderr, flush=True)
     if progress:
         print(f"\r  rendered {n} synthetic pairs at {size[0]}x{size[1]} in {time.perf_counter() - t0:.1f}s",
               file=sys.stderr)
@@ -174,7 +182,7 @@ def train(model: PFM, train_set: PairTensors, val_set: PairTensors, epochs: int 
         if metrics["accuracy"] > best["accuracy"]:
             best = {**metrics, "epoch": epoch}
             best_state = copy.deepcopy(model.state_dict())
-    if best_state is not None:
+    if best_state is not None and epochs:
         model.load_state_dict(best_state)
     model.eval()
     return {"best": best, "history": history, "train_s": time.perf_counter() - t0}
@@ -208,6 +216,39 @@ def _parse_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
 
 
+def library_versions() -> dict[str, str]:
+    import platform
+
+    return {"torch": str(torch.__version__), "numpy": str(np.__version__), "python": platform.python_version()}
+
+
+def make_reproducible(seed: int, threads: int) -> None:
+    """Seeded RNGs, deterministic algorithms, a fixed thread count: the same command gives the same weights."""
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
+
+
+def quantization_aware(model: PFM, train_set: PairTensors, val_set: PairTensors, epochs: int, lr: float,
+                       seed: int, progress: bool) -> dict:
+    """Fine-tune `model` in place under fake quantization (export.qat) -> the facts the checkpoint keeps."""
+    from export.qat import finetune, observe_ranges
+
+    float_before = evaluate(model, val_set)
+    n = min(len(train_set), 256)
+    ranges = observe_ranges(model, ((train_set.white_light[i:i + 32], train_set.fluorescence[i:i + 32])
+                                    for i in range(0, n, 32)))
+    result = finetune(model, train_set, val_set, ranges, epochs, lr=lr, seed=seed + 1, progress=progress)
+    float_after = evaluate(model, val_set)
+    best = max(result["history"], key=lambda h: (h["val_agreement"], h["val_accuracy_quant"]))
+    if progress:
+        print(f"[qat] val accuracy: float before {float_before['accuracy']:.4f}, after {float_after['accuracy']:.4f}; "
+              f"quantized {best['val_accuracy_quant']:.4f}, agreement {best['val_agreement']:.4f}", file=sys.stderr)
+    return {"epochs": epochs, "lr": lr, "ranges": ranges, "seconds": result["seconds"],
+            "val_accuracy_float_before": float_before["accuracy"], "val_accuracy_fake_quant": best["val_accuracy_quant"],
+            "val_agreement": best["val_agreement"], "val_accuracy_float_after": float_after["accuracy"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -219,6 +260,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 8),
+                    help="torch threads (default: cores, at most 8); bitwise reproducibility holds for one count")
+    ap.add_argument("--qat-epochs", type=int, default=0,
+                    help="then fine-tune this many epochs with fake quantization matching the INT8 Q/DQ model "
+                         "(use when the INT8 gate refuses the PTQ model; 3 is usually enough)")
+    ap.add_argument("--qat-lr", type=float, default=3e-4)
+    ap.add_argument("--qat-from", metavar="CKPT", help="skip float training: fine-tune this checkpoint with QAT")
     ap.add_argument("--resolution", type=_parse_size, default=(320, 240),
                     help="synthetic frame size WIDTHxHEIGHT before preprocessing (default 320x240)")
     ap.add_argument("--out", help="checkpoint path to write")
@@ -227,11 +275,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.ablation and not args.out:
         ap.error("--out is required (unless --ablation)")
-    torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        specs = default_preprocessing(args.variant)
-    except ValueError as exc:
-        ap.error(str(exc))
+    if args.qat_from and args.qat_epochs < 1:
+        ap.error("--qat-from needs --qat-epochs N (N >= 1)")
+    make_reproducible(args.seed, args.threads)
+    if args.qat_from:
+        from export.checkpoint import load_checkpoint
+
+        model, meta = load_checkpoint(args.qat_from)
+        args.variant = meta["variant"]
+        specs = meta["preprocessing"]
+    else:
+        try:
+            specs = default_preprocessing(args.variant)
+        except ValueError as exc:
+            ap.error(str(exc))
     data = (synthetic_tensors(args.synthetic, specs, args.seed, args.resolution, not args.quiet)
             if args.synthetic else dataset_tensors(args.data, specs, not args.quiet))
     if args.ablation:
@@ -239,15 +296,27 @@ def main(argv: list[str] | None = None) -> int:
         print(format_ablation(rows, data.classes))
         return 0
     train_set, val_set = split(data, seed=args.seed)
-    model = create_model(args.variant, num_classes=len(data.classes))
-    result = train(model, train_set, val_set, args.epochs, args.batch_size, args.lr, args.seed, not args.quiet)
-    best = result["best"]
-    save_checkpoint(args.out, model, args.variant, data.classes, specs,
-                    extra={"val_accuracy": best["accuracy"], "val_recall": best["recall"], "epoch": best["epoch"],
-                           "train_samples": len(train_set), "val_samples": len(val_set),
-                           "data": f"synthetic:{args.synthetic}:seed={args.seed}" if args.synthetic else str(args.data)})
-    print(f"best val accuracy {best['accuracy']:.4f} at epoch {best['epoch']}; trained in {result['train_s']:.0f}s; "
-          f"wrote {args.out}")
+    extra = {"seed": args.seed, "threads": args.threads, "versions": library_versions(),
+             "train_samples": len(train_set), "val_samples": len(val_set),
+             "data": f"synthetic:{args.synthetic}:seed={args.seed}" if args.synthetic else str(args.data)}
+    if args.qat_from:
+        extra.update({k: meta["extra"][k] for k in ("val_accuracy", "val_recall", "epoch") if k in meta["extra"]})
+        extra["qat_from"] = meta["sha256"]
+        seconds = 0.0
+    else:
+        torch.manual_seed(args.seed)  # initialisation
+        model = create_model(args.variant, num_classes=len(data.classes))
+        result = train(model, train_set, val_set, args.epochs, args.batch_size, args.lr, args.seed, not args.quiet)
+        best = result["best"]
+        extra.update({"val_accuracy": best["accuracy"], "val_recall": best["recall"], "epoch": best["epoch"]})
+        seconds = result["train_s"]
+    if args.qat_epochs:
+        extra["qat"] = quantization_aware(model, train_set, val_set, args.qat_epochs, args.qat_lr, args.seed,
+                                          not args.quiet)
+        extra["val_accuracy"] = extra["qat"]["val_accuracy_float_after"]
+    save_checkpoint(args.out, model, args.variant, data.classes, specs, extra=extra)
+    print(f"val accuracy {extra['val_accuracy']:.4f}{' after QAT' if args.qat_epochs else ''}; trained in "
+          f"{seconds + extra.get('qat', {}).get('seconds', 0):.0f}s; wrote {args.out}")
     return 0
 
 

@@ -14,6 +14,7 @@ import calibration.data
 import edge_pfm.preprocess
 from calibration.__main__ import main as calibrate
 from calibration.accuracy import GATE
+from calibration.qdq import tensorrt_qdq_problems
 from calibration.ranges import activation_tensors
 from edge_pfm.bundle import Bundle
 from edge_pfm.calib_cache import CalibrationCache, CalibrationCacheError, hex_to_amax, scale_hex, trt_version_int
@@ -125,6 +126,33 @@ def test_qdq_census(calibrated_bundle):
     for q in acts:  # symmetric int8 activations: zero point 0
         zp = numpy_helper.to_array(inits[q.input[2]])
         assert zp.dtype == np.int8 and not zp.any()
+    # TensorRT refuses an int32 DequantizeLinear: every dequantized initializer is int8, conv biases stay float
+    dequantized = [inits[n.input[0]] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert {numpy_helper.to_array(t).dtype for t in dequantized} == {np.dtype(np.int8)}
+    float_biases = [n.input[2] for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 2]
+    assert len(float_biases) > 20 and all(inits[b].data_type == onnx.TensorProto.FLOAT for b in float_biases)
+    assert tensorrt_qdq_problems(model) == []
+    onnx.checker.check_model(model, full_check=True)  # includes topological order
+
+
+def test_fp16_typed_model(calibrated_bundle):
+    """FP16 inside, float32 I/O, LayerNormalization in float32; it runs on ORT CPU and agrees with FP32."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(calibrated_bundle / "model.fp16.onnx")))
+    onnx.checker.check_model(model, full_check=True)
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input,
+                                                              *model.graph.output]}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    assert all(types[v.name] == onnx.TensorProto.FLOAT for v in [*model.graph.input, *model.graph.output])
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert convs and all(types[n.input[1]] == onnx.TensorProto.FLOAT16 for n in convs)
+    norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    assert len(norms) == 3 and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in norms)
+    feeds = {n: np.random.default_rng(0).random((2, 3, 128, 128), np.float32) for n in ("white_light", "fluorescence")}
+    half = ort.InferenceSession(str(calibrated_bundle / "model.fp16.onnx"), providers=["CPUExecutionProvider"])
+    full = ort.InferenceSession(str(calibrated_bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert np.abs(half.run(None, feeds)[0] - full.run(None, feeds)[0]).max() < 0.05
+    report = json.loads((calibrated_bundle / "accuracy.json").read_text())
+    assert "model.fp16.onnx run on ONNX Runtime CPU" in report["fp16_method"]
 
 
 @pytest.mark.parametrize("batch", [1, 4])
@@ -174,7 +202,7 @@ def test_gate_failure_leaves_bundle_unchanged(tiny_bundle, tmp_path, monkeypatch
         rc = calibrate(["--bundle", str(b), "--synthetic", "16", "--eval-synthetic", "8", "--resolution", "160x120"])
     assert rc == 3  # refused, not an input error
     err = capsys.readouterr().err
-    assert "gate failed" in err and "stays FP32" in err and "--method" in err and "--allow-degraded" in err
+    assert "gate failed" in err and "stays FP32" in err and "--qat-epochs" in err and "--allow-degraded" in err
     assert _manifest_bytes(b) == before and sorted(p.name for p in b.iterdir()) == sorted(
         p.name for p in tiny_bundle.iterdir())
     rejected = b.with_name("b.int8-rejected")
@@ -191,3 +219,48 @@ def test_polygraphy_data_loader_script(calibrated_bundle, monkeypatch):
     assert len(feeds) == 3
     assert set(feeds[0]) == {"white_light", "fluorescence"} and feeds[0]["white_light"].shape == (1, 3, 128, 128)
     assert os.environ["EDGE_PFM_BUNDLE"]
+
+
+def test_interval_statistics():
+    from calibration.stats import mcnemar_exact, paired_delta, wilson
+
+    lo, hi = wilson(1990, 2000)
+    assert lo == pytest.approx(0.990820, abs=1e-6) and hi == pytest.approx(0.997282, abs=1e-6)
+    assert wilson(400, 400)[0] == pytest.approx(400 / (400 + 1.959963984540054**2))  # closed form at p = 1
+    assert mcnemar_exact(5, 0) == 1 / 32 and mcnemar_exact(4, 0) == 1 / 16 and mcnemar_exact(2, 2) == 11 / 16
+    ref = np.ones(500, bool)
+    new = ref.copy()
+    new[:2] = False
+    d = paired_delta(ref, new)
+    assert d["delta"] == -0.004 and d["lost"] == 2 and d["gained"] == 0 and d["ci95"][0] < -0.004 < d["ci95"][1] <= 0
+
+
+def _results(n_disagree: int, hsil_lost: int, n: int = 2000):
+    """Logits for FP32 and INT8 on n pairs (4 balanced classes, FP32 always right)."""
+    from calibration.accuracy import evaluate
+
+    labels = np.arange(n) % 4
+    fp32 = np.eye(4)[labels] * 5.0
+    int8 = fp32.copy()
+    others = np.flatnonzero(labels != 3)[: n_disagree - hsil_lost]
+    hsil = np.flatnonzero(labels == 3)[:hsil_lost]
+    for i in [*others, *hsil]:
+        int8[i] = np.roll(int8[i], 1)
+    return evaluate({"fp32": fp32, "int8": int8}, labels, ("normal", "inflammation", "lsil", "hsil"))
+
+
+def test_gate_decides_on_intervals_not_on_one_sample():
+    from calibration.accuracy import gate
+
+    classes = ("normal", "inflammation", "lsil", "hsil")
+    assert gate(_results(10, 2), classes) == []  # 99.50 %: Wilson lower bound 99.08 % clears 99 %
+    refused = gate(_results(16, 2), classes)  # the issue's 99.20 %: lower bound 98.70 %
+    assert len(refused) == 1 and "not shown to be >= 99%" in refused[0] and "98.70%" in refused[0]
+    # one hsil pair lost at 500 hsil pairs (0.2 pp) or four (0.8 pp): no significant loss, no refusal
+    assert gate(_results(4, 1), classes) == [] and gate(_results(8, 4), classes) == []
+    # five lost and none gained: a significant loss (McNemar p = 1/32)
+    assert any("significantly" in r and "'hsil'" in r for r in gate(_results(8, 5), classes))
+    # the old float comparison: 0.95 - 0.94 > 0.01 refused a 1 pp drop; with a tolerance, it is not "below -1 pp"
+    assert gate(_results(1, 1, n=400), classes)[0].startswith("INT8 top-1 agreement")  # n=400 too small to show 99 %
+    # accuracy: 2.5 pp lost on 2000 pairs, interval entirely below -1 pp (agreement also fails)
+    assert any("accuracy drops" in r for r in gate(_results(50, 0), classes))

@@ -18,6 +18,7 @@ KEY = EngineKey("a" * 64, "int8", "qdq", "10.3.0", "Orin", "8.7", -1, (1, 1, 8))
 @pytest.mark.parametrize("field,value", [
     ("onnx_sha256", "b" * 64), ("precision", "fp16"), ("int8_source", "cache"), ("trt_version", "10.16.1"),
     ("gpu_name", "Orin Nano"), ("compute_capability", "8.6"), ("dla_core", 0), ("profile", (1, 1, 4)),
+    ("trt_flavour", "tensorrt_rtx"),
 ])
 def test_every_key_field_changes_the_key(field, value):
     other = dataclasses.replace(KEY, **{field: value})
@@ -79,7 +80,7 @@ def test_plans_on_tensorrt_10_and_8():
 def test_plans_on_tensorrt_11_are_strongly_typed():
     p = plan_build(TRT11, "int8")
     assert p.strongly_typed and p.builder_flags == () and p.onnx_artifact == "model.int8.onnx"
-    with pytest.raises(BuildRefused, match="removed implicit INT8 calibration"):
+    with pytest.raises(BuildRefused, match="has no implicit INT8 calibration"):
         plan_build(TRT11, "int8", "cache")
     with pytest.raises(BuildRefused, match="FP16-typed ONNX"):
         plan_build(TRT11, "fp16")
@@ -125,3 +126,23 @@ def test_tensorrt_code_uses_no_api_removed_in_10():
         for name in REMOVED_IN_TRT10:
             assert not re.search(r"\." + re.escape(name), code), f"{f.name} uses {name} (removed in TensorRT 10)"
         assert "execute_async_v3" in code or "build_serialized_network" in code
+
+
+def test_layer_census_reads_both_log_formats():
+    from edge_pfm.engine.layer_census import census_from_log
+
+    trt10 = ("Engine Layer Information:\n"
+             "Layer(CaskConvolution): /stem/Conv + /stem/Relu, Tactic: 0x1, white_light (Int8[1,3:4,128,128]) -> "
+             "out (Int8[1,16:32,32,32])\n"
+             "Layer(Reformat): reformat, Tactic: 0x0, out (Int8[1,16:32,32,32]) -> r (Float[1,16,32,32])\n"
+             "Layer(Myelin): {ForeignNode[/attn/MatMul...]}, Tactic: 0x0, r (Half[1,16,32,32]) -> y (Half[1,4])\n")
+    c = census_from_log(["unrelated", trt10])
+    assert c.log_format == "tensorrt" and dict(c.layers) == {"Int8": 2, "Half": 1}
+    assert dict(c.compute_layers) == {"Int8": 1}
+    rtx = ("Layers:\nName: a, LayerType: shape_call, Inputs: [], Constants: [], Outputs: [], TacticName: , StreamId: 0\n"
+           "Name: b, LayerType: correlation, Inputs: [ { Name: x, Dimensions: [-1,3,8,8], Datatype: Half, Format: "
+           "(Linear) Row major }], Constants: [ { Name: w, Dimensions: [4,3,1,1], Datatype: Int8 }], Outputs: [ { Name: y, "
+           "Dimensions: [-1,4,8,8], Datatype: Float }], TacticName: t, StreamId: 0, Metadata: [ONNX Layer: /c]\n")
+    c = census_from_log([rtx])
+    assert c.log_format == "tensorrt-rtx" and dict(c.layers) == {"Half": 1} and dict(c.compute_layers) == {"Half": 1}
+    assert census_from_log(["no listing here"]) is None

@@ -173,3 +173,21 @@ def test_parity_gate_failure_leaves_no_bundle(tiny_checkpoint, tmp_path, monkeyp
     assert export_main(["--checkpoint", str(tiny_checkpoint), "--out", str(out), "--parity-pairs", "8"]) == 2
     assert "parity gate failed" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_topological_sort_repairs_node_order(tiny_bundle):
+    import random
+
+    from export.onnx_export import ExportError, topological_sort
+
+    model = onnx.load(str(tiny_bundle / "model.onnx"))
+    nodes = list(model.graph.node)
+    random.Random(0).shuffle(nodes)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model, full_check=True)
+    onnx.checker.check_model(topological_sort(model), full_check=True)
+    model.graph.node[0].input.append("nobody_makes_this")
+    with pytest.raises(ExportError, match="nobody_makes_this"):
+        topological_sort(model)

@@ -25,3 +25,48 @@ def test_ablation_table_format():
             "white_light only": {"accuracy": 0.7, "recall": {"a": 0.9, "b": 0.5}}}
     table = format_ablation(rows, ("a", "b"))
     assert "| fusion | 0.900 | 1.000 | 0.800 |" in table
+
+
+def _train(out, *extra):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "export.train", "--synthetic", "96", "--epochs", "2", "--resolution", "128x96",
+           "--threads", "2", "--quiet", "--out", str(out), *extra]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return torch.load(out, map_location="cpu", weights_only=True)
+
+
+def test_training_is_bitwise_reproducible(tmp_path):
+    """Two runs of the same command (separate processes, as a user runs them) give identical weights."""
+    a, b = _train(tmp_path / "a.pt"), _train(tmp_path / "b.pt")
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["extra"]["seed"] == 0 and a["extra"]["threads"] == 2 and a["extra"]["versions"]["torch"]
+    c = _train(tmp_path / "c.pt", "--seed", "1")  # and the seed matters
+    assert not all(torch.equal(a["state_dict"][k], c["state_dict"][k]) for k in a["state_dict"])
+
+
+def test_qat_fake_quantization_matches_the_int8_grid_and_comes_off():
+    from export.model import create_model
+    from export.qat import fake_quant, fake_quantized, observe_ranges, quantized_convs
+
+    torch.manual_seed(0)
+    model = create_model("pfm_tiny", num_classes=4).eval()
+    x = (torch.rand(4, 3, 128, 128), torch.rand(4, 3, 128, 128))
+    ranges = observe_ranges(model, iter([x]))
+    names = [n for n, _ in quantized_convs(model)]
+    assert names and not any(".stem." in n for n in names)
+    assert {k.split("#")[0] for k in ranges["conv_input"]} == set(names)
+    v = torch.linspace(-2, 2, 101)
+    q = fake_quant(v, 1.0)
+    assert torch.allclose(q * 127, torch.round(q * 127)) and q.max() == 1.0  # on the int8 grid, clipped at amax
+    ref = model(*x)
+    with fake_quantized(model, ranges):
+        conv = dict(model.named_modules())[names[0]]
+        w = conv.weight  # parametrized: per-output-channel symmetric int8
+        scale = w.detach().abs().amax(dim=(1, 2, 3), keepdim=True) / 127
+        assert torch.allclose(w / scale, torch.round(w / scale), atol=1e-4)
+        quantized = model(*x)
+    assert not torch.equal(quantized, ref)
+    assert torch.equal(model(*x), ref)  # back to the float model exactly

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edge_pfm.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 
-SIDECAR_SCHEMA = "edge-pfm/engine/v1"
+SIDECAR_SCHEMA = "edge-pfm/engine/v1"  # v1 sidecars without trt_flavour read as a mismatch
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class EngineKey:
     compute_capability: str  # e.g. 8.7
     dla_core: int  # -1 = GPU
     profile: tuple[int, int, int]  # batch min, opt, max
+    trt_flavour: str = "tensorrt"  # or tensorrt_rtx: an RTX engine is never taken for a TensorRT one
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -34,7 +35,8 @@ class EngineKey:
     def file_stem(self) -> str:
         device = f"dla{self.dla_core}" if self.dla_core >= 0 else "gpu"
         src = f"-{self.int8_source}" if self.int8_source else ""
-        return f"pfm.{self.precision}{src}.trt{self.trt_version}.sm{self.compute_capability.replace('.', '')}.{device}." \
+        flavour = "rtx" if self.trt_flavour == "tensorrt_rtx" else "trt"
+        return f"pfm.{self.precision}{src}.{flavour}{self.trt_version}.sm{self.compute_capability.replace('.', '')}.{device}." \
                f"{self.digest()}"
 
     def to_dict(self) -> dict:

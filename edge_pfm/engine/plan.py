@@ -22,10 +22,16 @@ class TrtCapabilities:
     has_fp16_onnx: bool = False  # the bundle carries an FP16-typed ONNX (needed for FP16 on TensorRT >= 11)
     has_int8_onnx: bool = True
     has_calibration_cache: bool = True
+    flavour: str = "tensorrt"  # or "tensorrt_rtx" (TensorRT for RTX: versions 1.x, strongly typed)
 
     @property
     def strongly_typed_only(self) -> bool:  # TensorRT 11 removed the FP16/INT8 builder flags and calibrators
-        return self.version[0] >= 11
+        return self.flavour == "tensorrt_rtx" or self.version[0] >= 11
+
+    @property
+    def name(self) -> str:
+        label = "TensorRT-RTX" if self.flavour == "tensorrt_rtx" else "TensorRT"
+        return f"{label} {'.'.join(map(str, self.version))}"
 
 
 @dataclass(frozen=True)
@@ -42,9 +48,9 @@ class BuildPlan:
 def plan_build(caps: TrtCapabilities, precision: str, int8_source: str | None = None, dla_core: int = -1) -> BuildPlan:
     if precision not in PRECISIONS:
         raise BuildRefused(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    v = ".".join(map(str, caps.version))
-    if caps.version < (8, 5):
-        raise BuildRefused(f"TensorRT {v} is too old: edge-pfm uses the name-based API of TensorRT >= 8.5 (JetPack >= 5.1)")
+    v = caps.name
+    if caps.flavour == "tensorrt" and caps.version < (8, 5):
+        raise BuildRefused(f"{v} is too old: edge-pfm uses the name-based API of TensorRT >= 8.5 (JetPack >= 5.1)")
     if precision != "int8" and int8_source:
         raise BuildRefused("--int8-source only applies to --precision int8")
     if dla_core >= 0:
@@ -65,9 +71,9 @@ def plan_build(caps: TrtCapabilities, precision: str, int8_source: str | None = 
         if caps.strongly_typed_only:
             if not caps.has_fp16_onnx:
                 raise BuildRefused(
-                    f"TensorRT {v} is strongly typed: FP16 needs an FP16-typed ONNX, and this bundle has none. "
-                    "Convert on the build machine (python -m modelopt.onnx.autocast --onnx_path model.onnx "
-                    "--output_path model.fp16.onnx --keep_io_types), or build --precision int8 (Q/DQ)")
+                    f"{v} is strongly typed: FP16 needs an FP16-typed ONNX, and this bundle has none. "
+                    "Run calibration on the build machine (python -m calibration --bundle BUNDLE ...), which writes "
+                    "model.fp16.onnx, or build --precision int8 (Q/DQ)")
             return BuildPlan("fp16", "", "model.fp16.onnx", tuple(flags), False, dla_core, True)
         return BuildPlan("fp16", "", "model.onnx", (*flags, "FP16"), False, dla_core, False)
     # int8
@@ -76,7 +82,7 @@ def plan_build(caps: TrtCapabilities, precision: str, int8_source: str | None = 
         raise BuildRefused(f"--int8-source must be one of {INT8_SOURCES}, got {source!r}")
     if source == "cache":
         if caps.strongly_typed_only:
-            raise BuildRefused(f"TensorRT {v} removed implicit INT8 calibration (calibration caches); "
+            raise BuildRefused(f"{v} has no implicit INT8 calibration (calibration caches; TensorRT 11 removed it); "
                                "use --int8-source qdq (model.int8.onnx)")
         if not caps.has_calibration_cache:
             raise BuildRefused("the bundle has no calibration.cache; run python -m calibration first")
@@ -85,7 +91,7 @@ def plan_build(caps: TrtCapabilities, precision: str, int8_source: str | None = 
     if not caps.has_int8_onnx:
         raise BuildRefused("the bundle has no model.int8.onnx; run python -m calibration first")
     if dla_core >= 0 and not caps.strongly_typed_only:
-        raise BuildRefused(f"on TensorRT {v} DLA INT8 needs the calibration cache (implicit INT8); "
+        raise BuildRefused(f"on {v} DLA INT8 needs the calibration cache (implicit INT8); "
                            "use --int8-source cache with --dla-core")
     if caps.strongly_typed_only:
         return BuildPlan("int8", "qdq", "model.int8.onnx", tuple(flags), False, dla_core, True)
