@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from calibration.__main__ import main as calibrate
     from calibration.accuracy import evaluate, evaluate_stream, gate
     from calibration.data import pair_feed, synthetic_pair_chunks, synthetic_pairs
+    from calibration.qdq import quantize_qdq
     from edge_pfm.bundle import Bundle
     from export import train
     from export.__main__ import main as export
@@ -70,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     assert rc == 0
     rows["PTQ (ours: percentile, stems float)"] = {"seconds": seconds, "fp32": "ptq", "int8": "ptq_int8"}
     models.update({"ptq": ptq / "model.onnx", "ptq_int8": ptq / "model.int8.onnx"})
+    # the same ranges and placement with int32 biases: the Q/DQ this project wrote before TensorRT checked it
+    amax = json.loads((ptq / "calibration.json").read_text())["amax"]
+    quantize_qdq(ptq / "model.onnx", amax, out / "ptq_int32_bias.onnx", keep_float=("/stem/",), int32_biases=True)
+    rows["PTQ, int32 biases (before: TensorRT refuses it)"] = {"seconds": seconds, "fp32": "ptq", "int8": "ptq_i32"}
+    models["ptq_i32"] = out / "ptq_int32_bias.onnx"
 
     qat, qat_ckpt = out / "qat", out / "qat.pt"
     rc, train_s = _timed(train.main, ["--qat-from", args.checkpoint, "--synthetic", str(args.synthetic),
@@ -87,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             npz = Path(tmp) / "calib.npz"
             np.savez(npz, **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
+            # ModelOpt rewrites the ONNX it is given (shape inference, in place): hand it a copy, not the bundle's
+            fp32_copy = Path(tmp) / "model.onnx"
+            shutil.copyfile(ptq / "model.onnx", fp32_copy)
             t0 = time.perf_counter()
-            r = subprocess.run([args.modelopt_python, "-c", MODELOPT_SCRIPT, str(ptq / "model.onnx"), str(npz),
+            r = subprocess.run([args.modelopt_python, "-c", MODELOPT_SCRIPT, str(fp32_copy), str(npz),
                                 str(out / "modelopt.int8.onnx")], capture_output=True, text=True)
             if r.returncode:
                 print(r.stderr[-3000:], file=sys.stderr)

@@ -39,8 +39,11 @@ def residual_adds(model) -> list[str]:
 
 
 def quantize_qdq(onnx_path: str | Path, amax: dict[str, float], out_path: str | Path,
-                 op_types: tuple[str, ...] = DEFAULT_QUANTIZED_OPS, keep_float: tuple[str, ...] = ()):
-    """Write the Q/DQ model quantizing `op_types` (+ residual adds); -> onnx.ModelProto."""
+                 op_types: tuple[str, ...] = DEFAULT_QUANTIZED_OPS, keep_float: tuple[str, ...] = (),
+                 int32_biases: bool = False):
+    """Write the Q/DQ model quantizing `op_types` (+ residual adds); -> onnx.ModelProto.
+    `int32_biases` writes what this project wrote before TensorRT checked it (biases quantized to int32,
+    which TensorRT refuses): for accuracy comparisons only, never a bundle artifact."""
     import onnx
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
@@ -59,14 +62,14 @@ def quantize_qdq(onnx_path: str | Path, amax: dict[str, float], out_path: str | 
     quantizer = QDQQuantizer(
         model, per_channel=True, reduce_range=False, weight_qType=QuantType.QInt8, activation_qType=QuantType.QInt8,
         tensors_range=ranges, nodes_to_quantize=nodes, nodes_to_exclude=[], op_types_to_quantize=[*op_types, "Add"],
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": int32_biases,
                        "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1, "Gemm": 0}},
     )
     qmodel = topological_sort(quantizer.quantize_model())
     qmodel.ir_version = model.ir_version
     qmodel.producer_name = model.producer_name
     qmodel.producer_version = model.producer_version
-    problems = tensorrt_qdq_problems(qmodel)
+    problems = [] if int32_biases else tensorrt_qdq_problems(qmodel)
     if problems:
         raise ValueError("the Q/DQ model is not what TensorRT accepts:\n  - " + "\n  - ".join(problems[:10]))
     onnx.save_model(qmodel, str(out_path))

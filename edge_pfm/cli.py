@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alternating", help="one source with alternating white/fluorescence illumination")
     p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"))
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"))
-    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--threads", type=int, help="inference threads (default: the thread plan; edge-pfm info shows it)")
     p.add_argument("--tolerance-ms", type=float, help="pairing tolerance (default: half a frame period)")
     p.add_argument("--log", help="append every decision to this JSONL file")
     p.add_argument("--video", help="write an annotated side-by-side video (.avi, MJPG)")

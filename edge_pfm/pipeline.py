@@ -23,7 +23,9 @@ from edge_pfm.quality import GateConfig, assess
 from edge_pfm.record import DecisionLog
 from edge_pfm.sources import FrameSource
 
-STAGES = ("pair_wait", "preprocess", "queue", "infer", "decide", "total")
+# phase: the older frame waiting for its partner (camera phase offset, not the software's);
+# software: from the newer frame's capture to the decision (what the software adds)
+STAGES = ("pair_wait", "preprocess", "queue", "infer", "decide", "total", "phase", "software")
 LATENCY_WINDOW = 20_000  # latency samples kept per stage: the summary covers the last ~11 minutes at 30 fps
 
 
@@ -170,6 +172,11 @@ class Runner:
 
         clf = self.classifier or Classifier(self.bundle_arg, self.cfg.backend, self.cfg.precision, self.cfg.threads)
         self.classifier = clf
+        plan = getattr(clf.backend, "thread_plan", None)
+        if plan is not None:
+            from edge_pfm.thread_plan import apply_opencv_threads
+
+            apply_opencv_threads(plan)
         self.engine = DecisionEngine(clf.classes, self.cfg.decision)
         self.ready_event.set()
         backend_desc = clf.backend.describe()
@@ -214,7 +221,9 @@ class Runner:
             cap = p.t_capture_ns
             lat = {"pair_wait": (work.t_paired_ns - max(p.white_light.t_capture_ns, p.fluorescence.t_capture_ns)) / 1e6,
                    "preprocess": (work.t_ready_ns - work.t_paired_ns) / 1e6, "queue": (t0 - work.t_ready_ns) / 1e6,
-                   "infer": (t1 - t0) / 1e6, "decide": (t_dec - t1) / 1e6, "total": (t_dec - cap) / 1e6}
+                   "infer": (t1 - t0) / 1e6, "decide": (t_dec - t1) / 1e6, "total": (t_dec - cap) / 1e6,
+                   "phase": abs(p.white_light.t_capture_ns - p.fluorescence.t_capture_ns) / 1e6,
+                   "software": (t_dec - max(p.white_light.t_capture_ns, p.fluorescence.t_capture_ns)) / 1e6}
             for k, v in lat.items():
                 self.timings[k].append(v)
             rec.update({
@@ -327,6 +336,8 @@ class Runner:
             "infer_errors": self.counts["infer_errors"],
             "latency_ms": {k: _percentiles(v) for k, v in self.timings.items()},
             "backend": self.classifier.backend.describe() if self.classifier else None,
+            "thread_plan": (plan.to_dict() if (plan := getattr(getattr(self.classifier, "backend", None), "thread_plan",
+                                                               None)) else None),
         }
 
 
@@ -337,6 +348,7 @@ def format_summary(s: dict) -> str:
              f"gated {s['gated']}, rejected {s['rejected_nonfinite']}, bad frames {s['bad_frames']}",
              f"decisions {s['decisions']}",
              f"sources {s['sources']}",
+             *([f"thread plan {s['thread_plan']}"] if s.get("thread_plan") else []),
              "latency ms      p50      p95      p99"]
     for stage, p in s["latency_ms"].items():
         lines.append(f"  {stage:11s} {p['p50']:8.2f} {p['p95']:8.2f} {p['p99']:8.2f}")

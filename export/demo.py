@@ -1,8 +1,8 @@
 """`make demo`: the main job end to end on a machine with no GPU, cameras or data.
 
-train pfm_tiny on synthetic pairs, then quantization-aware fine-tuning -> export the bundle (parity gate,
-TensorRT-RTX build check) -> calibrate (INT8 Q/DQ + FP16 ONNX + TensorRT cache + accuracy gate on 2000
-held-out pairs) -> stream two synthetic cameras through the runtime with the best
+train pfm_tiny on synthetic pairs (reproducible) -> export the bundle (parity gate, TensorRT-RTX build
+check) -> calibrate (INT8 Q/DQ + FP16 ONNX + TensorRT cache + accuracy gate on 2000 held-out pairs; if
+the gate refuses the PTQ model: quantization-aware fine-tuning, export and calibrate again) -> stream two synthetic cameras through the runtime with the best
 backend available -> summary + decision log, annotated video, latency histogram, confusion matrices
 in build/demo/.
 """
@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="build/demo")
     ap.add_argument("--pairs", type=int, default=1200, help="synthetic training pairs")
     ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--qat-epochs", type=int, default=3, help="quantization-aware fine-tuning epochs (0: PTQ only)")
+    ap.add_argument("--qat-epochs", type=int, default=3,
+                    help="quantization-aware fine-tuning epochs if the gate refuses the PTQ model (0: never)")
     ap.add_argument("--seconds", type=float, default=20.0, help="how long the cameras stream")
     ap.add_argument("--calib-pairs", type=int, default=512)
     ap.add_argument("--eval-pairs", type=int, default=2000)
@@ -96,17 +97,25 @@ def main(argv: list[str] | None = None) -> int:
     from export.__main__ import main as export
 
     total = 4
-    _step(1, total, f"train pfm_tiny on {args.pairs} synthetic pairs ({args.epochs} epochs, then {args.qat_epochs} "
-                    "quantization-aware)")
-    if train.main(["--synthetic", str(args.pairs), "--epochs", str(args.epochs), "--qat-epochs", str(args.qat_epochs),
-                   "--out", str(ckpt)]):
+    _step(1, total, f"train pfm_tiny on {args.pairs} synthetic pairs ({args.epochs} epochs)")
+    if train.main(["--synthetic", str(args.pairs), "--epochs", str(args.epochs), "--out", str(ckpt)]):
         return 1
     _step(2, total, "export the ONNX bundle (parity gate: PyTorch vs ONNX Runtime CPU)")
     if export(["--checkpoint", str(ckpt), "--out", str(bundle)]):
         return 1
     _step(3, total, "calibrate: INT8 Q/DQ + FP16 ONNX + TensorRT calibration cache + accuracy gate")
-    rc = calibrate(["--bundle", str(bundle), "--synthetic", str(args.calib_pairs), "--eval-synthetic",
-                    str(args.eval_pairs), "--eval-resolution", args.eval_resolution])
+    calib_args = ["--bundle", str(bundle), "--synthetic", str(args.calib_pairs), "--eval-synthetic",
+                  str(args.eval_pairs), "--eval-resolution", args.eval_resolution]
+    rc = calibrate(calib_args)
+    if rc == 3 and args.qat_epochs:  # PTQ missed the gate: fine-tune under the Q/DQ scheme and try again
+        qat_ckpt = out / "pfm_tiny.qat.pt"
+        print(f"\n!! the gate refused the PTQ model: {args.qat_epochs} epochs of quantization-aware fine-tuning",
+              flush=True)
+        if (train.main(["--qat-from", str(ckpt), "--synthetic", str(args.pairs), "--qat-epochs", str(args.qat_epochs),
+                        "--out", str(qat_ckpt)])
+                or export(["--checkpoint", str(qat_ckpt), "--out", str(bundle)])):
+            return 1
+        rc = calibrate(calib_args)
     rejected = bundle.with_name(bundle.name + ".int8-rejected")
     if rc == 3:  # the gate refused INT8: the device would run FP32, and so does the demo
         print("\n!! the INT8 accuracy gate refused this model (report above and in "

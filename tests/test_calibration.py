@@ -264,3 +264,33 @@ def test_gate_decides_on_intervals_not_on_one_sample():
     assert gate(_results(1, 1, n=400), classes)[0].startswith("INT8 top-1 agreement")  # n=400 too small to show 99 %
     # accuracy: 2.5 pp lost on 2000 pairs, interval entirely below -1 pp (agreement also fails)
     assert any("accuracy drops" in r for r in gate(_results(50, 0), classes))
+
+
+@pytest.mark.slow
+def test_qat_ranges_go_through_the_same_writers(tiny_checkpoint, tmp_path):
+    """--qat-from -> export maps the QAT ranges onto ONNX tensors -> calibration writes them into the Q/DQ
+    model and the TensorRT cache, the same writers PTQ ranges go through."""
+    from export import train
+    from export.bundle_export import export_bundle
+
+    ckpt = tmp_path / "qat.pt"
+    assert train.main(["--qat-from", str(tiny_checkpoint), "--synthetic", "64", "--qat-epochs", "1",
+                       "--resolution", "160x120", "--quiet", "--out", str(ckpt)]) == 0
+    b = tmp_path / "b"
+    export_bundle(ckpt, b)
+    qat = json.loads((b / "qat_ranges.json").read_text())["amax"]
+    graph = onnx.load(str(b / "model.onnx")).graph
+    conv_inputs = {n.input[0] for n in graph.node if n.op_type == "Conv" and "/stem/" not in n.name}
+    assert conv_inputs <= set(qat) and len(qat) > len(conv_inputs)  # + the quantized Adds' inputs and outputs
+    rc = calibrate(["--bundle", str(b), "--synthetic", "16", "--eval-synthetic", "16", "--resolution", "160x120",
+                    "--allow-degraded"])
+    assert rc == 0
+    manifest = Bundle.load(b).manifest
+    assert manifest["calibration"]["ranges"].startswith("qat (")
+    cache = CalibrationCache.read(b / "calibration.cache")
+    model = onnx.load(str(b / "model.int8.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    scales = {n.input[0]: float(inits[n.input[1]]) for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    for name in conv_inputs:
+        assert scales[name] == pytest.approx(qat[name] / 127, rel=1e-6)
+        assert cache.amax[name] == pytest.approx(qat[name], rel=1e-6)

@@ -28,6 +28,9 @@ class OnnxRuntimeBackend(Backend):
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
+            # idle pool threads spin-wait by default, burning the cores capture and preprocessing need
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.threads = threads
         opts.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=list(providers))

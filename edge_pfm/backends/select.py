@@ -68,6 +68,9 @@ def open_backend(bundle: Bundle | str | Path, backend: str = "auto", precision: 
     if not isinstance(bundle, Bundle):
         bundle = Bundle.load(bundle)
     sel = select_backend(bundle, backend, precision)
+    from edge_pfm.thread_plan import plan_threads
+
+    plan = plan_threads(sel.backend, inference=threads)
     if sel.backend == "tensorrt":
         from edge_pfm.backends.tensorrt_backend import TensorRTBackend
         from edge_pfm.engine.trt_build import ensure_engine
@@ -77,6 +80,7 @@ def open_backend(bundle: Bundle | str | Path, backend: str = "auto", precision: 
     else:
         from edge_pfm.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-        b = OnnxRuntimeBackend(bundle, sel.precision, threads=threads)
+        b = OnnxRuntimeBackend(bundle, sel.precision, threads=plan.inference)
     b.selection_reason = sel.reason
+    b.thread_plan = plan
     return b
