@@ -165,8 +165,8 @@ def run(args: argparse.Namespace, trt_int: int) -> int:
         atomic_write_json(tmp / "calibration.json", {"method": args.method, "ranges": ranges_used, "symmetric": True,
                                                      "amax": amax})
         build_checks = {}
-        for name, precision in (("model.int8.onnx", "int8"), ("model.fp16.onnx", "fp16")):
-            build_checks[name] = check_artifact(tmp / name, precision, bundle.max_batch)
+        for name in ("model.int8.onnx", "model.fp16.onnx"):
+            build_checks[name] = check_artifact(tmp / name, max_batch=bundle.max_batch)
             _log(f"      {summary_line(name, build_checks[name])}")
 
         _log(f"[4/5] accuracy on {n_eval} held-out pairs: FP32 vs INT8 vs FP16, ONNX Runtime CPU")

@@ -84,12 +84,11 @@ def evaluate(logits: dict[str, np.ndarray], labels: np.ndarray, classes: tuple[s
     out = {name: metrics(lg, labels, ref, classes) for name, lg in logits.items()}
     ref_ok = ref.argmax(1) == labels
     for name in out:
-        out[name]["recall_delta"] = {c: (None if out[name]["recall"][c] is None else
-                                         out[name]["recall"][c] - out["fp32"]["recall"][c]) for c in classes}
         ok = logits[name].argmax(1) == labels
         out[name]["accuracy_change"] = paired_delta(ref_ok, ok)
         out[name]["recall_change"] = {c: paired_delta(ref_ok[labels == i], ok[labels == i])
                                       for i, c in enumerate(classes)}
+        out[name]["recall_delta"] = {c: rc["delta"] for c, rc in out[name]["recall_change"].items()}
     return out
 
 

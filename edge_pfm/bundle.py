@@ -28,7 +28,7 @@ MANIFEST = "manifest.json"
 MODALITIES = ("white_light", "fluorescence")
 REQUIRED_FIELDS = ("schema", "schema_version", "model", "inputs", "outputs", "artifacts", "provenance")
 # precision -> artifact that holds that model
-MODEL_ARTIFACTS = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+MODEL_ARTIFACTS = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 
 
 class BundleError(ValueError):

@@ -90,6 +90,7 @@ class Runner:
         self.last_pair_ns = 0
         self.error: BaseException | None = None
         self.last_state = None
+        self.thread_plan = None  # set by the inference thread once the backend is chosen
 
     # -- threads ------------------------------------------------------------------------------------
     def _prepare(self, pair: Pair, specs, pool) -> Work | None:
@@ -172,11 +173,11 @@ class Runner:
 
         clf = self.classifier or Classifier(self.bundle_arg, self.cfg.backend, self.cfg.precision, self.cfg.threads)
         self.classifier = clf
-        plan = getattr(clf.backend, "thread_plan", None)
-        if plan is not None:
+        self.thread_plan = getattr(clf.backend, "thread_plan", None)
+        if self.thread_plan is not None:
             from edge_pfm.thread_plan import apply_opencv_threads
 
-            apply_opencv_threads(plan)
+            apply_opencv_threads(self.thread_plan)
         self.engine = DecisionEngine(clf.classes, self.cfg.decision)
         self.ready_event.set()
         backend_desc = clf.backend.describe()
@@ -336,8 +337,7 @@ class Runner:
             "infer_errors": self.counts["infer_errors"],
             "latency_ms": {k: _percentiles(v) for k, v in self.timings.items()},
             "backend": self.classifier.backend.describe() if self.classifier else None,
-            "thread_plan": (plan.to_dict() if (plan := getattr(getattr(self.classifier, "backend", None), "thread_plan",
-                                                               None)) else None),
+            "thread_plan": self.thread_plan.to_dict() if self.thread_plan else None,
         }
 
 

@@ -12,16 +12,16 @@ and running an engine. Those need the device.
 """
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
 from edge_pfm._lazy import MissingDependencyError
+from edge_pfm.bundle import MODEL_ARTIFACTS
 from export.onnx_export import ExportError
 
 CHECK_FLAVOUR = "tensorrt_rtx"
 # which precision each bundle artifact is built as
-ARTIFACT_PRECISION = {"model.onnx": "fp32", "model.fp16.onnx": "fp16", "model.int8.onnx": "int8"}
+ARTIFACT_PRECISION = {artifact: precision for precision, artifact in MODEL_ARTIFACTS.items()}
 
 
 class ArtifactRejected(ExportError):
@@ -89,7 +89,3 @@ def summary_line(name: str, record: dict) -> str:
     conv = ", ".join(f"{k} {v}" for k, v in t["compute_by_datatype"].items())
     return (f"{name}: onnx.checker passed; {t['flavour']} {t['version']} built it in {t['build_seconds']:.1f}s, "
             f"{t['engine_bytes'] / 1e6:.1f} MB, {t['layers']} layers ({dt}); conv/matmul layers: {conv}")
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import platform
 import sys
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import edge_pfm
 from edge_pfm.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, write_manifest
 from edge_pfm.fileio import atomic_directory, atomic_write_json, atomic_write_text
 from export.artifact_check import check_artifact, summary_line
-from export.checkpoint import load_checkpoint
+from export.checkpoint import library_versions, load_checkpoint
 from export.model import MODALITIES
 from export.onnx_export import BATCH_DIM, OUTPUT_NAME, ExportError, check_graph, onnx_from_torch, save_onnx
 from export.parity import parity_feeds, report_markdown, run_parity
@@ -18,16 +17,6 @@ from export.parity import parity_feeds, report_markdown, run_parity
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def library_versions() -> dict[str, str]:
-    import numpy
-    import onnx
-    import onnxruntime
-    import torch
-
-    return {"edge_pfm": edge_pfm.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__, "python": platform.python_version()}
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, opset: int = 17, max_batch: int = 8,
@@ -86,7 +75,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opset: int = 17, max_
             "provenance": {
                 "checkpoint_sha256": meta["sha256"], "checkpoint": Path(meta["path"]).name,
                 "exporter": f"edge-pfm {edge_pfm.__version__} (torch.onnx legacy exporter)",
-                "opset": graph["opset"], "ir_version": graph["ir_version"], "versions": library_versions(),
+                "opset": graph["opset"], "ir_version": graph["ir_version"], "versions": library_versions(("edge_pfm", "torch", "onnx", "onnxruntime", "numpy")),
                 "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "training": {**meta["extra"], "qat": {k: v for k, v in qat.items() if k != "ranges"}} if qat
                 else meta["extra"],

@@ -19,6 +19,15 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message names the file and the fix."""
 
 
+def library_versions(modules: tuple[str, ...] = ("torch", "numpy")) -> dict[str, str]:
+    """{module: version} of the libraries a checkpoint or bundle was made with, plus python (as strings: a
+    torch.TorchVersion would not load back under weights_only)."""
+    import importlib
+    import platform
+
+    return {m: str(importlib.import_module(m).__version__) for m in modules} | {"python": platform.python_version()}
+
+
 def save_checkpoint(path: str | os.PathLike, model: PFM, variant: str, classes: tuple[str, ...],
                     preprocessing: dict[str, PreprocessSpec], extra: dict[str, Any] | None = None) -> Path:
     ckpt = {

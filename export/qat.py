@@ -255,7 +255,7 @@ def finetune(model: PFM, train_set, val_set, ranges: dict, epochs: int = 3, batc
 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    best, best_state, history = (-1.0, -1.0), None, []
+    best, best_state, best_epoch, history = (-1.0, -1.0), None, {}, []
     t0 = time.perf_counter()
     with fake_quantized(model, ranges) as switch:
         for epoch in range(1, epochs + 1):
@@ -294,8 +294,8 @@ def finetune(model: PFM, train_set, val_set, ranges: dict, epochs: int = 3, batc
                       f"val acc quant {score[1]:.4f} float {history[-1]['val_accuracy_float']:.4f}  "
                       f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
             if score > best:
-                best, best_state = score, copy.deepcopy(model.state_dict())
+                best, best_state, best_epoch = score, copy.deepcopy(model.state_dict()), history[-1]
         if best_state is not None:
             model.load_state_dict(best_state)
     model.eval()
-    return {"history": history, "seconds": round(time.perf_counter() - t0, 1)}
+    return {"history": history, "best": best_epoch, "seconds": round(time.perf_counter() - t0, 1)}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from edge_pfm.preprocess import PreprocessSpec, preprocess
 from edge_pfm.synthetic import CLASSES
-from export.checkpoint import save_checkpoint
+from export.checkpoint import library_versions, save_checkpoint
 from export.model import MODALITIES, PFM, create_model, variant_config
 
 
@@ -216,12 +216,6 @@ def _parse_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
 
 
-def library_versions() -> dict[str, str]:
-    import platform
-
-    return {"torch": str(torch.__version__), "numpy": str(np.__version__), "python": platform.python_version()}
-
-
 def make_reproducible(seed: int, threads: int) -> None:
     """Seeded RNGs, deterministic algorithms, a fixed thread count: the same command gives the same weights."""
     torch.manual_seed(seed)
@@ -240,7 +234,7 @@ def quantization_aware(model: PFM, train_set: PairTensors, val_set: PairTensors,
                                     for i in range(0, n, 32)))
     result = finetune(model, train_set, val_set, ranges, epochs, lr=lr, seed=seed + 1, progress=progress)
     float_after = evaluate(model, val_set)
-    best = max(result["history"], key=lambda h: (h["val_agreement"], h["val_accuracy_quant"]))
+    best = result["best"]
     if progress:
         print(f"[qat] val accuracy: float before {float_before['accuracy']:.4f}, after {float_after['accuracy']:.4f}; "
               f"quantized {best['val_accuracy_quant']:.4f}, agreement {best['val_agreement']:.4f}", file=sys.stderr)

@@ -37,7 +37,6 @@ class BuildResult:
     engine: bytes
     seconds: float
     warnings: list[str] = field(default_factory=list)
-    phases: list[str] = field(default_factory=list)  # top-level build phases the progress monitor saw
     census: LayerCensus | None = None  # layer datatypes (DETAILED profiling verbosity only)
 
 
@@ -109,7 +108,7 @@ def _make_logger(trt, log: Callable[[str], None], warnings: list[str], detailed:
     return BuildLogger()
 
 
-def _make_progress_monitor(trt, log: Callable[[str], None], phases: list[str]):
+def _make_progress_monitor(trt, log: Callable[[str], None]):
     """IProgressMonitor exists from TensorRT 10.0; older versions report through log lines only."""
     if not hasattr(trt, "IProgressMonitor"):
         return None
@@ -120,7 +119,6 @@ def _make_progress_monitor(trt, log: Callable[[str], None], phases: list[str]):
 
         def phase_start(self, phase_name, parent_phase, num_steps):
             if parent_phase is None:
-                phases.append(str(phase_name))
                 log(f"  build phase: {phase_name} ({num_steps} steps)")
 
         def step_complete(self, phase_name, step):
@@ -173,7 +171,6 @@ def build_engine_bytes(trt, onnx_path: str | Path, plan: BuildPlan, profile: tup
     naming the parser's node and message. `detailed` logs the engine's layers to take their datatypes."""
     warnings: list[str] = []
     listings: list[str] = []
-    phases: list[str] = []
     logger = _make_logger(trt, log, warnings, listings)
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt, plan))
@@ -196,7 +193,7 @@ def build_engine_bytes(trt, onnx_path: str | Path, plan: BuildPlan, profile: tup
     if plan.dla_core >= 0:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = plan.dla_core
-    monitor = _make_progress_monitor(trt, log, phases)
+    monitor = _make_progress_monitor(trt, log)
     if monitor is not None:
         config.progress_monitor = monitor
     lo, opt, hi = profile
@@ -222,7 +219,7 @@ def build_engine_bytes(trt, onnx_path: str | Path, plan: BuildPlan, profile: tup
         from edge_pfm.fileio import atomic_write_bytes
 
         atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
-    return BuildResult(bytes(serialized), seconds, warnings, phases, census_from_log(listings))
+    return BuildResult(bytes(serialized), seconds, warnings, census_from_log(listings))
 
 
 def ensure_engine(bundle: Bundle, precision: str, int8_source: str | None = None, dla_core: int = -1,
