@@ -1,10 +1,11 @@
 """The streaming runner: capture -> pair -> preprocess -> infer -> decide -> log.
 
-Threads: one reader per camera (in the sources), one pairing + gating + preprocessing thread, one
-inference thread that owns the backend (TensorRT contexts are per thread). Between stages, bounded
-queues that drop the oldest, so inference always sees the freshest pair while capture and
-preprocessing overlap with it. Every stage is timed; latency runs from the capture of the older
-frame of a pair to its decision.
+Threads: one reader per camera (in the sources), which also preprocesses and gates each frame as it
+arrives, so a pair is ready the moment its second frame lands; one pairing thread; one inference
+thread that owns the backend (TensorRT contexts are per thread). Between stages, bounded queues that
+drop the oldest, so inference always sees the freshest pair while capture and preprocessing overlap
+with it. Every stage is timed; latency runs from the capture of the older frame of a pair to its
+decision ("preprocess" is what remains after pairing: frames are prepared before).
 """
 from __future__ import annotations
 
@@ -93,34 +94,45 @@ class Runner:
         self.thread_plan = None  # set by the inference thread once the backend is chosen
 
     # -- threads ------------------------------------------------------------------------------------
-    def _prepare(self, pair: Pair, specs, pool) -> Work | None:
-        """Gate and preprocess both frames of a pair (in parallel: OpenCV releases the GIL)."""
+    def _prepare_frame(self, frame, modality: str, specs) -> tuple:
+        """One frame -> (model input (1, C, h, w), gate flags, gate metrics), or the error that made it unusable.
+        Runs in the camera's reader thread as each frame arrives (OpenCV releases the GIL)."""
         from edge_pfm.preprocess import preprocess_keep_intermediate
 
-        t_paired = time.monotonic_ns()
-        gates = self.cfg.gates
-        w = np.empty((1, *specs["white_light"].input_shape), np.float32)
-        f = np.empty((1, *specs["fluorescence"].input_shape), np.float32)
-
-        def one(m, frame, buf):
-            _, mid = preprocess_keep_intermediate(frame.image, specs[m], out=buf[0])
-            return assess(mid, getattr(gates, m)) if gates.enabled else ([], {})
-
         try:
-            fw = pool.submit(one, "fluorescence", pair.fluorescence, f)
-            res_w = one("white_light", pair.white_light, w)
-            res_f = fw.result()
-        except (ValueError, TypeError) as exc:  # a malformed frame (wrong type, empty): counted, never inferred
+            x = np.empty((1, *specs[modality].input_shape), np.float32)
+            _, mid = preprocess_keep_intermediate(frame.image, specs[modality], out=x[0])
+        except Exception as exc:  # a malformed frame (wrong type, empty, ...): counted, never inferred
+            return (exc,)
+        gates = self.cfg.gates
+        flags, metrics = assess(mid, getattr(gates, modality)) if gates.enabled else ([], {})
+        return x, flags, metrics
+
+    def _prepare_on_arrival(self, frame, modality: str, specs) -> None:
+        """Prepare a frame in its reader thread while inference has no pair waiting. When a pair already
+        waits (sources faster than the model), most new frames will be superseded: skip them, and the
+        pairing thread prepares the one it picks."""
+        if not self.ready:
+            frame.prepared = self._prepare_frame(frame, modality, specs)
+
+    def _prepare(self, pair: Pair, specs, pool) -> Work | None:
+        """A pair's model inputs and gates: prepared on arrival by the reader threads; frames that were not
+        (skipped under load, or an alternating camera whose modality is known only once paired) are prepared
+        here, both at once (OpenCV releases the GIL)."""
+        t_paired = time.monotonic_ns()
+        w, f = pair.white_light.prepared, pair.fluorescence.prepared
+        pending_f = pool.submit(self._prepare_frame, pair.fluorescence, "fluorescence", specs) if f is None else None
+        w = w if w is not None else self._prepare_frame(pair.white_light, "white_light", specs)
+        f = f if pending_f is None else pending_f.result()
+        for bad in (x for x in (w, f) if len(x) == 1):
             self.counts["bad_frames"] += 1
-            self.last_bad_frame = str(exc)
+            self.last_bad_frame = str(bad[0])
             return None
-        flags = {"white_light": res_w[0], "fluorescence": res_f[0]}
-        metrics = {"white_light": res_w[1], "fluorescence": res_f[1]}
-        return Work(pair, w, f, flags, metrics, t_paired, time.monotonic_ns())
+        return Work(pair, w[0], f[0], {"white_light": w[1], "fluorescence": f[1]},
+                    {"white_light": w[2], "fluorescence": f[2]}, t_paired, time.monotonic_ns())
 
     def _pair_loop(self, specs) -> None:
-        """Pair continuously; preprocess only the freshest pair, and only when inference can take it, so
-        preprocessing never outruns the model and never works on a pair that will be superseded."""
+        """Pair continuously; hand inference only the freshest pair, and only when it can take it."""
         from concurrent.futures import ThreadPoolExecutor
 
         latest: Pair | None = None
@@ -274,6 +286,8 @@ class Runner:
             raise self.error or RuntimeError("the backend did not load within 120 s")
         for s in self.sources:
             s.on_frame = self.frame_event.set
+            if not self.alternating:
+                s.process = lambda frame, m=s.modality: self._prepare_on_arrival(frame, m, bundle.preprocessing)
             s.start()
         self.t_start_ns = time.monotonic_ns()
         pair_thread = threading.Thread(target=self._guard(lambda: self._pair_loop(bundle.preprocessing)),

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from edge_pfm.dataset import IMAGE_SUFFIXES
+from edge_pfm.frame_pool import FramePool
 
 
 @dataclass
@@ -30,6 +31,7 @@ class Frame:
     t_capture_ns: int
     seq: int
     meta: dict[str, Any] = field(default_factory=dict)
+    prepared: Any = None  # the model input and gate results, computed in the reader thread (see FrameSource.process)
 
 
 class SourceError(RuntimeError):
@@ -58,6 +60,10 @@ class FrameSource:
         self.stats = collections.Counter()  # grabbed, overwritten, read_errors, reconnects
         self.last_frame_ns = 0
         self.on_frame = None  # called (from the reader thread) after each new frame
+        # called in the reader thread on each new frame before it is offered: the runner preprocesses here, so
+        # a frame is ready the moment its partner arrives and each camera's frames use their own core
+        self.process = None
+        self.pool = FramePool()  # frame buffers, reused once nothing holds them
 
     # -- subclass hooks -------------------------------------------------------------------------
     def _open(self) -> None:
@@ -68,6 +74,11 @@ class FrameSource:
 
     def _close(self) -> None:
         pass
+
+    def _buffer(self) -> np.ndarray | None:
+        """A free pooled buffer shaped like the last frame, for OpenCV to decode into (None: let it allocate)."""
+        shape = getattr(self, "_last_shape", None)
+        return self.pool.take(shape) if shape is not None else None
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> FrameSource:
@@ -110,6 +121,8 @@ class FrameSource:
                 break
             backoff = 0.1
             self.connected = True
+            if self.process is not None:
+                self.process(frame)
             with self._cond:
                 if len(self._frames) == self._frames.maxlen:
                     self.stats["overwritten"] += 1
@@ -189,9 +202,10 @@ class OpenCVSource(FrameSource):
         if not self.cap.grab():
             raise SourceError(f"camera {self.device!r}: grab() failed")
         t = time.monotonic_ns()
-        ok, img = self.cap.retrieve()
+        ok, img = self.cap.retrieve(self._buffer())
         if not ok or img is None:
             raise SourceError(f"camera {self.device!r}: retrieve() failed")
+        self._last_shape = img.shape
         self.seq += 1
         return Frame(img, t, self.seq)
 
@@ -273,7 +287,9 @@ class ReplaySource(FrameSource):
         ok = self.cap.grab()
         if not ok:
             return None
-        ok, img = self.cap.retrieve()
+        ok, img = self.cap.retrieve(self._buffer())
+        if ok and img is not None:
+            self._last_shape = img.shape
         return img if ok else None
 
     def _grab(self) -> Frame | None:
@@ -352,7 +368,7 @@ class SyntheticSource(FrameSource):
         scene = self.bank.at(t)
         img = scene.white_light if self.modality == "white_light" else scene.fluorescence
         if self.stamp_frames:  # stamping writes: give each frame its own copy
-            img = stamp(img.copy(), self.k - 1, self.modality)
+            img = stamp(self.pool.copy_of(img), self.k - 1, self.modality)
         self.seq += 1
         return Frame(img, t, self.seq, {"label": scene.label, "index": self.k - 1})
 

@@ -1,7 +1,7 @@
 """How many threads inference gets, and how many capture, pairing and preprocessing get.
 
-The pipeline runs a reader thread per camera, one pairing + preprocessing thread (with one helper, so
-both frames of a pair are preprocessed at once) and one inference thread. ONNX Runtime on the CPU wants
+The pipeline runs a reader thread per camera (each also preprocesses its frames as they arrive, so both
+frames of a pair are preprocessed at once, on their own cores), one pairing thread and one inference thread. ONNX Runtime on the CPU wants
 every core, and left alone it takes them all: capture and preprocessing then fight inference and the
 pipeline loses to a naive loop. TensorRT needs almost no CPU: one host thread enqueues the GPU.
 

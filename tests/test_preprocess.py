@@ -58,3 +58,34 @@ def test_spec_round_trip_and_validation():
     assert PreprocessSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ValueError, match="resize"):
         PreprocessSpec(resize="letterbox")
+
+
+def test_halving_downsample_within_one_level_of_exact_box_average():
+    """The documented difference: 8x as three 2x2 halvings differs from one exact 8x8 mean by <= 1 level."""
+    from edge_pfm.preprocess import area_downsample
+    from edge_pfm.synthetic import render_pair
+
+    frame = render_pair("hsil", 7, (1080, 1080)).white_light
+    fast = area_downsample(frame, 128, 128)
+    exact = frame.reshape(135, 8, 135, 8, 3).mean(axis=(1, 3))
+    assert fast.shape == (135, 135, 3)
+    diff = fast.astype(np.float64) - exact
+    assert np.abs(diff).max() <= 1.5 and abs(diff.mean()) < 0.6
+    # odd factors take one exact step: 5x
+    odd = area_downsample(frame[:1000, :1000], 200, 200)
+    np.testing.assert_allclose(odd, frame[:1000, :1000].reshape(200, 5, 200, 5, 3).mean(axis=(1, 3)), atol=0.51)
+
+
+def test_scratch_buffers_never_leak_into_results():
+    """Intermediates are reused per thread; every returned image is its own."""
+    from edge_pfm.preprocess import preprocess_keep_intermediate
+    from edge_pfm.synthetic import render_pair
+
+    spec = PreprocessSpec(size=(64, 64))
+    a_frame, b_frame = render_pair("lsil", 1, (1280, 720)).white_light, render_pair("normal", 2, (1280, 720)).white_light
+    a_out, a_mid = preprocess_keep_intermediate(a_frame, spec)
+    a_copy = (a_out.copy(), a_mid.copy())
+    preprocess_keep_intermediate(b_frame, spec)
+    np.testing.assert_array_equal(a_out, a_copy[0])
+    np.testing.assert_array_equal(a_mid, a_copy[1])
+    np.testing.assert_array_equal(preprocess(a_frame, spec), a_out)
