@@ -1,8 +1,14 @@
-"""Soak: one pipeline at 30 fps with two synthetic cameras and injected faults, for M minutes.
+"""Soak: one pipeline with two synthetic cameras and injected faults, for M minutes.
 
-    python benchmarks/soak.py --bundle build/demo/bundle --minutes 30 [--json build/bench/soak.json]
+    python benchmarks/soak.py --bundle build/demo/bundle --minutes 30 [--fps 120] [--tracemalloc]
+                              [--json build/bench/soak.json]
 
-Faults: 5 % drops and +-10 ms jitter on both cameras, 1000 ppm clock drift on fluorescence, 1 %
+--fps 120 runs the cameras at 4x a colposcope's rate, so 30 minutes show the trend of two hours.
+Per minute it samples RSS, the Python heap (tracemalloc, with --tracemalloc) and glibc's native heap
+(live, freed-but-kept, mmapped), so a leak (live memory grows) can be told from allocator churn (freed
+memory kept); with --tracemalloc it also lists the Python allocation sites that grew most.
+
+Faults: 5 % drops and +-30 % of a period jitter (10 ms at 30 fps) on both cameras, 1000 ppm clock drift on fluorescence, 1 %
 corrupt frames (wrong size, greyscale, empty, None), and every 5 minutes a 2 s stall (white light)
 and a 3 s disconnect (fluorescence, reopened with backoff). Every inferred pair's pixel stamps are
 checked (no swapped modality, no frame used twice, skew within tolerance), and every decision made
@@ -23,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_pfm.bench import _rss_mb  # noqa: E402
 from edge_pfm.faults import FaultySource  # noqa: E402
-from edge_pfm.memory import limit_heap_fragmentation  # noqa: E402
+from edge_pfm.memory import limit_heap_fragmentation, native_heap_mb  # noqa: E402
 from edge_pfm.pipeline import RunConfig, Runner, format_summary  # noqa: E402
 from edge_pfm.record import read_log  # noqa: E402
 from edge_pfm.sources import SceneBank, SyntheticSource  # noqa: E402
@@ -49,40 +55,67 @@ class PairChecker:
         self.last = {"w": wi, "f": fi}
 
 
+def _trend(rows: list[dict], value) -> float | None:
+    """Least-squares slope in MB/h over the per-minute samples: a leak is a trend, not one noisy end sample."""
+    pts = [(r["t_s"], value(r)) for r in rows if value(r) is not None]
+    if len(pts) < 3:
+        return None
+    return round(float(np.polyfit([t for t, _ in pts], [v for _, v in pts], 1)[0]) * 3600, 2)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bundle", default="build/demo/bundle")
     ap.add_argument("--minutes", type=float, default=30.0)
     ap.add_argument("--json", default="build/bench/soak.json")
     ap.add_argument("--log", default="build/bench/soak_decisions.jsonl")
+    ap.add_argument("--fps", type=float, default=30.0, help="camera rate (120: 4x a colposcope's, to show the trend sooner)")
+    ap.add_argument("--tracemalloc", action="store_true", help="also trace Python allocations (slower)")
     args = ap.parse_args()
+    if args.tracemalloc:
+        import tracemalloc
+
+        tracemalloc.start(8)
     Path(args.log).unlink(missing_ok=True)
     limit_heap_fragmentation()  # as `edge-pfm run` does
     bank = SceneBank((1280, 720), seed=5, per_class=2)
-    tol_ms = 1000 / 30 / 2
-    white = FaultySource(SyntheticSource("white_light", bank, fps=30, seed=1), drop=0.05, jitter_ms=10, corrupt=0.01,
+    tol_ms = 1000 / args.fps / 2
+    jitter_ms = 0.3 * 1000 / args.fps  # +-10 ms at 30 fps: scaled with the period so that pairing stays possible
+    white = FaultySource(SyntheticSource("white_light", bank, fps=args.fps, seed=1), drop=0.05, jitter_ms=jitter_ms, corrupt=0.01,
                          stall=(60.0, 2.0), every_s=300.0, seed=101)
     # 1000 ppm clock drift: the fluorescence camera runs at 29.97 fps (both are stamped by the host clock)
-    fluo = FaultySource(SyntheticSource("fluorescence", bank, fps=30, seed=2, drift_ppm=1000), drop=0.05,
-                        jitter_ms=10, corrupt=0.01, disconnect=(150.0, 3.0), every_s=300.0, seed=202)
+    fluo = FaultySource(SyntheticSource("fluorescence", bank, fps=args.fps, seed=2, drift_ppm=1000), drop=0.05,
+                        jitter_ms=jitter_ms, corrupt=0.01, disconnect=(150.0, 3.0), every_s=300.0, seed=202)
     runner = Runner(args.bundle, white, fluo, config=RunConfig(backend="onnxruntime", log=args.log,
-                                                                tolerance_ms=tol_ms))
+                                                                tolerance_ms=tol_ms, fps_hint=args.fps))
     checker = PairChecker(int(tol_ms * 1e6))
     runner.observers.append(checker)
     rss: list[tuple[float, float]] = []
     t0 = time.monotonic()
     stop = threading.Event()
 
+    snapshots = []
+
     def sample():
         while not stop.wait(60.0):
-            rss.append((round(time.monotonic() - t0), round(_rss_mb(), 1)))
-            print(f"  t={rss[-1][0]:5.0f}s  rss {rss[-1][1]:.0f} MB  pairs {runner.counts['pairs_inferred']}", flush=True)
+            row = {"t_s": round(time.monotonic() - t0), "rss_mb": round(_rss_mb(), 1),
+                   "pairs": runner.counts["pairs_inferred"], "native": native_heap_mb(),
+                   "frame_pool": {s.modality: dict(s.inner.pool.stats) for s in (white, fluo)}}
+            if args.tracemalloc:
+                row["python_heap_mb"] = round(tracemalloc.get_traced_memory()[0] / (1 << 20), 2)
+                snapshots[min(len(snapshots), 1):] = [tracemalloc.take_snapshot()]  # the first (after warm-up), the latest
+            rss.append(row)
+            print(f"  t={row['t_s']:5d}s  rss {row['rss_mb']:.0f} MB  python {row.get('python_heap_mb', '-')} MB  "
+                  f"native {row['native']}  pairs {row['pairs']}", flush=True)
 
     threading.Thread(target=sample, daemon=True).start()
     summary = runner.run(args.minutes * 60)
     stop.set()
     rss_end = _rss_mb()
-    rss_start = rss[0][1] if rss else rss_end  # after the 60 s warm-up
+    rss_start = rss[0]["rss_mb"] if rss else rss_end  # after the 60 s warm-up
+    top_growth = []
+    if args.tracemalloc and len(snapshots) == 2:
+        top_growth = [str(d) for d in snapshots[1].compare_to(snapshots[0], "lineno")[:10]]
     records, partial = read_log(args.log)
     made = sum(summary["decisions"].values())
     faults = {f"{s.modality}.{k}": round(v, 1) for s in (white, fluo) for k, v in s.faults.items()}
@@ -92,8 +125,11 @@ def main() -> int:
         "minutes": args.minutes, "rss_start_mb": rss_start, "rss_end_mb": round(rss_end, 1),
         "rss_growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2), "rss_series": rss,
         # least-squares slope over the per-minute samples: a leak is a trend, not one noisy end sample
-        "rss_trend_mb_per_hour": round(float(np.polyfit([t for t, _ in rss], [m for _, m in rss], 1)[0]) * 3600, 2)
-        if len(rss) > 2 else None,
+        "rss_trend_mb_per_hour": _trend(rss, lambda r: r["rss_mb"]),
+        "python_heap_trend_mb_per_hour": _trend(rss, lambda r: r.get("python_heap_mb")),
+        "native_in_use_trend_mb_per_hour": _trend(rss, lambda r: (r["native"] or {}).get("in_use")),
+        "native_free_trend_mb_per_hour": _trend(rss, lambda r: (r["native"] or {}).get("free_in_heap")),
+        "python_growth_top": top_growth,
         "decisions_made": made, "decisions_logged": len(records), "partial_lines": partial,
         "lost_decisions": made - len(records), "pairs_checked": checker.checked,
         "mispaired": checker.swapped + checker.reused + checker.skewed, "swapped": checker.swapped,

@@ -23,7 +23,17 @@ import warnings
 
 import numpy as np
 
-from calibration.accuracy import ADVICE, GATE, confusion_png, evaluate, evaluate_stream, gate, gate_rule, markdown
+from calibration.accuracy import (
+    ADVICE,
+    GATE,
+    confusion_png,
+    evaluate,
+    evaluate_stream,
+    gate,
+    gate_rule,
+    lesion_report,
+    markdown,
+)
 from calibration.data import PairReader, dataset_pairs, synthetic_pair_chunks, synthetic_pairs, warn_if_few
 from calibration.fp16 import fp16_model
 from calibration.qdq import quantize_qdq
@@ -170,8 +180,10 @@ def run(args: argparse.Namespace, trt_int: int) -> int:
             _log(f"      {summary_line(name, build_checks[name])}")
 
         _log(f"[4/5] accuracy on {n_eval} held-out pairs: FP32 vs INT8 vs FP16, ONNX Runtime CPU")
+        lesion: dict = {}
         logits, labels = evaluate_stream({"fp32": fp32, "int8": tmp / "model.int8.onnx",
-                                          "fp16": tmp / "model.fp16.onnx"}, eval_chunks, specs, names, never_calibrated)
+                                          "fp16": tmp / "model.fp16.onnx"}, eval_chunks, specs, names, never_calibrated,
+                                         lesion=lesion)
         results = evaluate(logits, labels, classes)
         reasons = gate(results, classes)
         report = {
@@ -181,6 +193,8 @@ def run(args: argparse.Namespace, trt_int: int) -> int:
             "fp16_method": FP16_METHOD, "results": results,
             "gate": {"passed": not reasons, "reasons": reasons, "thresholds": GATE, "rule": gate_rule(classes)},
         }
+        if lesion.get("maps"):
+            report["lesion_map"] = lesion_report(lesion, labels, classes)
         atomic_write_json(tmp / "accuracy.json", report)
         atomic_write_text(tmp / "accuracy.md", markdown(report, classes))
         confusion_png(results, classes, tmp / "confusion.png")

@@ -31,14 +31,21 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 def evaluate_stream(models: dict[str, object], chunks: Iterable[list[Pair]], specs: dict, input_names: dict,
                     check_pair: Callable[[Pair], None] = lambda p: None, batch: int = 16,
-                    progress: str | None = "evaluating") -> tuple[dict[str, np.ndarray], np.ndarray]:
+                    progress: str | None = "evaluating",
+                    lesion: dict | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Run every model (path or ModelProto) on every labelled pair, one chunk at a time, each pair preprocessed
-    once -> ({model: logits (N, classes)}, labels (N,)). `check_pair` may refuse a pair (raise) before it runs."""
+    once -> ({model: logits (N, classes)}, labels (N,)). `check_pair` may refuse a pair (raise) before it runs.
+    `lesion`, if given and the models have a lesion_map output, is filled with {"maps": {model: (N, 1, h, w)}}
+    and, when the pairs carry lesion masks (synthetic ones do), "targets": (N, 1, h, w)."""
     import onnxruntime as ort
+
+    from calibration.lesion_metrics import lesion_target
 
     sessions = {name: ort.InferenceSession(m.SerializeToString() if hasattr(m, "SerializeToString") else str(m),
                                            providers=["CPUExecutionProvider"]) for name, m in models.items()}
     logits: dict[str, list] = {name: [] for name in models}
+    maps: dict[str, list] = {name: [] for name in models}
+    targets: list[np.ndarray] = []
     labels: list[int] = []
     for chunk in chunks:
         for pair in chunk:
@@ -49,12 +56,21 @@ def evaluate_stream(models: dict[str, object], chunks: Iterable[list[Pair]], spe
         for i in range(0, len(feeds), batch):
             stacked = {k: np.concatenate([f[k] for f in feeds[i:i + batch]]) for k in feeds[0]}
             for name, sess in sessions.items():
-                logits[name].append(sess.run(None, stacked)[0])
+                outs = sess.run(None, stacked)
+                logits[name].append(outs[0])
+                if len(outs) > 1:
+                    maps[name].append(outs[1])
         labels += [p[2] for p in chunk]
+        if lesion is not None:
+            targets += [lesion_target(p[3], specs["white_light"]) for p in chunk if len(p) > 3]
         if progress:
             print(f"\r  {progress} {', '.join(models)}: {len(labels)} pairs", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
+    if lesion is not None and all(maps.values()):
+        lesion["maps"] = {name: np.concatenate(v) for name, v in maps.items()}
+        if len(targets) == len(labels):
+            lesion["targets"] = np.stack(targets)
     return {name: np.concatenate(v) for name, v in logits.items()}, np.array(labels)
 
 
@@ -161,6 +177,8 @@ def markdown(report: dict, classes: tuple[str, ...]) -> str:
                      f"| {m['top1_agreement']:.2%} [{lo:.2%}, {hi:.2%}] | "
                      f"{(rc['delta'] or 0):+.2%} {_pct_ci(rc['ci95'])} ({rc['lost']} lost, {rc['gained']} gained) | "
                      f"{m['max_abs_prob_diff']:.4f} | {m['logit_rmse']:.4f} | {rec} |")
+    if report.get("lesion_map"):
+        lines += ["", lesion_markdown(report["lesion_map"], classes)]
     g = report["gate"]
     lines += ["", f"**Gate** ({gate_rule(classes)}): {'PASS' if g['passed'] else 'FAIL'}"]
     lines += [f"- {reason}" for reason in g["reasons"]]
@@ -206,3 +224,41 @@ def confusion_png(results: dict, classes: tuple[str, ...], path: str | Path) -> 
         raise OSError(f"could not encode {path}")
     Path(path).write_bytes(buf.tobytes())
     return Path(path)
+
+
+def _iv(d: dict, key: str = "mean") -> str:
+    return f"{d[key]:.3f} [{d['low']:.3f}, {d['high']:.3f}]"
+
+
+def lesion_markdown(lesion: dict, classes: tuple[str, ...]) -> str:
+    """The lesion map's section of the accuracy report."""
+    lines = [f"## Lesion map (threshold {lesion['threshold']}, {lesion['grid'][0]}x{lesion['grid'][1]} cells)", ""]
+    if "scores" in lesion:
+        lines += ["Against the synthetic lesion masks (pointing: the map's peak cell is lesion); 95 % intervals, n pairs:",
+                  "", "| model | class | n | Dice | IoU | pointing / clean map |", "|---|---|---|---|---|---|"]
+        for name, sc in lesion["scores"].items():
+            for c in classes:
+                row = sc[c]
+                extra = (f"{row['pointing']['rate']:.3f} [{row['pointing']['low']:.3f}, {row['pointing']['high']:.3f}]"
+                         if "pointing" in row else
+                         f"clean {row['clean']['rate']:.3f} [{row['clean']['low']:.3f}, {row['clean']['high']:.3f}]")
+                lines.append(f"| {name} | {c} | {row['dice']['n']} | {_iv(row['dice'])} | {_iv(row['iou'])} | {extra} |")
+        lines.append("")
+    lines += ["Reduced precision vs the FP32 map (IoU of the thresholded maps, per pair):", "",
+              "| model | IoU, all pairs | IoU, lsil + hsil | max abs dp |", "|---|---|---|---|"]
+    for name, ag in lesion["agreement"].items():
+        lines.append(f"| {name} | {_iv(ag['iou_all'])} | {_iv(ag['iou_lesion_classes'])} | {ag['max_abs_diff']:.4f} |")
+    return "\n".join(lines)
+
+
+def lesion_report(lesion: dict, labels: np.ndarray, classes: tuple[str, ...], threshold: float = 0.5) -> dict:
+    """From evaluate_stream's `lesion` output: scores against the masks (when known) and agreement with FP32."""
+    from calibration.lesion_metrics import lesion_scores, map_agreement
+
+    maps = lesion["maps"]
+    out = {"threshold": threshold, "grid": list(maps["fp32"].shape[-2:]),
+           "agreement": {name: map_agreement(maps["fp32"], m, labels, classes, threshold)
+                         for name, m in maps.items() if name != "fp32"}}
+    if "targets" in lesion:
+        out["scores"] = {name: lesion_scores(m, lesion["targets"], labels, classes, threshold) for name, m in maps.items()}
+    return out

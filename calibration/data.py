@@ -17,7 +17,8 @@ from edge_pfm.dataset import DatasetError, PairedDataset
 from edge_pfm.preprocess import PreprocessSpec, preprocess
 from edge_pfm.synthetic import CLASSES, render_pair
 
-Pair = tuple[np.ndarray, np.ndarray, int | None]  # white BGR, fluorescence BGR, label
+# white BGR, fluorescence BGR, label[, lesion mask (H, W) bool: synthetic pairs carry it, empty for `normal`]
+Pair = tuple
 MIN_RECOMMENDED_SAMPLES = 300
 
 
@@ -51,7 +52,8 @@ def synthetic_pair_chunks(n: int, seed: int, size: tuple[int, int] = (1280, 720)
         for i in range(0, n, chunk):
             part = slice(i, i + chunk)
             scenes = pool.map(render_pair, labels[part], seeds[part], [size] * len(labels[part]), chunksize=8)
-            yield [(s.white_light, s.fluorescence, CLASSES.index(s.label)) for s in scenes]
+            yield [(s.white_light, s.fluorescence, CLASSES.index(s.label),
+                    s.lesion_mask if s.label != "normal" else np.zeros_like(s.lesion_mask)) for s in scenes]
 
 
 def synthetic_pairs(n: int, seed: int, size: tuple[int, int] = (1280, 720)) -> list[Pair]:
@@ -69,7 +71,7 @@ def warn_if_few(n: int) -> None:
 
 def pair_feed(pair: Pair, specs: dict[str, PreprocessSpec], input_names: dict[str, str]) -> dict[str, np.ndarray]:
     """{input name: (1, C, H, W) float32} through edge_pfm's own preprocessing."""
-    wl, fl, _ = pair
+    wl, fl = pair[0], pair[1]
     return {input_names["white_light"]: preprocess(wl, specs["white_light"])[None],
             input_names["fluorescence"]: preprocess(fl, specs["fluorescence"])[None]}
 

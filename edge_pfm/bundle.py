@@ -56,6 +56,8 @@ class Bundle:
         self.classes: tuple[str, ...] = tuple(m["model"]["classes"])
         self.inputs = [TensorSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in m["inputs"]]
         self.outputs = [TensorSpec(o["name"], tuple(o["shape"]), o["dtype"]) for o in m["outputs"]]
+        # the lesion map's manifest entry (meaning, stride, threshold, frame mapping), or None without the head
+        self.lesion_map = next((o for o in m["outputs"] if o["name"] == "lesion_map"), None)
         self.preprocessing = {i["modality"]: PreprocessSpec.from_dict(i["preprocessing"]) for i in m["inputs"]}
         self.input_names = {i["modality"]: i["name"] for i in m["inputs"]}
 
@@ -113,8 +115,10 @@ class Bundle:
             for i in inputs:
                 if not all(k in i for k in ("name", "shape", "dtype", "preprocessing")):
                     problems.append(f"input {i.get('name')!r} needs name, shape, dtype, preprocessing")
-        if not isinstance(outputs, list) or len(outputs) != 1 or not isinstance(outputs[0], dict):
-            problems.append("outputs must hold exactly one entry (logits)")
+        if (not isinstance(outputs, list) or not 1 <= len(outputs) <= 2 or not all(isinstance(o, dict) for o in outputs)
+                or outputs[0].get("name") != "logits"
+                or (len(outputs) == 2 and outputs[1].get("name") != "lesion_map")):
+            problems.append("outputs must be [logits] or [logits, lesion_map]")
         elif isinstance(model, dict) and isinstance(model.get("classes"), list):
             shape = outputs[0].get("shape", [])
             if not isinstance(shape, list) or len(shape) != 2 or shape[1] != len(model["classes"]):
@@ -122,6 +126,10 @@ class Bundle:
                     f"output shape {shape} does not match {len(model['classes'])} classes "
                     "(expected [batch, num_classes])"
                 )
+            if len(outputs) == 2:
+                lshape = outputs[1].get("shape", [])
+                if not isinstance(lshape, list) or len(lshape) != 4 or lshape[1] != 1 or outputs[1].get("stride") is None:
+                    problems.append(f"lesion_map needs shape [batch, 1, h, w] and a stride, got {lshape}")
         if not isinstance(artifacts, dict) or MODEL_ARTIFACTS["fp32"] not in artifacts:
             problems.append(f"artifacts must include {MODEL_ARTIFACTS['fp32']}")
         else:

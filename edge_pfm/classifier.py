@@ -1,7 +1,10 @@
 """The two-line API:
 
     clf = edge_pfm.Classifier("bundle/")
-    result = clf.classify(white_bgr, fluo_bgr)    # Result(label='hsil', confidence=0.93, ...)
+    result = clf.classify(white_bgr, fluo_bgr)    # Result(label='hsil', confidence=0.93, lesion_map=..., ...)
+
+With a bundle whose model has the lesion head, result.lesion_map is a LesionMap placed on the white-light
+frame (result.lesion_map.dense() -> (H, W) probabilities, .summary() -> area, box, centroid, peak).
 
 Preprocessing is the bundle's (edge_pfm.preprocess); the backend is chosen as `edge-pfm info` says.
 With the TensorRT backend, create and call the Classifier from one thread.
@@ -17,6 +20,7 @@ import numpy as np
 from edge_pfm.backends import Backend, BackendError, open_backend
 from edge_pfm.bundle import Bundle
 from edge_pfm.decision import softmax
+from edge_pfm.lesion import LesionMap
 from edge_pfm.preprocess import preprocess
 
 
@@ -27,6 +31,7 @@ class Result:
     confidence: float
     probs: dict[str, float]
     logits: np.ndarray
+    lesion_map: LesionMap | None = None  # in camera-frame coordinates (the crop undone); None without the head
 
 
 class Classifier:
@@ -47,18 +52,28 @@ class Classifier:
         preprocess(fluo_bgr, self.specs["fluorescence"], out=f[0])
         return w, f
 
+    def infer_outputs(self, white_light: np.ndarray, fluorescence: np.ndarray) -> dict[str, np.ndarray]:
+        """Preprocessed inputs (B, C, H, W) -> {"logits": (B, classes), ["lesion_map": (B, 1, h, w)]}.
+        Non-finite output is refused."""
+        out = self.backend.infer_outputs(white_light, fluorescence)
+        for name, x in out.items():
+            if not np.all(np.isfinite(x)):
+                raise BackendError(f"{self.backend.describe()} returned non-finite {name} "
+                                   f"{x.tolist() if x.size < 16 else ''}".rstrip())
+        return out
+
     def infer(self, white_light: np.ndarray, fluorescence: np.ndarray) -> np.ndarray:
         """Preprocessed inputs (B, C, H, W) -> logits (B, classes). Non-finite output is refused."""
-        logits = self.backend.infer(white_light, fluorescence)
-        if not np.all(np.isfinite(logits)):
-            raise BackendError(f"{self.backend.describe()} returned non-finite logits {logits.tolist()}")
-        return logits
+        return self.infer_outputs(white_light, fluorescence)["logits"]
 
     def classify(self, white_bgr: np.ndarray, fluo_bgr: np.ndarray) -> Result:
-        logits = self.infer(*self.preprocess(white_bgr, fluo_bgr))[0]
+        out = self.infer_outputs(*self.preprocess(white_bgr, fluo_bgr))
+        logits = out["logits"][0]
         probs = softmax(logits)
         i = int(np.argmax(probs))
-        return Result(self.classes[i], i, float(probs[i]), dict(zip(self.classes, map(float, probs))), logits)
+        lesion = (LesionMap.from_output(out["lesion_map"][0], white_bgr.shape, self.specs["white_light"])
+                  if "lesion_map" in out else None)
+        return Result(self.classes[i], i, float(probs[i]), dict(zip(self.classes, map(float, probs))), logits, lesion)
 
     def close(self) -> None:
         self.backend.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +47,8 @@ class Decision:
     smoothed: list[float]
     t_update_ns: int
     flags: list[str] = field(default_factory=list)
+    # the smoothed lesion map (edge_pfm.lesion.LesionMap), only while a non-normal class is shown
+    lesion: Any = None
 
 
 class DecisionEngine:
@@ -62,9 +65,12 @@ class DecisionEngine:
         self.challenger: tuple[int, int] | None = None  # (class, consecutive wins)
         self.t_update_ns = 0
         self.state = "warming_up"
+        self.lesion = None  # LesionMap holding the smoothed probabilities
 
-    def update(self, probs: np.ndarray, t_ns: int, gated_flags: list[str] | None = None) -> Decision:
-        """Feed one frame pair's probabilities (or its gate flags); -> the decision after it."""
+    def update(self, probs: np.ndarray, t_ns: int, gated_flags: list[str] | None = None, lesion=None) -> Decision:
+        """Feed one frame pair's probabilities (or its gate flags), and its LesionMap when the model has one;
+        -> the decision after it. The map is smoothed like the class (EMA with the same alpha), and a gated or
+        rejected pair's map is ignored like its class."""
         cfg = self.cfg
         if not np.all(np.isfinite(probs)):
             self.stats["rejected_nonfinite"] += 1
@@ -80,6 +86,10 @@ class DecisionEngine:
             self.votes.append(int(np.argmax(probs)))
             counts = np.bincount(np.array(self.votes), minlength=len(self.classes))
             self.smoothed = counts / counts.sum()
+        if lesion is not None:
+            old = self.lesion
+            self.lesion = lesion if old is None or old.probs.shape != lesion.probs.shape else lesion.with_probs(
+                cfg.alpha * lesion.probs + (1 - cfg.alpha) * old.probs)
         self.t_update_ns = t_ns
         best = int(np.argmax(self.smoothed))
         if self.shown is None:
@@ -113,4 +123,6 @@ class DecisionEngine:
     def _decision(self, state: str, flags: list[str], t_ns: int) -> Decision:
         show = state == "ok" and self.shown is not None
         conf = float(self.smoothed[self.shown]) if show else 0.0
-        return Decision(state, self.classes[self.shown] if show else None, conf, self._smoothed_list(), t_ns, flags)
+        shown = self.classes[self.shown] if show else None
+        lesion = self.lesion if show and shown != "normal" else None
+        return Decision(state, shown, conf, self._smoothed_list(), t_ns, flags, lesion)

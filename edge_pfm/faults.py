@@ -97,14 +97,17 @@ class NonFiniteBackend:
     def __init__(self, inner, every: int = 5):
         self.inner, self.every, self.calls, self.injected = inner, every, 0, 0
 
-    def infer(self, white_light, fluorescence):
-        out = self.inner.infer(white_light, fluorescence)
+    def infer_outputs(self, white_light, fluorescence):
+        out = dict(self.inner.infer_outputs(white_light, fluorescence))
         self.calls += 1
         if self.calls % self.every == 0:
             self.injected += 1
-            out = out.copy()
-            out[:, 0] = np.nan if self.injected % 2 else np.inf
+            out["logits"] = out["logits"].copy()
+            out["logits"][:, 0] = np.nan if self.injected % 2 else np.inf
         return out
+
+    def infer(self, white_light, fluorescence):
+        return self.infer_outputs(white_light, fluorescence)["logits"]
 
     def __getattr__(self, name):
         return getattr(self.inner, name)

@@ -23,3 +23,25 @@ def limit_heap_fragmentation(threshold_bytes: int = 1 << 20) -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold_bytes)))
     except (OSError, AttributeError):  # musl or another libc without mallopt
         return False
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def native_heap_mb() -> dict[str, float] | None:
+    """glibc's malloc view of the process, summed over all arenas: `in_use` (live allocations in the heap
+    arenas), `free_in_heap` (freed but kept by the allocator: churn and fragmentation), `mmapped` (live
+    large blocks, returned to the OS on free), `heap` (the arenas' size).
+    None outside glibc >= 2.33."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        fn = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    mi = fn()
+    mb = 1 / (1 << 20)
+    return {"in_use": round(mi.uordblks * mb, 2), "free_in_heap": round(mi.fordblks * mb, 2),
+            "mmapped": round(mi.hblkhd * mb, 2), "heap": round(mi.arena * mb, 2)}

@@ -20,7 +20,12 @@ def annotate(white: np.ndarray, fluo: np.ndarray, decision, fps: float, gates: d
         w = round(img.shape[1] * height / img.shape[0])
         return cv2.resize(img, (w, height), interpolation=cv2.INTER_AREA)
 
-    canvas = np.hstack([fit(white), fit(fluo)])
+    white_fit = fit(white)
+    if getattr(decision, "lesion", None) is not None:  # only while a non-normal class is shown, never gated/stale
+        from edge_pfm.lesion import draw_lesion_map
+
+        draw_lesion_map(white_fit, decision.lesion)
+    canvas = np.hstack([white_fit, fit(fluo)])
     bar = np.zeros((56, canvas.shape[1], 3), np.uint8)
     label = decision.shown_class or decision.state.upper().replace("_", " ")
     text = f"{label}  {decision.confidence:.0%}" if decision.shown_class else label

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_pfm.decision import DecisionConfig, DecisionEngine, softmax
+from edge_pfm.lesion import LesionMap
 from edge_pfm.pairing import AlternatingPairer, Pair, TimestampPairer
 from edge_pfm.quality import GateConfig, assess
 from edge_pfm.record import DecisionLog
@@ -191,6 +192,7 @@ class Runner:
 
             apply_opencv_threads(self.thread_plan)
         self.engine = DecisionEngine(clf.classes, self.cfg.decision)
+        white_spec = clf.bundle.preprocessing["white_light"]
         self.ready_event.set()
         backend_desc = clf.backend.describe()
         while not self.stop_event.is_set():
@@ -210,15 +212,18 @@ class Runner:
                 continue
             t0 = time.monotonic_ns()
             try:
-                logits = clf.backend.infer(work.white, work.fluo)[0]
+                out = clf.backend.infer_outputs(work.white, work.fluo)
             except BackendError as exc:
                 self.counts["infer_errors"] += 1
                 self.last_infer_error = str(exc)
                 continue
             t1 = time.monotonic_ns()
-            probs = softmax(logits.astype(np.float64))
+            probs = softmax(out["logits"][0].astype(np.float64))
+            lesion = None
+            if "lesion_map" in out and np.all(np.isfinite(out["lesion_map"])):
+                lesion = LesionMap.from_output(out["lesion_map"][0], work.pair.white_light.image.shape, white_spec)
             gate_flags = [f"{m}:{flag}" for m, fl in work.gates.items() for flag in fl]
-            decision = self.engine.update(probs, t1, gate_flags)
+            decision = self.engine.update(probs, t1, gate_flags, lesion)
             self._emit(decision, work, probs, backend_desc, clf, t0, t1)
 
     def _emit(self, decision, work: Work | None, probs, backend_desc, clf, t0=None, t1=None) -> None:
@@ -228,7 +233,9 @@ class Runner:
         rec = {"t_ns": t_dec, "wall": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
                "state": decision.state, "shown_class": decision.shown_class,
                "confidence": round(decision.confidence, 5), "smoothed": decision.smoothed,
-               "flags": decision.flags, "backend": backend_desc, "model_sha256": clf.model_sha256}
+               "flags": decision.flags, "backend": backend_desc, "model_sha256": clf.model_sha256,
+               # the shown (smoothed) lesion map in camera pixels; null when none is shown
+               "lesion": decision.lesion.summary() if decision.lesion is not None else None}
         if work is not None:
             p = work.pair
             cap = p.t_capture_ns

@@ -87,7 +87,7 @@ class PreprocessSpec:
         return cls(**known)
 
 
-def _crop_box(h: int, w: int, out_h: int, out_w: int) -> tuple[int, int, int, int]:
+def crop_box(h: int, w: int, out_h: int, out_w: int) -> tuple[int, int, int, int]:
     """Largest centred box of the output's aspect ratio: (y0, y1, x0, x1)."""
     target = out_w / out_h
     if w / h > target:
@@ -164,7 +164,7 @@ def preprocess_keep_intermediate(frame: np.ndarray, spec: PreprocessSpec,
         raise ValueError(f"frame is empty or degenerate: shape {frame.shape}")
     out_h, out_w = spec.size
     if spec.resize == "center_crop":
-        y0, y1, x0, x1 = _crop_box(frame.shape[0], frame.shape[1], out_h, out_w)
+        y0, y1, x0, x1 = crop_box(frame.shape[0], frame.shape[1], out_h, out_w)
         frame = frame[y0:y1, x0:x1]
     # resize before any colour conversion: it touches 1/20 of the pixels at 1080p
     interp = cv2.INTER_AREA if spec.interpolation == "INTER_AREA" else cv2.INTER_LINEAR

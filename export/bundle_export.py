@@ -11,12 +11,26 @@ from edge_pfm.fileio import atomic_directory, atomic_write_json, atomic_write_te
 from export.artifact_check import check_artifact, summary_line
 from export.checkpoint import library_versions, load_checkpoint
 from export.model import MODALITIES
-from export.onnx_export import BATCH_DIM, OUTPUT_NAME, ExportError, check_graph, onnx_from_torch, save_onnx
+from export.onnx_export import BATCH_DIM, LESION_MAP, OUTPUT_NAME, ExportError, check_graph, onnx_from_torch, save_onnx
 from export.parity import parity_feeds, report_markdown, run_parity
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def lesion_map_output(img_size: int, stride: int = 8) -> dict:
+    """The manifest's description of the lesion map: what it means, its grid, and how it lands on a camera frame."""
+    cells = img_size // stride
+    return {"name": LESION_MAP, "shape": [BATCH_DIM, 1, cells, cells], "dtype": "float32",
+            "meaning": "per-cell probability that the tissue is lesion (sigmoid applied in the graph); a coarse map "
+                       "for where to look or biopsy, not a diagnosis on its own",
+            "resolution": [cells, cells], "stride": stride, "threshold": 0.5, "source_modality": "white_light",
+            "frame_mapping": "the map covers the model input, i.e. the white-light frame after preprocessing: with "
+                             "resize=center_crop, the crop box edge_pfm.preprocess.crop_box(frame_h, frame_w, input_h, "
+                             "input_w) -> (y0, y1, x0, x1); cell (i, j) spans input pixels [i*stride, (i+1)*stride) x "
+                             "[j*stride, (j+1)*stride). Resize the map onto the crop box (edge_pfm.lesion.to_frame); "
+                             "outside it nothing was seen. With resize=stretch the box is the whole frame."}
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, opset: int = 17, max_batch: int = 8,
@@ -45,7 +59,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opset: int = 17, max_
             atomic_write_json(tmp / "qat_ranges.json", {"source": "quantization-aware fine-tuning (export.qat)",
                                                         "percentile": qat["ranges"]["percentile"], "amax": amax})
             _log(f"      QAT ranges for {len(amax)} tensors -> qat_ranges.json")
-        _log(f"      max |dlogit| {parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.2%}")
+        _log(f"      max |dlogit| {parity['max_abs_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.2%}"
+             + (f", lesion map max |dp| {parity['lesion_map_max_abs_diff']:.2e}" if "lesion_map_max_abs_diff" in parity
+                else ""))
         report = {"checkpoint_sha256": meta["sha256"], "graph": graph, "parity": parity,
                   "build_check": build_check}
         atomic_write_json(tmp / "report.json", report)
@@ -69,7 +85,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opset: int = 17, max_
                 for m in MODALITIES
             ],
             "outputs": [{"name": OUTPUT_NAME, "shape": [BATCH_DIM, n_cls], "dtype": "float32",
-                         "meaning": "unnormalised class scores; softmax gives probabilities; index i is classes[i]"}],
+                         "meaning": "unnormalised class scores; softmax gives probabilities; index i is classes[i]"},
+                        *([lesion_map_output(model.cfg.img_size)] if model.cfg.lesion_map else [])],
             "batch": {"min": 1, "opt": 1, "max": int(max_batch)},
             "artifacts": {},
             "provenance": {
@@ -80,7 +97,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opset: int = 17, max_
                 "training": {**meta["extra"], "qat": {k: v for k, v in qat.items() if k != "ranges"}} if qat
                 else meta["extra"],
             },
-            "parity": {k: parity[k] for k in ("pairs", "max_abs_diff", "top1_agreement", "passed")},
+            "parity": {k: parity[k] for k in ("pairs", "max_abs_diff", "top1_agreement", "lesion_map_max_abs_diff",
+                                              "passed") if k in parity},
             "build_checks": {"model.onnx": build_check},
         }
         manifest = write_manifest(tmp, manifest, {

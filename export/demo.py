@@ -70,6 +70,27 @@ def score_run(records: list[dict], classes: tuple[str, ...]) -> dict:
     return out
 
 
+def lesion_still(video: Path, out: Path) -> Path | None:
+    """The frame of the annotated video with the most lesion-map contour (yellow) on its white-light half."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(video))
+    best, best_px = None, 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        left = frame[:, : frame.shape[1] // 2]
+        yellow = int(((left[..., 0] < 80) & (left[..., 1] > 200) & (left[..., 2] > 200)).sum())
+        if yellow > best_px:
+            best, best_px = frame, yellow
+    cap.release()
+    if best is None:
+        return None
+    cv2.imwrite(str(out), best)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export.demo")
     ap.add_argument("--out", default="build/demo")
@@ -155,8 +176,19 @@ def main(argv: list[str] | None = None) -> int:
           f"{'' if b.has('accuracy.json') else ', REFUSED'}, {b.classes[-1]} recall change {hsil['delta']:+.2%} "
           f"(95 % CI {hsil['ci95'][0]:+.2%} to {hsil['ci95'][1]:+.2%}); FP16 agreement "
           f"{acc['fp16']['top1_agreement']:.2%}")
+    lesion = json.loads((report_dir / "accuracy.json").read_text()).get("lesion_map")
+    if lesion:
+        lc = lesion["scores"]["fp32"]["lesion_classes"]
+        d, pt = lc["dice_interval"], lc["pointing_interval"]
+        print(f"lesion map ({lesion['grid'][0]}x{lesion['grid'][1]}), held-out lsil+hsil ({d['n']} pairs): FP32 Dice "
+              f"{d['mean']:.3f} (95 % CI {d['low']:.3f}-{d['high']:.3f}), pointing {pt['rate']:.1%} (95 % CI "
+              f"{pt['low']:.1%}-{pt['high']:.1%}); IoU with the FP32 map: " + ", ".join(
+                  f"{name} {ag['iou_all']['mean']:.3f}" for name, ag in lesion["agreement"].items()))
+        still = lesion_still(video, out / "lesion_still.png")
+        if still:
+            print(f"a frame of annotated.avi with the lesion map drawn: {still}")
     print(f"\n== demo done in {time.perf_counter() - t0:.0f}s; in {out}/: bundle/, decisions.jsonl, annotated.avi, "
-          "latency_histogram.png, confusion_runtime.png, confusion_calibration.png, summary.json")
+          "lesion_still.png, latency_histogram.png, confusion_runtime.png, confusion_calibration.png, summary.json")
     return 0
 
 

@@ -45,6 +45,10 @@ class PFMConfig:
     in_chans: dict[str, int] = field(default_factory=lambda: {"white_light": 3, "fluorescence": 3})
     single_source: str | None = None  # None (fusion) | "white_light" | "fluorescence" (ablations)
     act: str = "gelu"
+    # a second output, lesion_map: per-pixel lesion probability at stride 8 (16x16 at 128 px). False in
+    # checkpoints from before it existed (their config lacks the key), so they load and export as they were
+    lesion_map: bool = False
+    decoder_width: int = 32
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
@@ -53,6 +57,8 @@ class PFMConfig:
             raise ValueError(f"img_size {self.img_size} must be a multiple of the total stride {stride}")
         if self.single_source not in (None, *MODALITIES):
             raise ValueError(f"single_source must be None or one of {MODALITIES}, got {self.single_source!r}")
+        if self.lesion_map and len(self.depths) < 3:
+            raise ValueError("the lesion map needs >= 3 stages (it reads stride-8 features and upsamples stride 32)")
         if self.fusion_dim % self.num_heads:
             raise ValueError(f"fusion_dim {self.fusion_dim} is not divisible by num_heads {self.num_heads}")
         if self.act not in _ACTS:
@@ -150,8 +156,38 @@ class PConvBranch(nn.Module):
         self.spatial_attn = SpatialAttention()
         self.out_dim = dim
 
+        # the stride-8 features (end of the second stage) feed the lesion decoder's skip connection
+        self.skip_index = cfg.depths[0] + cfg.depths[1] + 1 if len(cfg.depths) > 1 else cfg.depths[0]
+        self.skip_dim = cfg.width * 2 if len(cfg.depths) > 1 else cfg.width
+
+    def forward_with_skip(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.stem(x)
+        skip = x
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i + 1 == self.skip_index:
+                skip = x
+        return self.spatial_attn(self.channel_attn(x)), skip
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.spatial_attn(self.channel_attn(self.stages(self.stem(x))))
+        return self.forward_with_skip(x)[0]
+
+
+class LesionDecoder(nn.Module):
+    """FCN-style head: the fused, attended features (stride 32) upsampled to stride 8 and joined with each
+    branch's stride-8 features -> one lesion logit per cell."""
+
+    def __init__(self, fusion_dim: int, skip_dim: int, width: int, act: str, scale: int):
+        super().__init__()
+        self.scale = float(scale)  # a Python constant: the ONNX Resize gets static scales, every shape stays static
+        self.reduce = nn.Sequential(*_conv_bn(fusion_dim, width, 1, 1), _ACTS[act]())
+        self.skip = nn.Sequential(*_conv_bn(skip_dim, width, 1, 1), _ACTS[act]())
+        self.mix = nn.Sequential(*_conv_bn(width, width, 3, 1), _ACTS[act]())
+        self.out = nn.Conv2d(width, 1, 1)
+
+    def forward(self, fused: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        x = F.interpolate(self.reduce(fused), scale_factor=self.scale, mode="bilinear", align_corners=False)
+        return self.out(self.mix(x + self.skip(torch.cat(skips, dim=1))))
 
 
 class SelfAttention(nn.Module):
@@ -191,7 +227,8 @@ class TransformerBlock(nn.Module):
 
 
 class PFM(nn.Module):
-    """PConvFusionModel. forward(white_light, fluorescence) -> logits.
+    """PConvFusionModel. forward(white_light, fluorescence) -> logits; forward_multitask also gives the lesion
+    map's logits when the config has the head (cfg.lesion_map).
 
     With cfg.single_source set only that branch exists and the other input is ignored, so
     ablations keep the same call signature.
@@ -212,13 +249,32 @@ class PFM(nn.Module):
         self.block = TransformerBlock(cfg.fusion_dim, cfg.num_heads, cfg.block_mlp_ratio, cfg.act)
         self.norm = nn.LayerNorm(cfg.fusion_dim)
         self.head = nn.Linear(cfg.fusion_dim, cfg.num_classes)
+        self.grid = grid
+        branch = next(iter(self.branches.values()))
+        self.lesion_decoder = (LesionDecoder(cfg.fusion_dim, branch.skip_dim * len(cfg.modalities), cfg.decoder_width,
+                                             cfg.act, (cfg.img_size // 8) // grid) if cfg.lesion_map else None)
 
-    def forward_features(self, white_light: torch.Tensor, fluorescence: torch.Tensor) -> torch.Tensor:
+    def _features_and_skips(self, white_light: torch.Tensor, fluorescence: torch.Tensor):
         inputs = {"white_light": white_light, "fluorescence": fluorescence}
-        maps = [self.branches[m](inputs[m]) for m in self.cfg.modalities]
+        outs = [self.branches[m].forward_with_skip(inputs[m]) for m in self.cfg.modalities]
+        maps = [o[0] for o in outs]
         x = self.fuse(torch.cat(maps, dim=1) if len(maps) > 1 else maps[0])
         x = x.flatten(2).transpose(1, 2) + self.pos_embed  # (B, tokens, D)
-        return self.block(x)
+        return self.block(x), [o[1] for o in outs]
+
+    def forward_features(self, white_light: torch.Tensor, fluorescence: torch.Tensor) -> torch.Tensor:
+        return self._features_and_skips(white_light, fluorescence)[0]
+
+    def forward_multitask(self, white_light: torch.Tensor,
+                          fluorescence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (class logits, lesion-map logits (B, 1, H/8, W/8) or None without the head)."""
+        tokens, skips = self._features_and_skips(white_light, fluorescence)
+        logits = self.forward_head(tokens)
+        if self.lesion_decoder is None:
+            return logits, None
+        # a constant target shape (batch -1): the exported Reshape needs no Shape op and every dim stays static
+        fused = tokens.transpose(1, 2).reshape(-1, self.cfg.fusion_dim, self.grid, self.grid)
+        return logits, self.lesion_decoder(fused, skips)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.norm(x.mean(dim=1))
@@ -256,11 +312,12 @@ def create_model(variant: str, num_classes: int = 4, **overrides: Any) -> PFM:
     return PFM(variant_config(variant, num_classes, **overrides))
 
 
-# ~1.4 GFLOPs (2 x MACs) for two 224x224 inputs, 5.2 M parameters
-register_model("pfm_t0", width=40, depths=(1, 2, 8, 2), fusion_dim=256, num_heads=8, img_size=224)
-# trains on a 2-core CPU in minutes; 128x128 inputs, 4x4 tokens
+# ~1.4 GFLOPs (2 x MACs) for two 224x224 inputs, 5.2 M parameters; lesion map 28x28
+register_model("pfm_t0", width=40, depths=(1, 2, 8, 2), fusion_dim=256, num_heads=8, img_size=224, lesion_map=True,
+               decoder_width=64)
+# trains on a 2-core CPU in minutes; 128x128 inputs, 4x4 tokens; lesion map 16x16
 register_model("pfm_tiny", width=16, depths=(1, 1, 2, 1), fusion_dim=64, num_heads=4, img_size=128,
-               attn_reduction=4)
+               attn_reduction=4, lesion_map=True, decoder_width=32)
 
 
 def count_flops(model: PFM, batch: int = 1) -> int:

@@ -11,6 +11,7 @@ from export.model import MODALITIES, PFM
 from export.trt_onnx_ops import FORBIDDEN_OPS, TRT_SUPPORTED_OPS
 
 OUTPUT_NAME = "logits"
+LESION_MAP = "lesion_map"
 BATCH_DIM = "batch"
 # onnx 1.23 stamps IR 14, onnxruntime 1.31 reads <= 13, TensorRT 8.6's parser was built against IR 8.
 # Write the lowest IR version that the opset needs.
@@ -21,8 +22,26 @@ class ExportError(RuntimeError):
     """The exported graph is not deployable; the message says why and what to change."""
 
 
+def output_names(model: PFM) -> list[str]:
+    return [OUTPUT_NAME, LESION_MAP] if model.cfg.lesion_map else [OUTPUT_NAME]
+
+
+class DeployedPFM(torch.nn.Module):
+    """What the device runs: class logits, and with the head the lesion map as probabilities (sigmoid in the
+    graph, so no backend has to know)."""
+
+    def __init__(self, model: PFM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, white_light: torch.Tensor, fluorescence: torch.Tensor):
+        logits, lesion = self.model.forward_multitask(white_light, fluorescence)
+        return logits if lesion is None else (logits, lesion.sigmoid())
+
+
 def onnx_from_torch(model: PFM, opset: int = 17, example_batch: int = 2):
-    """-> onnx.ModelProto with inputs white_light/fluorescence, output logits, symbolic batch."""
+    """-> onnx.ModelProto with inputs white_light/fluorescence, outputs logits (and lesion_map when the model
+    has the head), symbolic batch."""
     import onnx
 
     if opset not in IR_VERSION_FOR_OPSET:
@@ -36,14 +55,29 @@ def onnx_from_torch(model: PFM, opset: int = 17, example_batch: int = 2):
     buf = io.BytesIO()
     with torch.inference_mode(False), torch.no_grad():
         # the legacy (TorchScript) exporter: keeps batch symbolic with dynamic_axes and folds BN
+        names = output_names(model)
         torch.onnx.export(
-            model, args, buf, dynamo=False, opset_version=opset, input_names=list(MODALITIES),
-            output_names=[OUTPUT_NAME], do_constant_folding=True,
-            dynamic_axes={**{m: {0: BATCH_DIM} for m in MODALITIES}, OUTPUT_NAME: {0: BATCH_DIM}},
+            DeployedPFM(model), args, buf, dynamo=False, opset_version=opset, input_names=list(MODALITIES),
+            output_names=names, do_constant_folding=True,
+            dynamic_axes={**{m: {0: BATCH_DIM} for m in MODALITIES}, **{n: {0: BATCH_DIM} for n in names}},
         )
-    proto = constants_to_initializers(onnx.load_from_string(buf.getvalue()))
+    proto = _declare_output_shapes(constants_to_initializers(onnx.load_from_string(buf.getvalue())))
     proto.ir_version = IR_VERSION_FOR_OPSET[opset]
     proto.producer_name = "edge-pfm"
+    return proto
+
+
+def _declare_output_shapes(proto):
+    """The exporter leaves a Resize output's spatial dims undeclared; ONNX shape inference knows them. Declare
+    them on the graph outputs (batch stays symbolic), so the manifest, ORT and TensorRT see static maps."""
+    import onnx
+
+    inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(proto).graph.output}
+    for out in proto.graph.output:
+        dims, known = out.type.tensor_type.shape.dim, inferred[out.name].type.tensor_type.shape.dim
+        for d, k in list(zip(dims, known))[1:]:
+            if not d.dim_value and k.dim_value:
+                d.dim_value = k.dim_value
     return proto
 
 

@@ -18,9 +18,10 @@ import torch
 from edge_pfm.preprocess import PreprocessSpec, preprocess
 from edge_pfm.synthetic import CLASSES, render_pair
 from export.model import MODALITIES, PFM
-from export.onnx_export import OUTPUT_NAME
+from export.onnx_export import LESION_MAP, OUTPUT_NAME, DeployedPFM
 
-TOLERANCE = {"max_abs_diff": 1e-4, "top1_agreement": 1.0}
+# lesion_map: probabilities in [0, 1], its own bound (sigmoid compresses logit errors, so 1e-4 is as strict)
+TOLERANCE = {"max_abs_diff": 1e-4, "top1_agreement": 1.0, "lesion_map_max_abs_diff": 1e-4}
 
 
 def _torch_runner_class():
@@ -47,8 +48,11 @@ def _torch_runner_class():
         def infer_impl(self, feed_dict):
             t0 = time.perf_counter()
             with torch.inference_mode():
-                out = self._model(*(torch.from_numpy(np.ascontiguousarray(feed_dict[m])) for m in MODALITIES))
+                out = DeployedPFM(self._model)(*(torch.from_numpy(np.ascontiguousarray(feed_dict[m]))
+                                                 for m in MODALITIES))
             self.inference_time = time.perf_counter() - t0
+            if isinstance(out, tuple):
+                return OrderedDict([(OUTPUT_NAME, out[0].numpy()), (LESION_MAP, out[1].numpy())])
             return OrderedDict([(OUTPUT_NAME, out.numpy())])
 
         def deactivate_impl(self):
@@ -105,7 +109,12 @@ def run_parity(model: PFM, onnx_path: str | Path, feeds: list[dict[str, np.ndarr
         "tolerance": TOLERANCE,
         "runners": ["pytorch (CPU, eval)", "onnxruntime CPUExecutionProvider"],
     }
-    report["passed"] = bool(report["max_abs_diff"] <= tol and top1 >= TOLERANCE["top1_agreement"] and accuracy)
+    passed = report["max_abs_diff"] <= tol and top1 >= TOLERANCE["top1_agreement"] and accuracy
+    if LESION_MAP in results[0][1][0]:
+        map_diff = max(float(np.abs(a[LESION_MAP] - b[LESION_MAP]).max()) for a, b in zip(results[0][1], results[1][1]))
+        report["lesion_map_max_abs_diff"] = map_diff
+        passed = passed and map_diff <= TOLERANCE["lesion_map_max_abs_diff"]
+    report["passed"] = bool(passed)
     if reference_dir is not None:
         from polygraphy.comparator import RunResults
         from polygraphy.json import save_json

@@ -37,13 +37,16 @@ class PairTensors:
     fluorescence: torch.Tensor
     labels: torch.Tensor  # (N,) int64
     classes: tuple[str, ...]
+    # (N, 1, h, w) float32: the lesion's share of each lesion-map cell (empty for `normal`); None: no masks
+    masks: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, idx: np.ndarray) -> PairTensors:
         i = torch.as_tensor(idx)
-        return PairTensors(self.white_light[i], self.fluorescence[i], self.labels[i], self.classes)
+        return PairTensors(self.white_light[i], self.fluorescence[i], self.labels[i], self.classes,
+                           None if self.masks is None else self.masks[i])
 
 
 def default_preprocessing(variant: str, **overrides) -> dict[str, PreprocessSpec]:
@@ -51,7 +54,8 @@ def default_preprocessing(variant: str, **overrides) -> dict[str, PreprocessSpec
     return {m: PreprocessSpec(size=(cfg.img_size, cfg.img_size), channels=cfg.in_chans[m]) for m in MODALITIES}
 
 
-def _render_chunk(args: tuple) -> list[tuple[np.ndarray, np.ndarray, int]]:
+def _render_chunk(args: tuple) -> list[tuple]:
+    from calibration.lesion_metrics import lesion_target
     from edge_pfm.synthetic import render_pair
 
     jobs, size, specs = args
@@ -59,7 +63,9 @@ def _render_chunk(args: tuple) -> list[tuple[np.ndarray, np.ndarray, int]]:
     for index, label, seed in jobs:
         s = render_pair(label, seed, size)
         out.append((index, preprocess(s.white_light, specs["white_light"]),
-                    preprocess(s.fluorescence, specs["fluorescence"]), CLASSES.index(label)))
+                    preprocess(s.fluorescence, specs["fluorescence"]), CLASSES.index(label),
+                    lesion_target(s.lesion_mask if label != "normal" else np.zeros_like(s.lesion_mask),
+                                  specs["white_light"])))
     return out
 
 
@@ -88,7 +94,7 @@ def synthetic_tensors(n: int, specs: dict[str, PreprocessSpec], seed: int = 0,
               file=sys.stderr)
     return PairTensors(torch.from_numpy(np.stack([r[0] for r in rows])),
                        torch.from_numpy(np.stack([r[1] for r in rows])),
-                       torch.tensor([r[2] for r in rows]), CLASSES)
+                       torch.tensor([r[2] for r in rows]), CLASSES, torch.from_numpy(np.stack([r[3] for r in rows])))
 
 
 def dataset_tensors(root: str | Path, specs: dict[str, PreprocessSpec], progress: bool = True) -> PairTensors:
@@ -122,23 +128,48 @@ def split(data: PairTensors, val_fraction: float = 0.2, seed: int = 0) -> tuple[
 
 
 @torch.inference_mode()
-def predict(model: PFM, data: PairTensors, batch_size: int = 64) -> np.ndarray:
+def predict(model: PFM, data: PairTensors, batch_size: int = 64, lesion: bool = False):
+    """-> logits (N, classes); with lesion=True also the lesion map's probabilities (N, 1, h, w) or None."""
     model.eval()
-    out = [model(data.white_light[i:i + batch_size], data.fluorescence[i:i + batch_size])
-           for i in range(0, len(data), batch_size)]
-    return torch.cat(out).numpy()
+    logits, maps = [], []
+    for i in range(0, len(data), batch_size):
+        out, lesion_logits = model.forward_multitask(data.white_light[i:i + batch_size],
+                                                     data.fluorescence[i:i + batch_size])
+        logits.append(out)
+        if lesion_logits is not None:
+            maps.append(lesion_logits.sigmoid())
+    logits_np = torch.cat(logits).numpy()
+    if not lesion:
+        return logits_np
+    return logits_np, (torch.cat(maps).numpy() if maps else None)
 
 
 def evaluate(model: PFM, data: PairTensors) -> dict:
-    pred = predict(model, data).argmax(1)
+    from calibration.lesion_metrics import lesion_scores
+
+    logits, maps = predict(model, data, lesion=True)
+    pred = logits.argmax(1)
     y = data.labels.numpy()
     recall = {c: float((pred[y == i] == i).mean()) if (y == i).any() else float("nan")
               for i, c in enumerate(data.classes)}
-    return {"accuracy": float((pred == y).mean()), "recall": recall}
+    out = {"accuracy": float((pred == y).mean()), "recall": recall}
+    if maps is not None and data.masks is not None:
+        scores = lesion_scores(maps, data.masks.numpy(), y, data.classes)
+        out["lesion_dice"] = scores["lesion_classes"]["dice"]
+        out["lesion_pointing"] = scores["lesion_classes"]["pointing"]
+    return out
+
+
+def lesion_loss(lesion_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE per cell + soft Dice over the batch (empty `normal` masks only push probabilities down)."""
+    bce = F.binary_cross_entropy_with_logits(lesion_logits, target)
+    p = lesion_logits.sigmoid()
+    dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
+    return bce + dice
 
 
 def train(model: PFM, train_set: PairTensors, val_set: PairTensors, epochs: int = 12, batch_size: int = 32,
-          lr: float = 3e-3, seed: int = 0, progress: bool = True, label: str = "") -> dict:
+          lr: float = 3e-3, seed: int = 0, progress: bool = True, label: str = "", lesion_weight: float = 1.0) -> dict:
     """Train in place; keeps the weights of the best validation epoch. -> history dict."""
     from tqdm import tqdm
 
@@ -161,12 +192,16 @@ def train(model: PFM, train_set: PairTensors, val_set: PairTensors, epochs: int 
         for i in bar:
             idx = order[i:i + batch_size]
             w, f, y = train_set.white_light[idx], train_set.fluorescence[idx], train_set.labels[idx]
-            # the same flips for both modalities: they image the same tissue
+            m = train_set.masks[idx] if train_set.masks is not None else None
+            # the same flips for both modalities (and the lesion mask): they image the same tissue
             if torch.rand(1, generator=gen) < 0.5:
-                w, f = w.flip(3), f.flip(3)
+                w, f, m = w.flip(3), f.flip(3), None if m is None else m.flip(3)
             if torch.rand(1, generator=gen) < 0.5:
-                w, f = w.flip(2), f.flip(2)
-            loss = F.cross_entropy(model(w, f), y, label_smoothing=0.05)
+                w, f, m = w.flip(2), f.flip(2), None if m is None else m.flip(2)
+            logits, lesion_logits = model.forward_multitask(w, f)
+            loss = F.cross_entropy(logits, y, label_smoothing=0.05)
+            if lesion_logits is not None and m is not None:  # multi-task: the lesion map learns beside the class
+                loss = loss + lesion_weight * lesion_loss(lesion_logits, m)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -177,8 +212,10 @@ def train(model: PFM, train_set: PairTensors, val_set: PairTensors, epochs: int 
         metrics = evaluate(model, val_set)
         history.append({"epoch": epoch, "loss": total / seen, **metrics, "elapsed_s": time.perf_counter() - t0})
         if progress:
-            print(f"{label}epoch {epoch:3d}/{epochs}  loss {total / seen:.4f}  val_acc {metrics['accuracy']:.4f}  "
-                  f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+            lesion_txt = (f"  val_dice {metrics['lesion_dice']:.3f}  pointing {metrics['lesion_pointing']:.3f}"
+                          if "lesion_dice" in metrics else "")
+            print(f"{label}epoch {epoch:3d}/{epochs}  loss {total / seen:.4f}  val_acc {metrics['accuracy']:.4f}"
+                  f"{lesion_txt}  ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
         if metrics["accuracy"] > best["accuracy"]:
             best = {**metrics, "epoch": epoch}
             best_state = copy.deepcopy(model.state_dict())

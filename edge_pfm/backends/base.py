@@ -1,4 +1,5 @@
-"""The backend contract: load, input/output specs, infer(white_light, fluorescence) -> logits, close."""
+"""The backend contract: load, input/output specs, infer_outputs(white_light, fluorescence) -> every output by
+name (logits, and lesion_map when the bundle has it), infer(...) -> logits, close."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -45,8 +46,12 @@ class Backend(ABC):
         return out[0], out[1]
 
     @abstractmethod
+    def infer_outputs(self, white_light: np.ndarray, fluorescence: np.ndarray) -> dict[str, np.ndarray]:
+        """(B, C, H, W) float32 x2 -> {"logits": (B, num_classes), ["lesion_map": (B, 1, h, w)]} float32."""
+
     def infer(self, white_light: np.ndarray, fluorescence: np.ndarray) -> np.ndarray:
         """(B, C, H, W) float32 x2 -> logits (B, num_classes) float32."""
+        return self.infer_outputs(white_light, fluorescence)["logits"]
 
     def close(self) -> None:
         self.closed = True

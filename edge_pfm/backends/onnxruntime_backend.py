@@ -43,12 +43,11 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"{path}: model I/O {sorted(got_in)} -> {got_out} does not match the manifest "
                                f"{sorted(want_in)} -> {[s.name for s in self.outputs]}")
         self.providers = self.session.get_providers()
-        self._out = [self.outputs[0].name]
+        self._out = [s.name for s in self.outputs]
 
-    def infer(self, white_light: np.ndarray, fluorescence: np.ndarray) -> np.ndarray:
+    def infer_outputs(self, white_light: np.ndarray, fluorescence: np.ndarray) -> dict[str, np.ndarray]:
         w, f = self.check_inputs(white_light, fluorescence)
-        (logits,) = self.session.run(self._out, {self._names[0]: w, self._names[1]: f})
-        return logits
+        return dict(zip(self._out, self.session.run(self._out, {self._names[0]: w, self._names[1]: f})))
 
     def describe(self) -> str:
         return f"onnxruntime {self.precision} [{', '.join(self.providers)}]"

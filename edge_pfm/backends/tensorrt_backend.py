@@ -61,15 +61,15 @@ class TensorRTBackend(Backend):
         self._context = engine.create_execution_context()
         self._stream = cuda.Stream()
         self._host, self._device = {}, {}
-        out_shape = (self.max_batch, len(self.bundle.classes))
+        out_shapes = {o.name: (self.max_batch, *o.shape[1:]) for o in self.outputs}
         for n in names:
-            shape = (self.max_batch, *self._chw[n]) if n in inputs else out_shape
+            shape = (self.max_batch, *self._chw[n]) if n in inputs else out_shapes[n]
             self._host[n] = cuda.pagelocked_empty(shape, np.float32)
             self._device[n] = cuda.mem_alloc(self._host[n].nbytes)
             self._context.set_tensor_address(n, int(self._device[n]))
-        self._inputs, self._output = inputs, outputs[0]
+        self._inputs, self._outputs = inputs, outputs
 
-    def infer(self, white_light: np.ndarray, fluorescence: np.ndarray) -> np.ndarray:
+    def infer_outputs(self, white_light: np.ndarray, fluorescence: np.ndarray) -> dict[str, np.ndarray]:
         w, f = self.check_inputs(white_light, fluorescence)
         if threading.get_ident() != self._owner:
             raise BackendError("the tensorrt backend must be called from the thread that created it "
@@ -86,10 +86,10 @@ class TensorRTBackend(Backend):
                 self._context.set_input_shape(name, x.shape)
             if not self._context.execute_async_v3(self._stream.handle):
                 raise BackendError("TensorRT execute_async_v3 failed")
-            out = self._host[self._output]
-            cuda.memcpy_dtoh_async(out[:b], self._device[self._output], self._stream)
+            for name in self._outputs:
+                cuda.memcpy_dtoh_async(self._host[name][:b], self._device[name], self._stream)
             self._stream.synchronize()
-            return out[:b].copy()
+            return {name: self._host[name][:b].copy() for name in self._outputs}
         finally:
             self._ctx.pop()
 
