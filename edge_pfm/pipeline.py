@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_pfm.decision import DecisionConfig, DecisionEngine, softmax
+from edge_pfm.latency_window import LatencyWindow
 from edge_pfm.lesion import LesionMap
 from edge_pfm.pairing import AlternatingPairer, Pair, TimestampPairer
 from edge_pfm.quality import GateConfig, assess
@@ -59,7 +60,7 @@ class Work:
 
 
 def _percentiles(values) -> dict[str, float]:
-    if not values:
+    if not len(values):
         return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan"), "n": 0}
     a = np.asarray(values)
     return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
@@ -83,7 +84,7 @@ class Runner:
         self.frame_event = threading.Event()
         self.stop_event = threading.Event()
         # bounded: an always-on device must not grow with uptime
-        self.timings: dict[str, collections.deque[float]] = {s: collections.deque(maxlen=LATENCY_WINDOW) for s in STAGES}
+        self.timings: dict[str, LatencyWindow] = {s: LatencyWindow(LATENCY_WINDOW) for s in STAGES}
         self.counts = collections.Counter()
         self.classifier = classifier  # built in the inference thread when None
         self.decisions: list[dict] = []

@@ -265,23 +265,26 @@ class PFM(nn.Module):
     def forward_features(self, white_light: torch.Tensor, fluorescence: torch.Tensor) -> torch.Tensor:
         return self._features_and_skips(white_light, fluorescence)[0]
 
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.norm(x.mean(dim=1))
+        return x if pre_logits else self.head(x)
+
     def forward_multitask(self, white_light: torch.Tensor,
                           fluorescence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> (class logits, lesion-map logits (B, 1, H/8, W/8) or None without the head)."""
+        """-> (class logits, lesion-map logits (B, 1, H/8, W/8) or None without the head). Goes through
+        __call__, so module hooks (QAT's observers) see it like any forward pass."""
+        return self(white_light, fluorescence, with_lesion=True)
+
+    def forward(self, white_light: torch.Tensor, fluorescence: torch.Tensor, with_lesion: bool = False):
         tokens, skips = self._features_and_skips(white_light, fluorescence)
         logits = self.forward_head(tokens)
+        if not with_lesion:
+            return logits
         if self.lesion_decoder is None:
             return logits, None
         # a constant target shape (batch -1): the exported Reshape needs no Shape op and every dim stays static
         fused = tokens.transpose(1, 2).reshape(-1, self.cfg.fusion_dim, self.grid, self.grid)
         return logits, self.lesion_decoder(fused, skips)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.norm(x.mean(dim=1))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, white_light: torch.Tensor, fluorescence: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(white_light, fluorescence))
 
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes

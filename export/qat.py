@@ -124,7 +124,7 @@ def observe_ranges(model: PFM, batches: Iterator[tuple[torch.Tensor, torch.Tenso
     try:
         for w, f in batches:
             counter.counts.clear()
-            model(w, f)
+            model.forward_multitask(w, f)  # the lesion decoder's convs are quantized too
             count += 1
     finally:
         for h in hooks:
@@ -200,7 +200,7 @@ def call_order(model: PFM, example: tuple[torch.Tensor, torch.Tensor]) -> dict[s
     hooks += [b.register_forward_hook(lambda m, i, o, n=n: order["add"].append(n)) for n, b in add_modules(model)]
     try:
         with torch.no_grad():
-            model.eval()(*example)
+            model.eval().forward_multitask(*example)  # the exported graph holds the lesion decoder too
     finally:
         for h in hooks:
             h.remove()

@@ -50,8 +50,22 @@ def _inputs(batch, seed=0):
 def test_specs_match_manifest(backend, calibrated_bundle):
     m = Bundle.load(calibrated_bundle).manifest
     assert [s.name for s in backend.inputs] == [i["name"] for i in m["inputs"]]
-    assert [s.name for s in backend.outputs] == ["logits"]
+    assert [s.name for s in backend.outputs] == ["logits", "lesion_map"]
     assert backend.precision in ("fp32", "fp16", "int8")
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_lesion_map_output(backend, calibrated_bundle, batch):
+    """Every output by name; the map is probabilities on the manifest's grid and follows the FP32 map."""
+    w, f = _scenes(batch, backend.bundle)
+    out = backend.infer_outputs(w, f)
+    assert set(out) == {"logits", "lesion_map"}
+    m = out["lesion_map"]
+    assert m.shape == (batch, 1, 16, 16) and m.dtype == np.float32 and m.min() >= 0 and m.max() <= 1
+    np.testing.assert_array_equal(out["logits"], backend.infer(w, f))
+    with open_backend(calibrated_bundle, "onnxruntime", "fp32") as ref:
+        expected = ref.infer_outputs(w, f)["lesion_map"]
+    assert np.abs(m - expected).mean() <= {"fp32": 1e-5, "fp16": 1e-2, "int8": 0.05}[backend.precision]
 
 
 @pytest.mark.parametrize("batch", [1, 4])

@@ -159,8 +159,21 @@ def test_fp16_typed_model(calibrated_bundle):
 def test_int8_model_runs_on_ort_cpu(calibrated_bundle, batch):
     sess = ort.InferenceSession(str(calibrated_bundle / "model.int8.onnx"), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((batch, 3, 128, 128)).astype(np.float32)
-    (out,) = sess.run(None, {"white_light": x, "fluorescence": x})
+    out, lesion = sess.run(None, {"white_light": x, "fluorescence": x})
     assert out.shape == (batch, 4) and np.isfinite(out).all()
+    assert lesion.shape == (batch, 1, 16, 16) and lesion.min() >= 0 and lesion.max() <= 1
+
+
+def test_accuracy_report_measures_the_lesion_map(calibrated_bundle):
+    """Dice/IoU/pointing per class for every precision, and each reduced-precision map's IoU with FP32."""
+    report = json.loads((calibrated_bundle / "accuracy.json").read_text())["lesion_map"]
+    assert report["grid"] == [16, 16] and set(report["scores"]) == {"fp32", "int8", "fp16"}
+    fp32 = report["scores"]["fp32"]
+    assert fp32["hsil"]["dice"]["n"] == 12 and 0 <= fp32["hsil"]["dice"]["low"] <= fp32["hsil"]["dice"]["high"] <= 1
+    assert "pointing" in fp32["lsil"] and "clean" in fp32["normal"]
+    assert set(report["agreement"]) == {"int8", "fp16"}
+    assert report["agreement"]["fp16"]["iou_all"]["mean"] > 0.9
+    assert "## Lesion map" in (calibrated_bundle / "accuracy.md").read_text()
 
 
 def _manifest_bytes(b):

@@ -27,12 +27,15 @@ def check_op_type_count(proto, **expected):
 
 def test_graph_census_and_symbolic_batch(tiny_bundle):
     proto = onnx.load(str(tiny_bundle / "model.onnx"))
-    check_op_type_count(proto, ScatterND=0, BatchNormalization=0, LayerNormalization=3, Softmax=1)
+    check_op_type_count(proto, ScatterND=0, BatchNormalization=0, LayerNormalization=3, Softmax=1, Resize=1)
     assert op_census(proto)["Split"] >= 5  # PConv: split + concat
     for value in [*proto.graph.input, *proto.graph.output]:
         assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
     assert [i.name for i in proto.graph.input] == ["white_light", "fluorescence"]
-    assert [o.name for o in proto.graph.output] == ["logits"]
+    assert [o.name for o in proto.graph.output] == ["logits", "lesion_map"]
+    assert [d.dim_value for d in proto.graph.output[1].type.tensor_type.shape.dim[1:]] == [1, 16, 16]  # static map
+    lesion = json.loads((tiny_bundle / "manifest.json").read_text())["outputs"][1]
+    assert lesion["shape"] == ["batch", 1, 16, 16] and lesion["stride"] == 8 and "crop" in lesion["frame_mapping"]
     assert proto.ir_version <= 13 and proto.opset_import[0].version == 17
 
 
@@ -42,17 +45,19 @@ def test_onnxruntime_matches_pytorch(tiny_bundle, tiny_checkpoint, batch):
     sess = ort.InferenceSession(str(tiny_bundle / "model.onnx"), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(batch)
     w, f = (rng.standard_normal((batch, 3, 128, 128)).astype(np.float32) for _ in range(2))
-    (got,) = sess.run(["logits"], {"white_light": w, "fluorescence": f})
+    got, got_map = sess.run(["logits", "lesion_map"], {"white_light": w, "fluorescence": f})
     with torch.inference_mode():
-        ref = model(torch.from_numpy(w), torch.from_numpy(f)).numpy()
-    assert got.shape == (batch, 4)
-    assert np.abs(got - ref).max() <= 1e-4
+        ref, ref_map = model.forward_multitask(torch.from_numpy(w), torch.from_numpy(f))
+    assert got.shape == (batch, 4) and got_map.shape == (batch, 1, 16, 16)
+    assert np.abs(got - ref.numpy()).max() <= 1e-4
+    assert np.abs(got_map - ref_map.sigmoid().numpy()).max() <= 1e-4
 
 
 def test_parity_report_in_bundle(tiny_bundle):
     report = json.loads((tiny_bundle / "report.json").read_text())
     p = report["parity"]
     assert p["passed"] and p["pairs"] >= 64 and p["max_abs_diff"] <= 1e-4 and p["top1_agreement"] == 1.0
+    assert p["lesion_map_max_abs_diff"] <= p["tolerance"]["lesion_map_max_abs_diff"]  # the map has its own bound
     assert 1 in p["batch_sizes"] and max(p["batch_sizes"]) > 1
     assert "PASS" in (tiny_bundle / "report.md").read_text()
 
