@@ -7,7 +7,8 @@ One syntax for all (CLI and config):
     synthetic[:fps=30,drift_ppm=200,jitter_ms=5,drop=0.05,label=hsil,seed=1]
 
 The reader thread keeps only the freshest frames (OpenCV has no latest-frame mode and driver
-buffers lag); timestamps are time.monotonic_ns() taken right after grab().
+buffers lag); device timestamps are time.monotonic_ns() taken right after grab(); paced replays and
+synthetic cameras stamp each frame's due time (its exposure time) on the same clock.
 """
 from __future__ import annotations
 
@@ -303,7 +304,9 @@ class ReplaySource(FrameSource):
             img = self._read_next()
         if img is None:
             return None
-        t = time.monotonic_ns()
+        # paced: the frame's place on the recording's own clock (what a camera's exposure timestamp is), so a
+        # reader delayed by a busy CPU delivers late but never re-times a frame into its neighbour's slot
+        t = self.t0 + self.seq * self.period_ns if self.paced else time.monotonic_ns()
         self.seq += 1
         return Frame(img, t, self.seq, {"file_index": self.seq - 1})
 
@@ -364,7 +367,9 @@ class SyntheticSource(FrameSource):
             if self.rng.random() >= self.drop:
                 break
             self.stats["dropped_at_source"] += 1
-        t = time.monotonic_ns()
+        # the exposure time, as a camera's own (V4L2 buffer) timestamp would give it: a reader thread that wakes
+        # late delivers the frame late, which counts as latency, but does not move the frame in time
+        t = t_due
         scene = self.bank.at(t)
         img = scene.white_light if self.modality == "white_light" else scene.fluorescence
         if self.stamp_frames:  # stamping writes: give each frame its own copy
