@@ -24,13 +24,10 @@ def lesion_target(mask: np.ndarray, spec, stride: int = 8) -> np.ndarray:
     preprocessing takes, then the lesion's share of each cell (INTER_AREA)."""
     import cv2
 
-    from edge_pfm.preprocess import crop_box
-
     h, w = spec.size[0] // stride, spec.size[1] // stride
     m = np.asarray(mask, np.float32)
-    if spec.resize == "center_crop":
-        y0, y1, x0, x1 = crop_box(*m.shape, *spec.size)
-        m = m[y0:y1, x0:x1]
+    y0, y1, x0, x1 = spec.field_of_view(*m.shape)
+    m = m[y0:y1, x0:x1]
     return cv2.resize(m, (w, h), interpolation=cv2.INTER_AREA)[None]
 
 

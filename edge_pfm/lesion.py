@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_pfm.preprocess import PreprocessSpec, crop_box
+from edge_pfm.preprocess import PreprocessSpec
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -29,7 +29,7 @@ class LesionMap:
         """The model's (1, h, w) or (h, w) output for one pair, placed on a frame of `frame_shape`
         (through the same crop the preprocessing took)."""
         h, w = int(frame_shape[0]), int(frame_shape[1])
-        box = crop_box(h, w, *spec.size) if spec.resize == "center_crop" else (0, h, 0, w)
+        box = spec.field_of_view(h, w)
         grid = np.asarray(grid, np.float32).reshape(grid.shape[-2:])
         return cls(grid, box, (h, w), threshold)
 

@@ -126,7 +126,8 @@ class Runner:
         pending_f = pool.submit(self._prepare_frame, pair.fluorescence, "fluorescence", specs) if f is None else None
         w = w if w is not None else self._prepare_frame(pair.white_light, "white_light", specs)
         f = f if pending_f is None else pending_f.result()
-        for bad in (x for x in (w, f) if len(x) == 1):
+        bad = next((x for x in (w, f) if len(x) == 1), None)  # (error,): the frame could not be used
+        if bad is not None:
             self.counts["bad_frames"] += 1
             self.last_bad_frame = str(bad[0])
             return None

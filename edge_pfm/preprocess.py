@@ -69,6 +69,10 @@ class PreprocessSpec:
         object.__setattr__(self, "_scale", (1.0 / (255.0 * std_a)).reshape(-1, 1, 1))
         object.__setattr__(self, "_offset", (np.asarray(mean, np.float32) / std_a).reshape(-1, 1, 1))
 
+    def field_of_view(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """The part of an (h, w) frame the model sees, (y0, y1, x0, x1): the centre crop, or the whole frame."""
+        return crop_box(h, w, *self.size) if self.resize == "center_crop" else (0, h, 0, w)
+
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (self.channels, *self.size)
@@ -163,9 +167,8 @@ def preprocess_keep_intermediate(frame: np.ndarray, spec: PreprocessSpec,
     if min(frame.shape[:2]) < 2:
         raise ValueError(f"frame is empty or degenerate: shape {frame.shape}")
     out_h, out_w = spec.size
-    if spec.resize == "center_crop":
-        y0, y1, x0, x1 = crop_box(frame.shape[0], frame.shape[1], out_h, out_w)
-        frame = frame[y0:y1, x0:x1]
+    y0, y1, x0, x1 = spec.field_of_view(frame.shape[0], frame.shape[1])
+    frame = frame[y0:y1, x0:x1]
     # resize before any colour conversion: it touches 1/20 of the pixels at 1080p
     interp = cv2.INTER_AREA if spec.interpolation == "INTER_AREA" else cv2.INTER_LINEAR
     mid = area_downsample(frame, out_h, out_w) if interp == cv2.INTER_AREA else frame

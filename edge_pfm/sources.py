@@ -65,6 +65,7 @@ class FrameSource:
         # a frame is ready the moment its partner arrives and each camera's frames use their own core
         self.process = None
         self.pool = FramePool()  # frame buffers, reused once nothing holds them
+        self._last_shape: tuple[int, ...] | None = None
 
     # -- subclass hooks -------------------------------------------------------------------------
     def _open(self) -> None:
@@ -76,10 +77,14 @@ class FrameSource:
     def _close(self) -> None:
         pass
 
-    def _buffer(self) -> np.ndarray | None:
-        """A free pooled buffer shaped like the last frame, for OpenCV to decode into (None: let it allocate)."""
-        shape = getattr(self, "_last_shape", None)
-        return self.pool.take(shape) if shape is not None else None
+    def _retrieve(self, cap) -> np.ndarray | None:
+        """cap.retrieve() into a free pooled buffer shaped like the last frame (the first one OpenCV allocates);
+        -> the image, or None when retrieve fails."""
+        ok, img = cap.retrieve(self.pool.take(self._last_shape) if self._last_shape is not None else None)
+        if not ok or img is None:
+            return None
+        self._last_shape = img.shape
+        return img
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> FrameSource:
@@ -203,10 +208,9 @@ class OpenCVSource(FrameSource):
         if not self.cap.grab():
             raise SourceError(f"camera {self.device!r}: grab() failed")
         t = time.monotonic_ns()
-        ok, img = self.cap.retrieve(self._buffer())
-        if not ok or img is None:
+        img = self._retrieve(self.cap)
+        if img is None:
             raise SourceError(f"camera {self.device!r}: retrieve() failed")
-        self._last_shape = img.shape
         self.seq += 1
         return Frame(img, t, self.seq)
 
@@ -288,10 +292,7 @@ class ReplaySource(FrameSource):
         ok = self.cap.grab()
         if not ok:
             return None
-        ok, img = self.cap.retrieve(self._buffer())
-        if ok and img is not None:
-            self._last_shape = img.shape
-        return img if ok else None
+        return self._retrieve(self.cap)
 
     def _grab(self) -> Frame | None:
         if self.paced:

@@ -27,8 +27,8 @@ def lesion_map_output(img_size: int, stride: int = 8) -> dict:
                        "for where to look or biopsy, not a diagnosis on its own",
             "resolution": [cells, cells], "stride": stride, "threshold": 0.5, "source_modality": "white_light",
             "frame_mapping": "the map covers the model input, i.e. the white-light frame after preprocessing: with "
-                             "resize=center_crop, the crop box edge_pfm.preprocess.crop_box(frame_h, frame_w, input_h, "
-                             "input_w) -> (y0, y1, x0, x1); cell (i, j) spans input pixels [i*stride, (i+1)*stride) x "
+                             "resize=center_crop, the crop box PreprocessSpec.field_of_view(frame_h, frame_w) -> (y0, y1, "
+                             "x0, x1) (edge_pfm.preprocess); cell (i, j) spans input pixels [i*stride, (i+1)*stride) x "
                              "[j*stride, (j+1)*stride). Resize the map onto the crop box (edge_pfm.lesion.to_frame); "
                              "outside it nothing was seen. With resize=stretch the box is the whole frame."}
 

@@ -128,8 +128,8 @@ def split(data: PairTensors, val_fraction: float = 0.2, seed: int = 0) -> tuple[
 
 
 @torch.inference_mode()
-def predict(model: PFM, data: PairTensors, batch_size: int = 64, lesion: bool = False):
-    """-> logits (N, classes); with lesion=True also the lesion map's probabilities (N, 1, h, w) or None."""
+def predict(model: PFM, data: PairTensors, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
+    """-> (logits (N, classes), lesion-map probabilities (N, 1, h, w) or None without the head)."""
     model.eval()
     logits, maps = [], []
     for i in range(0, len(data), batch_size):
@@ -138,16 +138,13 @@ def predict(model: PFM, data: PairTensors, batch_size: int = 64, lesion: bool = 
         logits.append(out)
         if lesion_logits is not None:
             maps.append(lesion_logits.sigmoid())
-    logits_np = torch.cat(logits).numpy()
-    if not lesion:
-        return logits_np
-    return logits_np, (torch.cat(maps).numpy() if maps else None)
+    return torch.cat(logits).numpy(), (torch.cat(maps).numpy() if maps else None)
 
 
 def evaluate(model: PFM, data: PairTensors) -> dict:
     from calibration.lesion_metrics import lesion_scores
 
-    logits, maps = predict(model, data, lesion=True)
+    logits, maps = predict(model, data)
     pred = logits.argmax(1)
     y = data.labels.numpy()
     recall = {c: float((pred[y == i] == i).mean()) if (y == i).any() else float("nan")
