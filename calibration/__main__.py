@@ -42,6 +42,7 @@ from edge_pfm.bundle import Bundle, BundleError, write_manifest
 from edge_pfm.calib_cache import CalibrationCache, trt_version_int
 from edge_pfm.dataset import DatasetError
 from edge_pfm.fileio import atomic_directory, atomic_write_json, atomic_write_text
+from edge_pfm.lesion import check_map_classes, default_map_classes, map_measurement, parse_map_classes
 from export.artifact_check import check_artifact, summary_line
 from export.onnx_export import ExportError, save_onnx
 
@@ -76,6 +77,18 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def lesion_map_entry(entry: dict, map_classes: tuple[str, ...], report: dict | None, eval_source: str) -> dict:
+    """The manifest's lesion_map output after calibration: the classes that show it, and the held-out
+    measurement of each precision's map where the held-out pairs had masks (else the earlier measurements stay;
+    the runtime shows no map at a precision without one)."""
+    entry = {**entry, "shown_for": list(map_classes)}
+    if report and "scores" in report:
+        entry["measurements"] = {
+            name: map_measurement(sc["lesion_classes"], f"calibration held-out ({eval_source})", report["threshold"])
+            for name, sc in report["scores"].items()}
+    return entry
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m calibration", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="node-name substrings kept in float (default: each branch's stem conv)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--allow-degraded", action="store_true", help="write the INT8 model even if the gate fails")
+    ap.add_argument("--map-classes", metavar="A,B",
+                    help="the classes whose decisions show the lesion map (default: the bundle's, else lsil,hsil); the "
+                         "held-out map figures are measured over them")
     args = ap.parse_args(argv)
     try:
         trt_int = trt_version_int(args.trt_version)
@@ -118,6 +134,17 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, trt_int: int) -> int:
     bundle = Bundle.load(args.bundle)
     classes = bundle.classes
+    map_classes = None
+    if bundle.lesion_map is not None:
+        try:
+            map_classes = (check_map_classes(parse_map_classes(args.map_classes), classes)
+                           if args.map_classes is not None else
+                           tuple(bundle.lesion_map.get("shown_for", default_map_classes(classes))))
+        except ValueError as exc:
+            raise CalibrationError(str(exc)) from None
+    elif args.map_classes is not None:
+        raise CalibrationError(f"--map-classes: {bundle.root} has no lesion-map output (its model was trained "
+                               "without lesion masks)")
     fp32 = bundle.model_path("fp32")
     _log(f"[1/5] calibration data ({'synthetic' if args.synthetic else args.data})")
     if args.synthetic:
@@ -194,7 +221,7 @@ def run(args: argparse.Namespace, trt_int: int) -> int:
             "gate": {"passed": not reasons, "reasons": reasons, "thresholds": GATE, "rule": gate_rule(classes)},
         }
         if lesion.get("maps"):
-            report["lesion_map"] = lesion_report(lesion, labels, classes)
+            report["lesion_map"] = lesion_report(lesion, labels, classes, map_classes)
         atomic_write_json(tmp / "accuracy.json", report)
         atomic_write_text(tmp / "accuracy.md", markdown(report, classes))
         confusion_png(results, classes, tmp / "confusion.png")
@@ -228,6 +255,9 @@ def run(args: argparse.Namespace, trt_int: int) -> int:
         manifest["accuracy"]["gate_rule"] = gate_rule(classes)
         manifest["accuracy"]["eval_samples"] = int(len(labels))
         manifest["build_checks"] = {**manifest.get("build_checks", {}), **build_checks}
+        if map_classes is not None:
+            manifest["outputs"] = [lesion_map_entry(o, map_classes, report.get("lesion_map"), eval_source)
+                                   if o["name"] == "lesion_map" else o for o in manifest["outputs"]]
         write_manifest(tmp, manifest, {
             "model.int8.onnx": "int8 explicit Q/DQ onnx", "model.fp16.onnx": "fp16-typed onnx (float32 I/O)", "calibration.cache": "TensorRT calibration cache (implicit INT8, DLA)",
             "calibration.json": "activation ranges", "accuracy.json": "accuracy report", "accuracy.md": "accuracy report",
@@ -235,6 +265,12 @@ def run(args: argparse.Namespace, trt_int: int) -> int:
         })
     # an earlier refusal's report no longer describes this bundle
     shutil.rmtree(bundle.root.with_name(bundle.root.name + ".int8-rejected"), ignore_errors=True)
+    if map_classes is not None:
+        from edge_pfm.lesion import map_verdict
+
+        calibrated = Bundle.load(bundle.root)
+        for precision in ("fp32", "int8", "fp16"):
+            _log(f"      {precision}: {map_verdict(calibrated, precision).describe()}")
     i8 = results["int8"]
     lo, hi = i8["agreement_ci95"]
     _log(f"calibrated {bundle.root}: INT8 agreement {i8['top1_agreement']:.2%} (95 % CI {lo:.2%}-{hi:.2%}, "

@@ -234,7 +234,7 @@ def lesion_markdown(lesion: dict, classes: tuple[str, ...]) -> str:
     """The lesion map's section of the accuracy report."""
     lines = [f"## Lesion map (threshold {lesion['threshold']}, {lesion['grid'][0]}x{lesion['grid'][1]} cells)", ""]
     if "scores" in lesion:
-        lines += ["Against the synthetic lesion masks (pointing: the map's peak cell is lesion); 95 % intervals, n pairs:",
+        lines += ["Against the lesion masks (pointing: the map's peak cell is lesion); 95 % intervals, n pairs:",
                   "", "| model | class | n | Dice | IoU | pointing / clean map |", "|---|---|---|---|---|---|"]
         for name, sc in lesion["scores"].items():
             for c in classes:
@@ -245,20 +245,24 @@ def lesion_markdown(lesion: dict, classes: tuple[str, ...]) -> str:
                 lines.append(f"| {name} | {c} | {row['dice']['n']} | {_iv(row['dice'])} | {_iv(row['iou'])} | {extra} |")
         lines.append("")
     lines += ["Reduced precision vs the FP32 map (IoU of the thresholded maps, per pair):", "",
-              "| model | IoU, all pairs | IoU, lsil + hsil | max abs dp |", "|---|---|---|---|"]
+              f"| model | IoU, all pairs | IoU, {' + '.join(lesion['map_classes']) or 'no map class'} | max abs dp |",
+              "|---|---|---|---|"]
     for name, ag in lesion["agreement"].items():
         lines.append(f"| {name} | {_iv(ag['iou_all'])} | {_iv(ag['iou_lesion_classes'])} | {ag['max_abs_diff']:.4f} |")
     return "\n".join(lines)
 
 
-def lesion_report(lesion: dict, labels: np.ndarray, classes: tuple[str, ...], threshold: float = 0.5) -> dict:
-    """From evaluate_stream's `lesion` output: scores against the masks (when known) and agreement with FP32."""
+def lesion_report(lesion: dict, labels: np.ndarray, classes: tuple[str, ...], map_classes: tuple[str, ...],
+                  threshold: float = 0.5) -> dict:
+    """From evaluate_stream's `lesion` output: scores against the masks (when known) and agreement with FP32,
+    the lesion-class figures over `map_classes` (the classes that show the map)."""
     from calibration.lesion_metrics import lesion_scores, map_agreement
 
     maps = lesion["maps"]
-    out = {"threshold": threshold, "grid": list(maps["fp32"].shape[-2:]),
-           "agreement": {name: map_agreement(maps["fp32"], m, labels, classes, threshold)
+    out = {"threshold": threshold, "grid": list(maps["fp32"].shape[-2:]), "map_classes": list(map_classes),
+           "agreement": {name: map_agreement(maps["fp32"], m, labels, classes, threshold, map_classes)
                          for name, m in maps.items() if name != "fp32"}}
     if "targets" in lesion:
-        out["scores"] = {name: lesion_scores(m, lesion["targets"], labels, classes, threshold) for name, m in maps.items()}
+        out["scores"] = {name: lesion_scores(m, lesion["targets"], labels, classes, threshold, map_classes)
+                         for name, m in maps.items()}
     return out

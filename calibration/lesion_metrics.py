@@ -15,8 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from calibration.stats import wilson
-
-LESION_CLASSES = ("lsil", "hsil")  # the acceptance figures: where a biopsy decision needs the map
+from edge_pfm.lesion import default_map_classes
 
 
 def lesion_target(mask: np.ndarray, spec, stride: int = 8) -> np.ndarray:
@@ -60,9 +59,11 @@ def proportion(k: int, n: int) -> dict:
 
 
 def lesion_scores(maps: np.ndarray, targets: np.ndarray, labels: np.ndarray, classes: tuple[str, ...],
-                  threshold: float = 0.5) -> dict:
+                  threshold: float = 0.5, map_classes: tuple[str, ...] | None = None) -> dict:
     """maps: (N, 1, h, w) probabilities; targets: (N, 1, h, w) lesion share per cell; labels: (N,) class index.
-    -> {class: {dice, iou, pointing | false_alarm_area, clean}, "lesion_classes": {...}}."""
+    -> {class: {dice, iou, pointing | false_alarm_area, clean}, "lesion_classes": {...}}: the last over the pairs
+    with a lesion of `map_classes` (default edge_pfm.lesion.default_map_classes), the ones that show the map."""
+    map_classes = default_map_classes(classes) if map_classes is None else tuple(map_classes)
     pred, truth = maps >= threshold, targets >= 0.5
     dice, iou = _overlap(pred, truth)
     flat_p, flat_t = maps.reshape(len(maps), -1), targets.reshape(len(targets), -1)
@@ -80,8 +81,8 @@ def lesion_scores(maps: np.ndarray, targets: np.ndarray, labels: np.ndarray, cla
             s = sel & has_lesion
             row["pointing"] = proportion(int(pointed[s].sum()), int(s.sum()))
         out[c] = row
-    sel = np.isin(labels, [classes.index(c) for c in LESION_CLASSES if c in classes]) & has_lesion
-    out["lesion_classes"] = {"classes": [c for c in LESION_CLASSES if c in classes],
+    sel = np.isin(labels, [classes.index(c) for c in map_classes]) & has_lesion
+    out["lesion_classes"] = {"classes": list(map_classes),
                              "dice": mean_interval(dice[sel])["mean"], "dice_interval": mean_interval(dice[sel]),
                              "iou_interval": mean_interval(iou[sel]),
                              "pointing": proportion(int(pointed[sel].sum()), int(sel.sum()))["rate"],
@@ -90,10 +91,11 @@ def lesion_scores(maps: np.ndarray, targets: np.ndarray, labels: np.ndarray, cla
 
 
 def map_agreement(reference: np.ndarray, other: np.ndarray, labels: np.ndarray, classes: tuple[str, ...],
-                  threshold: float = 0.5) -> dict:
+                  threshold: float = 0.5, map_classes: tuple[str, ...] | None = None) -> dict:
     """IoU of a reduced-precision map with the FP32 map (both thresholded), per pair: over all pairs and over
-    the lesion classes; plus the largest probability difference."""
+    the map classes; plus the largest probability difference."""
+    map_classes = default_map_classes(classes) if map_classes is None else tuple(map_classes)
     _, iou = _overlap(reference >= threshold, other >= threshold)
-    sel = np.isin(labels, [classes.index(c) for c in LESION_CLASSES if c in classes])
+    sel = np.isin(labels, [classes.index(c) for c in map_classes])
     return {"iou_all": mean_interval(iou), "iou_lesion_classes": mean_interval(iou[sel]),
             "max_abs_diff": round(float(np.abs(reference - other).max()), 5)}

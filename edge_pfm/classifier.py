@@ -3,8 +3,9 @@
     clf = edge_pfm.Classifier("bundle/")
     result = clf.classify(white_bgr, fluo_bgr)    # Result(label='hsil', confidence=0.93, lesion_map=..., ...)
 
-With a bundle whose model has the lesion head, result.lesion_map is a LesionMap placed on the white-light
-frame (result.lesion_map.dense() -> (H, W) probabilities, .summary() -> area, box, centroid, peak).
+With a bundle whose lesion map is shown (`clf.lesion_verdict`, edge_pfm.lesion.map_verdict: a measured head, at
+the running precision) and a label among its map classes, result.lesion_map is a LesionMap placed on the
+white-light frame (.dense() -> (H, W) probabilities, .summary() -> area, box, centroid, peak); else None.
 
 Preprocessing is the bundle's (edge_pfm.preprocess); the backend is chosen as `edge-pfm info` says.
 With the TensorRT backend, create and call the Classifier from one thread.
@@ -20,7 +21,7 @@ import numpy as np
 from edge_pfm.backends import Backend, BackendError, open_backend
 from edge_pfm.bundle import Bundle
 from edge_pfm.decision import softmax
-from edge_pfm.lesion import LesionMap
+from edge_pfm.lesion import LesionMap, map_verdict
 from edge_pfm.preprocess import preprocess
 
 
@@ -31,7 +32,7 @@ class Result:
     confidence: float
     probs: dict[str, float]
     logits: np.ndarray
-    lesion_map: LesionMap | None = None  # in camera-frame coordinates (the crop undone); None without the head
+    lesion_map: LesionMap | None = None  # in camera-frame coordinates (the crop undone); None unless shown
 
 
 class Classifier:
@@ -43,6 +44,7 @@ class Classifier:
         self.specs = self.bundle.preprocessing
         self.model_sha256 = self.bundle.sha256(
             "model.int8.onnx" if self.backend.precision == "int8" else "model.onnx")
+        self.lesion_verdict = map_verdict(self.bundle, self.backend.precision)
 
     def preprocess(self, white_bgr: np.ndarray, fluo_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Two camera frames -> (1, C, H, W) float32 inputs, exactly as the manifest says."""
@@ -71,8 +73,8 @@ class Classifier:
         logits = out["logits"][0]
         probs = softmax(logits)
         i = int(np.argmax(probs))
-        lesion = (LesionMap.from_output(out["lesion_map"][0], white_bgr.shape, self.specs["white_light"])
-                  if "lesion_map" in out else None)
+        shown = self.lesion_verdict.shown and self.classes[i] in self.lesion_verdict.classes
+        lesion = LesionMap.from_output(out["lesion_map"][0], white_bgr.shape, self.specs["white_light"]) if shown else None
         return Result(self.classes[i], i, float(probs[i]), dict(zip(self.classes, map(float, probs))), logits, lesion)
 
     def close(self) -> None:

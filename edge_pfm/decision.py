@@ -47,13 +47,17 @@ class Decision:
     smoothed: list[float]
     t_update_ns: int
     flags: list[str] = field(default_factory=list)
-    # the smoothed lesion map (edge_pfm.lesion.LesionMap), only while a non-normal class is shown
+    # the smoothed lesion map (edge_pfm.lesion.LesionMap), only while one of the map classes is shown
     lesion: Any = None
 
 
 class DecisionEngine:
-    def __init__(self, classes: tuple[str, ...], config: DecisionConfig | None = None):
+    def __init__(self, classes: tuple[str, ...], config: DecisionConfig | None = None,
+                 map_classes: tuple[str, ...] = ()):
+        """map_classes: the classes whose decisions show the lesion map (edge_pfm.lesion.map_verdict); none by
+        default, so a map is never shown unless the bundle's verdict says so."""
         self.classes = classes
+        self.map_classes = frozenset(map_classes)
         self.cfg = config or DecisionConfig()
         self.reset()
         self.stats = collections.Counter()
@@ -124,5 +128,5 @@ class DecisionEngine:
         show = state == "ok" and self.shown is not None
         conf = float(self.smoothed[self.shown]) if show else 0.0
         shown = self.classes[self.shown] if show else None
-        lesion = self.lesion if show and shown != "normal" else None
+        lesion = self.lesion if show and shown in self.map_classes else None
         return Decision(state, shown, conf, self._smoothed_list(), t_ns, flags, lesion)

@@ -43,6 +43,9 @@ def describe(bundle: str | None = None) -> str:
         lines.append(b.summary())
         sel = select_backend(b, "auto", trt_status=(ok, why))
         lines.append(f"  backend  auto -> {sel.backend} {sel.precision}: {sel.reason}")
+        from edge_pfm.lesion import map_verdict
+
+        lines.append(f"  {map_verdict(b, sel.precision).describe()}")
         from edge_pfm.thread_plan import plan_threads
 
         lines.append(f"  {plan_threads(sel.backend).describe()}")

@@ -4,16 +4,113 @@ The model sees the white-light frame's centre crop, resized to its input; its le
 covers that input at a stride of 8 px. `LesionMap` keeps the small grid and the crop box in camera
 pixels, so a map is cheap to keep, smooth and log; `dense()` gives the full-resolution (H, W) map when
 something needs to draw it, and `summary()` the compact facts the decision log keeps.
+
+A map is shown only when it has earned it (`map_verdict`): the bundle names the classes whose decisions show
+it (the lesion classes: a biopsy target, never `normal` or `inflammation` by default), and carries a held-out
+measurement of the running precision's map that clears the floors below. Anything else runs with the map off.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from edge_pfm.preprocess import PreprocessSpec
 
 DEFAULT_THRESHOLD = 0.5
+# the classes that show a map unless the bundle says otherwise: where a biopsy decision needs it
+DEFAULT_MAP_CLASSES = ("lsil", "hsil")
+# a map is shown only if measured on at least this many held-out pairs of those classes with a lesion, with
+# the lower 95 % bounds of its Dice and of its pointing score (peak cell in the lesion) at least these
+MAP_FLOORS = {"pairs": 50, "dice_low": 0.5, "pointing_low": 0.8}
+
+
+def default_map_classes(classes: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    return tuple(c for c in DEFAULT_MAP_CLASSES if c in classes)
+
+
+def parse_map_classes(text: str) -> tuple[str, ...]:
+    """--map-classes 'lsil,hsil' -> ('lsil', 'hsil'); '' -> no class."""
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def check_map_classes(names: tuple[str, ...], classes: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    unknown = [c for c in names if c not in classes]
+    if unknown:
+        raise ValueError(f"map classes {unknown} are not among the model's classes {list(classes)}")
+    return tuple(names)
+
+
+def map_measurement(lesion_classes: dict, source: str, threshold: float = DEFAULT_THRESHOLD) -> dict:
+    """calibration.lesion_metrics' `lesion_classes` scores -> the manifest's record of one held-out measurement."""
+    record = {"source": source, "classes": list(lesion_classes["classes"]), "threshold": threshold,
+              "pairs": int(lesion_classes["dice_interval"]["n"]), "dice": lesion_classes["dice_interval"],
+              "pointing": lesion_classes["pointing_interval"]}
+    return json.loads(json.dumps(record))  # plain floats (no numpy scalars): checkpoints load with weights_only
+
+
+@dataclass(frozen=True)
+class MapVerdict:
+    """Whether a bundle's lesion map is shown at one precision, and why (one line for `edge-pfm info`)."""
+
+    shown: bool
+    reason: str
+    classes: tuple[str, ...] = ()  # the classes whose decisions show the map; () when it is off
+    measurement: dict | None = None
+
+    def describe(self) -> str:
+        return f"lesion map: {'shown for ' + ', '.join(self.classes) if self.shown else 'off'}: {self.reason}"
+
+
+def _legacy_measurement(bundle: Any, precision: str) -> dict | None:
+    """Bundles calibrated before the manifest held measurements: calibration's held-out scores in accuracy.json."""
+    if not bundle.has("accuracy.json"):
+        return None
+    report = json.loads((bundle.root / "accuracy.json").read_text())
+    lesion = report.get("lesion_map") or {}
+    scores = lesion.get("scores", {}).get(precision)
+    if not scores:
+        return None
+    return map_measurement(scores["lesion_classes"], f"calibration held-out ({report['eval']['source']})",
+                           lesion.get("threshold", DEFAULT_THRESHOLD))
+
+
+def map_verdict(bundle: Any, precision: str) -> MapVerdict:
+    """Is `bundle`'s (edge_pfm.bundle.Bundle) lesion map shown when its `precision` model runs?"""
+    entry = bundle.lesion_map
+    legacy = _legacy_measurement(bundle, precision) if entry is not None and "measurements" not in entry else None
+    return judge_map(entry, bundle.classes, precision, legacy)
+
+
+def judge_map(entry: dict | None, classes: tuple[str, ...], precision: str,
+              fallback: dict | None = None) -> MapVerdict:
+    """The verdict on a manifest's lesion_map entry (`fallback`: a measurement found outside it)."""
+    if entry is None:
+        return MapVerdict(False, "the model has no lesion-map head (it was trained without lesion masks)")
+    shown_for = tuple(entry.get("shown_for", default_map_classes(classes)))
+    if not shown_for:
+        return MapVerdict(False, "no class is named to show it (manifest outputs.lesion_map.shown_for is empty); "
+                                 "name them with python -m calibration --map-classes A,B")
+    m = entry.get("measurements", {}).get(precision, fallback)
+    if m is None:
+        return MapVerdict(False, f"the bundle carries no held-out measurement of its {precision} map; measure it with "
+                                 "python -m calibration on a held-out set with lesion masks")
+    if sorted(m["classes"]) != sorted(shown_for):
+        return MapVerdict(False, f"it was measured on {', '.join(m['classes']) or 'no class'} but would be shown for "
+                                 f"{', '.join(shown_for)}; re-measure with python -m calibration --map-classes "
+                                 f"{','.join(shown_for)}", measurement=m)
+    d, p, f = m["dice"], m["pointing"], MAP_FLOORS
+    figures = (f"{precision} map on {m['pairs']} held-out lesion pairs ({m['source']}): Dice {d['mean']:.3f} "
+               f"[{d['low']:.3f}, {d['high']:.3f}], pointing {p['rate']:.1%} [{p['low']:.1%}, {p['high']:.1%}]")
+    below = [what for what, bad in (
+        (f"fewer than {f['pairs']} pairs", m["pairs"] < f["pairs"]),
+        (f"Dice lower bound under {f['dice_low']}", not d["low"] >= f["dice_low"]),  # NaN fails too
+        (f"pointing lower bound under {f['pointing_low']:.0%}", not p["low"] >= f["pointing_low"])) if bad]
+    if below:
+        return MapVerdict(False, f"below the floors ({'; '.join(below)}): {figures}", measurement=m)
+    return MapVerdict(True, figures, shown_for, m)
 
 
 @dataclass(frozen=True)

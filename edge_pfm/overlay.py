@@ -21,7 +21,7 @@ def annotate(white: np.ndarray, fluo: np.ndarray, decision, fps: float, gates: d
         return cv2.resize(img, (w, height), interpolation=cv2.INTER_AREA)
 
     white_fit = fit(white)
-    if getattr(decision, "lesion", None) is not None:  # only while a non-normal class is shown, never gated/stale
+    if getattr(decision, "lesion", None) is not None:  # only while a map class is shown (decision.py), never gated/stale
         from edge_pfm.lesion import draw_lesion_map
 
         draw_lesion_map(white_fit, decision.lesion)

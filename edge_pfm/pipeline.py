@@ -193,8 +193,9 @@ class Runner:
             from edge_pfm.thread_plan import apply_opencv_threads
 
             apply_opencv_threads(self.thread_plan)
-        self.engine = DecisionEngine(clf.classes, self.cfg.decision)
+        self.engine = DecisionEngine(clf.classes, self.cfg.decision, clf.lesion_verdict.classes)
         white_spec = clf.bundle.preprocessing["white_light"]
+        with_map = clf.lesion_verdict.shown
         self.ready_event.set()
         backend_desc = clf.backend.describe()
         while not self.stop_event.is_set():
@@ -222,7 +223,7 @@ class Runner:
             t1 = time.monotonic_ns()
             probs = softmax(out["logits"][0].astype(np.float64))
             lesion = None
-            if "lesion_map" in out and np.all(np.isfinite(out["lesion_map"])):
+            if with_map and np.all(np.isfinite(out["lesion_map"])):
                 lesion = LesionMap.from_output(out["lesion_map"][0], work.pair.white_light.image.shape, white_spec)
             gate_flags = [f"{m}:{flag}" for m, fl in work.gates.items() for flag in fl]
             decision = self.engine.update(probs, t1, gate_flags, lesion)
@@ -361,6 +362,7 @@ class Runner:
             "latency_ms": {k: _percentiles(v) for k, v in self.timings.items()},
             "backend": self.classifier.backend.describe() if self.classifier else None,
             "thread_plan": self.thread_plan.to_dict() if self.thread_plan else None,
+            "lesion_map": self.classifier.lesion_verdict.describe() if self.classifier else None,
         }
 
 
@@ -372,6 +374,7 @@ def format_summary(s: dict) -> str:
              f"decisions {s['decisions']}",
              f"sources {s['sources']}",
              *([f"thread plan {s['thread_plan']}"] if s.get("thread_plan") else []),
+             *([s["lesion_map"]] if s.get("lesion_map") else []),
              "latency ms      p50      p95      p99"]
     for stage, p in s["latency_ms"].items():
         lines.append(f"  {stage:11s} {p['p50']:8.2f} {p['p95']:8.2f} {p['p99']:8.2f}")

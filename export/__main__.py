@@ -1,7 +1,9 @@
-"""python -m export --checkpoint CKPT --out BUNDLE_DIR [--opset 17] [--max-batch N]
+"""python -m export --checkpoint CKPT --out BUNDLE_DIR [--opset 17] [--max-batch N] [--map-classes lsil,hsil]
 
 Exports a PFM checkpoint to a verified ONNX bundle: model.onnx (symbolic batch), manifest.json,
 parity report (PyTorch vs ONNX Runtime CPU). Nothing is written unless every check passes.
+A lesion map is exported only from a checkpoint trained on masks; the runtime shows it only for the map
+classes and only with a held-out measurement above the floors (edge_pfm.lesion.MAP_FLOORS).
 """
 from __future__ import annotations
 
@@ -17,7 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--opset", type=int, default=17)
     ap.add_argument("--max-batch", type=int, default=8, help="largest batch the device engine profile covers")
     ap.add_argument("--parity-pairs", type=int, default=64, help="pairs in the parity set (half random, half scenes)")
+    ap.add_argument("--map-classes", metavar="A,B",
+                    help="the classes whose decisions show the lesion map (default: those the trainer measured it on, "
+                         "lsil,hsil for our classes); '' for none")
     args = ap.parse_args(argv)
+    from edge_pfm.lesion import parse_map_classes
     from export.bundle_export import export_bundle
     from export.checkpoint import CheckpointError
     from export.onnx_export import ExportError
@@ -26,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--max-batch must be >= 1")
     try:
         half = max(1, args.parity_pairs // 2)
-        export_bundle(args.checkpoint, args.out, args.opset, args.max_batch, half, args.parity_pairs - half)
+        map_classes = None if args.map_classes is None else parse_map_classes(args.map_classes)
+        export_bundle(args.checkpoint, args.out, args.opset, args.max_batch, half, args.parity_pairs - half,
+                      map_classes=map_classes)
     except (CheckpointError, ExportError, PermissionError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from pathlib import Path
 import edge_pfm
 from edge_pfm.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, write_manifest
 from edge_pfm.fileio import atomic_directory, atomic_write_json, atomic_write_text
+from edge_pfm.lesion import check_map_classes, default_map_classes, judge_map
 from export.artifact_check import check_artifact, summary_line
 from export.checkpoint import library_versions, load_checkpoint
 from export.model import MODALITIES
@@ -19,10 +20,13 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def lesion_map_output(img_size: int, stride: int = 8) -> dict:
-    """The manifest's description of the lesion map: what it means, its grid, and how it lands on a camera frame."""
+def lesion_map_output(img_size: int, shown_for: tuple[str, ...], measurement: dict | None, stride: int = 8) -> dict:
+    """The manifest's description of the lesion map: what it means, its grid, how it lands on a camera frame,
+    the classes whose decisions show it, and the held-out measurement (by precision) that lets the runtime show
+    it (edge_pfm.lesion.map_verdict)."""
     cells = img_size // stride
     return {"name": LESION_MAP, "shape": [BATCH_DIM, 1, cells, cells], "dtype": "float32",
+            "shown_for": list(shown_for), "measurements": {"fp32": measurement} if measurement else {},
             "meaning": "per-cell probability that the tissue is lesion (sigmoid applied in the graph); a coarse map "
                        "for where to look or biopsy, not a diagnosis on its own",
             "resolution": [cells, cells], "stride": stride, "threshold": 0.5, "source_modality": "white_light",
@@ -34,11 +38,26 @@ def lesion_map_output(img_size: int, stride: int = 8) -> dict:
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, opset: int = 17, max_batch: int = 8,
-                  parity_random: int = 32, parity_scenes: int = 32) -> dict:
-    """Write a bundle to `out`; nothing is left at `out` unless every check passed. -> manifest."""
+                  parity_random: int = 32, parity_scenes: int = 32, map_classes: tuple[str, ...] | None = None) -> dict:
+    """Write a bundle to `out`; nothing is left at `out` unless every check passed. -> manifest.
+    map_classes: the classes whose decisions show the lesion map (default: those the trainer measured it on)."""
     _log(f"[1/4] loading checkpoint {checkpoint}")
     model, meta = load_checkpoint(checkpoint)
     specs = meta["preprocessing"]
+    lesion_output = None
+    if model.cfg.lesion_map:
+        measured = meta["extra"].get("lesion_map")
+        shown_for = tuple(map_classes if map_classes is not None else
+                          measured["classes"] if measured else default_map_classes(meta["classes"]))
+        try:
+            check_map_classes(shown_for, meta["classes"])
+        except ValueError as exc:
+            raise ExportError(f"{checkpoint}: {exc}") from None
+        lesion_output = lesion_map_output(model.cfg.img_size, shown_for, measured)
+        verdict = judge_map(lesion_output, meta["classes"], "fp32")
+        _log(f"      {verdict.describe()}")
+    elif map_classes:
+        raise ExportError(f"{checkpoint} has no lesion-map head (trained without lesion masks): drop --map-classes")
     with atomic_directory(out) as tmp:
         _log(f"[2/4] exporting ONNX (opset {opset}, symbolic batch)")
         proto = onnx_from_torch(model, opset=opset, example_batch=2)
@@ -86,7 +105,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opset: int = 17, max_
             ],
             "outputs": [{"name": OUTPUT_NAME, "shape": [BATCH_DIM, n_cls], "dtype": "float32",
                          "meaning": "unnormalised class scores; softmax gives probabilities; index i is classes[i]"},
-                        *([lesion_map_output(model.cfg.img_size)] if model.cfg.lesion_map else [])],
+                        *([lesion_output] if lesion_output else [])],
             "batch": {"min": 1, "opt": 1, "max": int(max_batch)},
             "artifacts": {},
             "provenance": {

@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     report_dir = bundle if b.has("accuracy.json") else rejected
     shutil.copyfile(report_dir / "confusion.png", out / "confusion_calibration.png")
     summary["accuracy_vs_truth"] = {k: v["accuracy"] for k, v in scores.items()}
+    # which shown classes carried a lesion map: only the bundle's map classes may
+    summary["decisions_with_lesion_map"] = {c: sum(1 for r in records if r.get("lesion") and r["shown_class"] == c)
+                                            for c in b.classes}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(format_summary(summary))
     acc = json.loads((report_dir / "accuracy.json").read_text())["results"]
@@ -184,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{d['mean']:.3f} (95 % CI {d['low']:.3f}-{d['high']:.3f}), pointing {pt['rate']:.1%} (95 % CI "
               f"{pt['low']:.1%}-{pt['high']:.1%}); IoU with the FP32 map: " + ", ".join(
                   f"{name} {ag['iou_all']['mean']:.3f}" for name, ag in lesion["agreement"].items()))
+        print(f"{summary['lesion_map']}\ndecisions with a lesion map drawn, by shown class: " + ", ".join(
+            f"{c} {n}" for c, n in summary["decisions_with_lesion_map"].items()))
         still = lesion_still(video, out / "lesion_still.png")
         if still:
             print(f"a frame of annotated.avi with the lesion map drawn: {still}")

@@ -142,6 +142,8 @@ def predict(model: PFM, data: PairTensors, batch_size: int = 64) -> tuple[np.nda
 
 
 def evaluate(model: PFM, data: PairTensors) -> dict:
+    """Accuracy and recall; with the lesion head and masks, the map's Dice and pointing over the map classes
+    (edge_pfm.lesion.default_map_classes) with their intervals, as `lesion_classes`."""
     from calibration.lesion_metrics import lesion_scores
 
     logits, maps = predict(model, data)
@@ -154,6 +156,7 @@ def evaluate(model: PFM, data: PairTensors) -> dict:
         scores = lesion_scores(maps, data.masks.numpy(), y, data.classes)
         out["lesion_dice"] = scores["lesion_classes"]["dice"]
         out["lesion_pointing"] = scores["lesion_classes"]["pointing"]
+        out["lesion_classes"] = scores["lesion_classes"]
     return out
 
 
@@ -277,6 +280,21 @@ def quantization_aware(model: PFM, train_set: PairTensors, val_set: PairTensors,
             "val_agreement": best["val_agreement"], "val_accuracy_float_after": float_after["accuracy"]}
 
 
+def lesion_map_validation(model: PFM, val_set: PairTensors, quiet: bool = False) -> dict | None:
+    """The final weights' lesion map measured on the validation split (never trained on) -> the measurement the
+    bundle carries (edge_pfm.lesion.map_measurement), or None without masks. Says whether the runtime will show it."""
+    from edge_pfm.lesion import judge_map, map_measurement
+
+    scores = evaluate(model, val_set).get("lesion_classes")
+    if scores is None:
+        return None
+    m = map_measurement(scores, f"trainer validation split ({len(val_set)} pairs, not trained on)")
+    if not quiet:  # the verdict a bundle exported from this checkpoint gets, until calibration re-measures it
+        print(judge_map({"shown_for": m["classes"], "measurements": {"fp32": m}}, val_set.classes, "fp32").describe(),
+              file=sys.stderr)
+    return m
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -332,8 +350,13 @@ def main(argv: list[str] | None = None) -> int:
         extra["qat_from"] = meta["sha256"]
         seconds = 0.0
     else:
+        # a lesion head learns only from masks: without them it would ship its initial weights
+        head = variant_config(args.variant).lesion_map and data.masks is not None
+        if not head and variant_config(args.variant).lesion_map:
+            print(f"no lesion masks in {args.data or 'the data'}: training without the lesion-map head "
+                  "(the bundle will have no lesion_map output)", file=sys.stderr)
         torch.manual_seed(args.seed)  # initialisation
-        model = create_model(args.variant, num_classes=len(data.classes))
+        model = create_model(args.variant, num_classes=len(data.classes), lesion_map=head)
         result = train(model, train_set, val_set, args.epochs, args.batch_size, args.lr, args.seed, not args.quiet)
         best = result["best"]
         extra.update({"val_accuracy": best["accuracy"], "val_recall": best["recall"], "epoch": best["epoch"]})
@@ -342,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         extra["qat"] = quantization_aware(model, train_set, val_set, args.qat_epochs, args.qat_lr, args.seed,
                                           not args.quiet)
         extra["val_accuracy"] = extra["qat"]["val_accuracy_float_after"]
+    if model.cfg.lesion_map:
+        extra["lesion_map"] = lesion_map_validation(model, val_set, args.quiet)
     save_checkpoint(args.out, model, args.variant, data.classes, specs, extra=extra)
     print(f"val accuracy {extra['val_accuracy']:.4f}{' after QAT' if args.qat_epochs else ''}; trained in "
           f"{seconds + extra.get('qat', {}).get('seconds', 0):.0f}s; wrote {args.out}")

@@ -66,8 +66,8 @@ def test_metrics_on_known_maps():
     assert ag["iou_all"]["mean"] == 1.0 and ag["max_abs_diff"] == 0.0
 
 
-def test_map_is_smoothed_and_shown_only_for_a_shown_non_normal_class():
-    eng = DecisionEngine(CLASSES, DecisionConfig(alpha=0.5, enter=0.5, hold=1))
+def test_map_is_smoothed_and_shown_only_for_a_shown_map_class():
+    eng = DecisionEngine(CLASSES, DecisionConfig(alpha=0.5, enter=0.5, hold=1), map_classes=("lsil", "hsil"))
     hot = np.zeros((16, 16), np.float32)
     hot[4:8, 4:8] = 1.0
     lm = LesionMap.from_output(hot, (720, 1280), SPEC)
@@ -81,6 +81,52 @@ def test_map_is_smoothed_and_shown_only_for_a_shown_non_normal_class():
     eng.reset()
     d = eng.update(np.array([0.9, 0.04, 0.03, 0.03]), 4_000_000, [], lm)
     assert d.shown_class == "normal" and d.lesion is None  # normal: never a map
+    eng.reset()
+    d = eng.update(np.array([0.04, 0.9, 0.03, 0.03]), 5_000_000, [], lm)
+    assert d.shown_class == "inflammation" and d.lesion is None  # not a biopsy target: no map by default
+    d = DecisionEngine(CLASSES, DecisionConfig(enter=0.5)).update(hsil, 6_000_000, [], lm)
+    assert d.shown_class == "hsil" and d.lesion is None  # an engine told no map classes never shows one
+
+
+def _measurement(pairs=120, dice=(0.8, 0.75, 0.85), pointing=(0.95, 0.9, 0.98), classes=("lsil", "hsil")):
+    return {"source": "test", "classes": list(classes), "threshold": 0.5, "pairs": pairs,
+            "dice": dict(zip(("mean", "low", "high"), dice), n=pairs),
+            "pointing": dict(zip(("rate", "low", "high"), pointing), k=round(pairs * pointing[0]), n=pairs)}
+
+
+@pytest.mark.parametrize("measurement, shown, why", [
+    (_measurement(), True, "Dice 0.800 [0.750, 0.850]"),
+    (None, False, "no held-out measurement of its fp32 map"),
+    (_measurement(pairs=49), False, "fewer than 50 pairs"),
+    (_measurement(dice=(0.55, 0.49, 0.6)), False, "Dice lower bound under 0.5"),
+    (_measurement(pointing=(0.85, 0.79, 0.9)), False, "pointing lower bound under 80%"),
+    (_measurement(dice=(float("nan"),) * 3), False, "Dice lower bound"),
+    (_measurement(classes=("hsil",)), False, "measured on hsil but would be shown for lsil, hsil"),
+])
+def test_the_map_is_shown_only_with_a_measurement_above_the_floors(measurement, shown, why):
+    from edge_pfm.lesion import judge_map
+
+    entry = {"shown_for": ["lsil", "hsil"], "measurements": {"fp32": measurement} if measurement else {}}
+    v = judge_map(entry, CLASSES, "fp32")
+    assert v.shown is shown and why in v.reason, v.reason
+    assert v.classes == (("lsil", "hsil") if shown else ())
+    assert not judge_map(entry, CLASSES, "int8").shown  # each precision needs its own measurement
+    assert "no lesion-map head" in judge_map(None, CLASSES, "fp32").reason
+    assert "no class is named" in judge_map({**entry, "shown_for": []}, CLASSES, "fp32").reason
+
+
+def test_the_calibrated_bundle_shows_its_measured_map_for_the_lesion_classes(calibrated_bundle):
+    """Calibration on 256 held-out synthetic pairs with masks measured every precision's map (128 lesion pairs)."""
+    from edge_pfm.bundle import Bundle
+    from edge_pfm.lesion import map_verdict
+
+    b = Bundle.load(calibrated_bundle)
+    assert b.lesion_map["shown_for"] == ["lsil", "hsil"]
+    assert set(b.lesion_map["measurements"]) == {"fp32", "int8", "fp16"}
+    for precision in ("fp32", "int8", "fp16"):
+        v = map_verdict(b, precision)
+        assert v.shown and v.classes == ("lsil", "hsil"), v.reason
+        assert v.measurement["pairs"] == 128 and "calibration held-out" in v.measurement["source"]
 
 
 def test_runtime_log_summary_matches_the_shown_map(calibrated_bundle, tmp_path):
@@ -106,6 +152,7 @@ def test_runtime_log_summary_matches_the_shown_map(calibrated_bundle, tmp_path):
             assert r["lesion"] is None
         if lesion is not None:
             with_map += 1
+    assert all(r["lesion"] is None for r in inferred if r["shown_class"] not in ("lsil", "hsil"))
     # every logged summary is the summary of the map that decision showed, in 640x360 camera pixels
     matched = 0
     for t, lesion in shown.items():
@@ -146,12 +193,9 @@ def headless_checkpoint(tmp_path_factory):
     return out
 
 
-def test_a_checkpoint_without_the_head_exports_and_runs_without_the_output(headless_checkpoint, tmp_path):
+def test_a_checkpoint_from_before_the_head_exports_without_the_output(headless_checkpoint, tmp_path):
     from edge_pfm.bundle import Bundle
     from edge_pfm.classifier import Classifier
-    from edge_pfm.pipeline import RunConfig, Runner
-    from edge_pfm.record import read_log
-    from edge_pfm.sources import SceneBank, SyntheticSource
     from export.bundle_export import export_bundle
 
     out = tmp_path / "bundle"
@@ -163,11 +207,131 @@ def test_a_checkpoint_without_the_head_exports_and_runs_without_the_output(headl
     with Classifier(bundle, "onnxruntime") as clf:
         r = clf.classify(scene.white_light, scene.fluorescence)
     assert r.lesion_map is None and r.label in CLASSES
-    bank = SceneBank((640, 360), seed=1)
+
+
+def _run_logged(bundle, tmp_path, label="hsil", seconds=2.5) -> tuple[dict, list[dict]]:
+    from edge_pfm.pipeline import RunConfig, Runner
+    from edge_pfm.record import read_log
+    from edge_pfm.sources import SceneBank, SyntheticSource
+
+    bank = SceneBank((640, 360), label=label, seed=4)
     log = tmp_path / "d.jsonl"
     summary = Runner(bundle, SyntheticSource("white_light", bank, fps=30), SyntheticSource("fluorescence", bank, fps=30,
-                     seed=1), config=RunConfig(backend="onnxruntime", log=str(log), video=str(tmp_path / "v.avi"))
-                     ).run(2.0)
-    assert summary["pairs_inferred"] > 10
-    records, _ = read_log(log)
+                     seed=1), config=RunConfig(backend="onnxruntime", log=str(log), video=str(tmp_path / "v.avi"),
+                                               decision=DecisionConfig(enter=0.3))).run(seconds)
+    return summary, read_log(log)[0]
+
+
+def test_a_dataset_without_masks_trains_and_exports_no_head(tmp_path, capsys):
+    """The README's paired layout (no masks/), through the real trainer and export: no head, no map output, and
+    the runtime logs lesion: null throughout."""
+    from edge_pfm.bundle import Bundle
+    from edge_pfm.info import describe
+    from edge_pfm.synthetic import write_dataset
+    from export import train
+    from export.bundle_export import export_bundle
+    from export.checkpoint import load_checkpoint
+
+    ds = write_dataset(tmp_path / "ds", 40, seed=2, size=(320, 180))
+    ckpt = tmp_path / "c.pt"
+    assert train.main(["--data", str(ds), "--epochs", "1", "--out", str(ckpt), "--quiet", "--threads", "2"]) == 0
+    err = capsys.readouterr().err
+    assert f"no lesion masks in {ds}: training without the lesion-map head" in err
+    _, meta = load_checkpoint(ckpt)
+    assert meta["config"]["lesion_map"] is False and "lesion_map" not in meta["extra"]
+    manifest = export_bundle(ckpt, tmp_path / "b", parity_random=4, parity_scenes=4)
+    assert [o["name"] for o in manifest["outputs"]] == ["logits"]
+    assert "lesion map: off: the model has no lesion-map head" in describe(str(tmp_path / "b"))
+    summary, records = _run_logged(Bundle.load(tmp_path / "b"), tmp_path)
+    assert summary["pairs_inferred"] > 10 and summary["lesion_map"].startswith("lesion map: off")
     assert records and all(r["lesion"] is None for r in records)
+
+
+def _without_measurement(src, dst):
+    """A copy of a bundle whose lesion_map entry carries no measurement (as an exporter that never measured
+    it would write): the manifest's entry edited, every artifact untouched."""
+    from conftest import copy_bundle
+
+    b = copy_bundle(src, dst)
+    m = json.loads((b / "manifest.json").read_text())
+    for o in m["outputs"]:
+        if o["name"] == "lesion_map":
+            o["measurements"] = {}
+    (b / "manifest.json").write_text(json.dumps(m))
+    return b
+
+
+def test_a_map_without_a_measurement_is_not_shown(calibrated_bundle, tmp_path):
+    from edge_pfm.bundle import Bundle
+    from edge_pfm.classifier import Classifier
+    from edge_pfm.info import describe
+
+    b = _without_measurement(calibrated_bundle, tmp_path / "b")
+    assert any(line.strip().startswith("lesion map: off: the bundle carries no held-out measurement of its int8 map")
+               for line in describe(str(b)).splitlines())
+    scene = render_pair("hsil", 3, (640, 360))
+    with Classifier(b, "onnxruntime", "fp32") as clf:
+        assert not clf.lesion_verdict.shown
+        assert clf.classify(scene.white_light, scene.fluorescence).lesion_map is None
+    summary, records = _run_logged(Bundle.load(b), tmp_path)
+    assert summary["pairs_inferred"] > 10 and any(r["shown_class"] == "hsil" for r in records)
+    assert all(r["lesion"] is None for r in records)
+
+
+def test_a_map_measured_below_the_floors_is_not_shown(tiny_bundle):
+    """The exported (uncalibrated) bundle carries the trainer's validation measurement: 48 lesion pairs of a
+    480-pair split, under the 50-pair floor."""
+    from edge_pfm.bundle import Bundle
+    from edge_pfm.classifier import Classifier
+    from edge_pfm.info import describe
+
+    b = Bundle.load(tiny_bundle)
+    m = b.lesion_map["measurements"]["fp32"]
+    assert m["pairs"] == 48 and "trainer validation split" in m["source"]
+    line = next(x for x in describe(str(tiny_bundle)).splitlines() if "lesion map" in x)
+    assert line.strip().startswith("lesion map: off: below the floors (fewer than 50 pairs")
+    scene = render_pair("hsil", 3, (640, 360))
+    with Classifier(b, "onnxruntime") as clf:
+        assert clf.classify(scene.white_light, scene.fluorescence).lesion_map is None
+
+
+def test_bundles_calibrated_before_the_manifest_held_measurements_keep_their_map(calibrated_bundle, tmp_path):
+    """An earlier demo bundle: no shown_for or measurements in the manifest, calibration's held-out scores in
+    accuracy.json: the map stays, for lsil and hsil."""
+    from conftest import copy_bundle
+
+    from edge_pfm.bundle import Bundle
+    from edge_pfm.lesion import map_verdict
+
+    b = copy_bundle(calibrated_bundle, tmp_path / "b")
+    m = json.loads((b / "manifest.json").read_text())
+    for o in m["outputs"]:
+        o.pop("shown_for", None)
+        o.pop("measurements", None)
+    (b / "manifest.json").write_text(json.dumps(m))
+    v = map_verdict(Bundle.load(b), "int8")
+    assert v.shown and v.classes == ("lsil", "hsil") and v.measurement["pairs"] == 128, v.reason
+
+
+def test_map_classes_are_chosen_when_calibrating(tiny_bundle, tmp_path):
+    """--map-classes hsil: the map is re-measured over hsil and shown for hsil only; a class the model does not
+    have is refused with the bundle untouched."""
+    from conftest import copy_bundle
+
+    from calibration.__main__ import main as calibrate
+    from edge_pfm.bundle import Bundle
+    from edge_pfm.lesion import map_verdict
+
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    before = (b / "manifest.json").read_bytes()
+    args = ["--bundle", str(b), "--synthetic", "32", "--eval-synthetic", "256", "--resolution", "320x240",
+            "--allow-degraded"]
+    assert calibrate([*args, "--map-classes", "hsil,cancer"]) == 2
+    assert (b / "manifest.json").read_bytes() == before
+    assert calibrate([*args, "--map-classes", "hsil"]) == 0
+    bundle = Bundle.load(b)
+    assert bundle.lesion_map["shown_for"] == ["hsil"]
+    assert bundle.lesion_map["measurements"]["fp32"]["classes"] == ["hsil"]
+    assert bundle.lesion_map["measurements"]["fp32"]["pairs"] == 64
+    v = map_verdict(bundle, "fp32")
+    assert v.classes == (("hsil",) if v.shown else ()), v.reason
