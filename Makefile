@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m export.demo --out build/demo
+	$(PY) -m demo --out build/demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,6 @@
 """FP32 vs INT8 (Q/DQ) vs FP16 on a held-out labelled set, on ONNX Runtime CPU, and the INT8 gate.
 
-The gate decides on 95 % intervals, never on a point estimate (calibration.stats):
+The gate decides on 95 % intervals, never on a point estimate (evaluation.stats):
 - top-1 agreement with FP32: the Wilson lower bound must reach 99 %, i.e. agreement is >= 99 % with 95 %
   confidence. (At 2000 pairs that takes <= 11 disagreements; below ~380 pairs even 100 % cannot show it.)
 - recall of the highest grade (the last class, `hsil`), as a paired change against FP32: refused if INT8
@@ -11,22 +11,18 @@ Thresholds are compared with a 1e-9 tolerance: 0.95 - 0.94 is not > 0.01.
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
 from calibration.data import Pair, pair_feed
-from calibration.stats import paired_delta, wilson
+from edge_pfm.decision import softmax
+from evaluation.stats import paired_delta, wilson
+from export.progress import progress as progress_bar
 
 GATE = {"int8_top1_agreement": 0.99, "top_class_recall_drop": 0.01, "accuracy_drop": 0.01, "alpha": 0.05}
 EPS = 1e-9  # tolerance for threshold comparisons
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
 
 
 def evaluate_stream(models: dict[str, object], chunks: Iterable[list[Pair]], specs: dict, input_names: dict,
@@ -39,7 +35,7 @@ def evaluate_stream(models: dict[str, object], chunks: Iterable[list[Pair]], spe
     and, when the pairs carry lesion masks (synthetic ones do), "targets": (N, 1, h, w)."""
     import onnxruntime as ort
 
-    from calibration.lesion_metrics import lesion_target
+    from evaluation.lesion_metrics import lesion_target
 
     sessions = {name: ort.InferenceSession(m.SerializeToString() if hasattr(m, "SerializeToString") else str(m),
                                            providers=["CPUExecutionProvider"]) for name, m in models.items()}
@@ -47,6 +43,7 @@ def evaluate_stream(models: dict[str, object], chunks: Iterable[list[Pair]], spe
     maps: dict[str, list] = {name: [] for name in models}
     targets: list[np.ndarray] = []
     labels: list[int] = []
+    bar = progress_bar(desc=f"{progress} {', '.join(models)}", enabled=bool(progress))
     for chunk in chunks:
         for pair in chunk:
             if pair[2] is None:
@@ -63,10 +60,8 @@ def evaluate_stream(models: dict[str, object], chunks: Iterable[list[Pair]], spe
         labels += [p[2] for p in chunk]
         if lesion is not None:
             targets += [lesion_target(p[3], specs["white_light"]) for p in chunk if len(p) > 3]
-        if progress:
-            print(f"\r  {progress} {', '.join(models)}: {len(labels)} pairs", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+        bar.update(len(chunk))
+    bar.close()
     if lesion is not None and all(maps.values()):
         lesion["maps"] = {name: np.concatenate(v) for name, v in maps.items()}
         if len(targets) == len(labels):
@@ -88,7 +83,7 @@ def metrics(logits: np.ndarray, labels: np.ndarray, ref_logits: np.ndarray, clas
         "agreement_ci95": list(wilson(agree, len(labels))),
         "disagreements": int(len(labels) - agree),
         "recall": recall,
-        "max_abs_prob_diff": float(np.abs(_softmax(logits) - _softmax(ref_logits)).max()),
+        "max_abs_prob_diff": float(np.abs(softmax(logits) - softmax(ref_logits)).max()),
         "logit_rmse": float(np.sqrt(((logits - ref_logits) ** 2).mean())),
         "confusion": conf.tolist(),
     }
@@ -256,7 +251,7 @@ def lesion_report(lesion: dict, labels: np.ndarray, classes: tuple[str, ...], ma
                   threshold: float = 0.5) -> dict:
     """From evaluate_stream's `lesion` output: scores against the masks (when known) and agreement with FP32,
     the lesion-class figures over `map_classes` (the classes that show the map)."""
-    from calibration.lesion_metrics import lesion_scores, map_agreement
+    from evaluation.lesion_metrics import lesion_scores, map_agreement
 
     maps = lesion["maps"]
     out = {"threshold": threshold, "grid": list(maps["fp32"].shape[-2:]), "map_classes": list(map_classes),

@@ -6,7 +6,6 @@ None; also iterable), so the same object feeds onnxruntime's calibrators, polygr
 """
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -15,7 +14,8 @@ import numpy as np
 
 from edge_pfm.dataset import DatasetError, PairedDataset
 from edge_pfm.preprocess import PreprocessSpec, preprocess
-from edge_pfm.synthetic import CLASSES, render_pair
+from edge_pfm.synthetic import SCENES, render_pair
+from export.progress import progress as progress_bar
 
 # white BGR, fluorescence BGR, label[, lesion mask (H, W) bool: synthetic pairs carry it, empty for `normal`]
 Pair = tuple
@@ -39,26 +39,31 @@ def dataset_pairs(root: str | Path, classes: tuple[str, ...] | None = None) -> t
     return pairs, ds
 
 
-def synthetic_pair_chunks(n: int, seed: int, size: tuple[int, int] = (1280, 720),
-                          chunk: int = 64) -> Iterator[list[Pair]]:
-    """n balanced synthetic pairs at camera resolution, rendered on two processes `chunk` at a time, so a
-    large held-out set never sits in memory whole (2000 pairs at 720p would be 11 GB)."""
+def synthetic_pair_chunks(n: int, seed: int, size: tuple[int, int] = (1280, 720), chunk: int = 64,
+                          classes: tuple[str, ...] = SCENES) -> Iterator[list[Pair]]:
+    """n synthetic pairs balanced over `classes` (a bundle's, in its logit order; each must be a scene the
+    generator renders) at camera resolution, rendered on two processes `chunk` at a time, so a large held-out
+    set never sits in memory whole (2000 pairs at 720p would be 11 GB)."""
     from concurrent.futures import ProcessPoolExecutor
 
+    unknown = [c for c in classes if c not in SCENES]
+    if unknown:
+        raise DatasetError(f"synthetic pairs come in the scenes {SCENES}; the model's classes {list(classes)} include "
+                           f"{unknown}: calibrate and evaluate on your own data (--data DIR, --eval DIR)")
     rng = np.random.default_rng(seed)
     seeds = [int(s) for s in rng.integers(0, 2**31 - 1, size=n)]
-    labels = [CLASSES[i % len(CLASSES)] for i in range(n)]
+    labels = [classes[i % len(classes)] for i in range(n)]
     with ProcessPoolExecutor(2) as pool:
         for i in range(0, n, chunk):
             part = slice(i, i + chunk)
             scenes = pool.map(render_pair, labels[part], seeds[part], [size] * len(labels[part]), chunksize=8)
-            yield [(s.white_light, s.fluorescence, CLASSES.index(s.label),
-                    s.lesion_mask if s.label != "normal" else np.zeros_like(s.lesion_mask)) for s in scenes]
+            yield [(s.white_light, s.fluorescence, classes.index(s.label), s.lesion_truth) for s in scenes]
 
 
-def synthetic_pairs(n: int, seed: int, size: tuple[int, int] = (1280, 720)) -> list[Pair]:
+def synthetic_pairs(n: int, seed: int, size: tuple[int, int] = (1280, 720),
+                    classes: tuple[str, ...] = SCENES) -> list[Pair]:
     """n balanced synthetic pairs at camera resolution (the same pairs synthetic_pair_chunks yields)."""
-    return [pair for chunk in synthetic_pair_chunks(n, seed, size) for pair in chunk]
+    return [pair for chunk in synthetic_pair_chunks(n, seed, size, classes=classes) for pair in chunk]
 
 
 def warn_if_few(n: int) -> None:
@@ -88,17 +93,20 @@ class PairReader:
         self.total = total or len(self.pairs)
         self._it: Iterator[dict[str, np.ndarray]] | None = None
         self.served = 0
+        self.bar = None  # shared with the chunks() sub-readers
 
     def feed(self, pair: Pair) -> dict[str, np.ndarray]:
         return pair_feed(pair, self.specs, self.input_names)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        if self.progress and self.bar is None:
+            self.bar = progress_bar(total=self.total, desc=self.progress)
         for pair in self.pairs:
             self.served += 1
-            if self.progress and (self.served % 32 == 0 or self.served == self.total):
-                print(f"\r  {self.progress}: {self.served}/{self.total} pairs", end="", file=sys.stderr, flush=True)
+            if self.bar is not None:
+                self.bar.update(1)
                 if self.served == self.total:
-                    print(file=sys.stderr)
+                    self.bar.close()
             yield self.feed(pair)
 
     # onnxruntime.quantization.CalibrationDataReader protocol
@@ -114,6 +122,8 @@ class PairReader:
     def chunks(self, size: int) -> Iterator[PairReader]:
         """Sub-readers of `size` pairs sharing this reader's progress line."""
         for i in range(0, len(self.pairs), size):
+            if self.progress and self.bar is None:
+                self.bar = progress_bar(total=self.total, desc=self.progress)
             sub = PairReader(self.pairs[i:i + size], self.specs, self.input_names)
-            sub.progress, sub.total, sub.served = self.progress, self.total, i
+            sub.progress, sub.total, sub.served, sub.bar = self.progress, self.total, i, self.bar
             yield sub

@@ -19,7 +19,7 @@ def fp16_model(onnx_path: str | Path):
     import onnx
 
     from edge_pfm._lazy import require
-    from export.onnx_export import topological_sort
+    from export.onnx_graph import topological_sort
 
     float16 = require("onnxconverter_common.float16", "writing model.fp16.onnx")
     model = onnx.load(str(onnx_path))

@@ -1,11 +1,8 @@
 """Explicit INT8 quantization: a Q/DQ ONNX from our symmetric activation ranges.
 
-Placement (TensorRT's explicit-quantization rules):
-- inputs of Conv (optionally MatMul / Gemm) quantized: int8 symmetric per-tensor activations,
-  int8 symmetric per-channel weights (per output channel);
-- residual Adds of the FasterNet blocks quantized, so TensorRT fuses them into the conv epilogue;
-- Softmax, LayerNormalization, Sigmoid (attention gates), Erf/GELU and the attention scaling stay
-  in float: they are where INT8 costs accuracy and saves nothing;
+Placement follows the scheme in export.quant_scheme (which QAT reads too), written the way TensorRT's
+explicit-quantization rules want it:
+- int8 symmetric per-tensor activations, int8 symmetric per-output-channel weights;
 - biases stay float: TensorRT's parser refuses an int32 DequantizeLinear (NVIDIA/TensorRT#3360),
   which onnxruntime's quantizer writes by default; zero points are int8 0 (symmetric);
 - nodes are topologically sorted (the quantizer appends its Q/DQ nodes out of order).
@@ -16,26 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.onnx_export import topological_sort
-
-QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
-# Measured on PFM: quantizing the attention MatMuls and the head Gemm too costs INT8 agreement and
-# saves < 2 % of the FLOPs, so by default only convolutions are quantized.
-DEFAULT_QUANTIZED_OPS = ("Conv",)
-FLOAT_OPS = ("Softmax", "LayerNormalization", "Sigmoid", "Erf")
-
-
-def residual_adds(model) -> list[str]:
-    """Add nodes that close a FasterNet block: one input produced by a Conv, both 4-D feature maps."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    names = []
-    for n in model.graph.node:
-        if n.op_type != "Add" or len(n.input) != 2:
-            continue
-        kinds = [producers[i].op_type if i in producers else "input" for i in n.input]
-        if "Conv" in kinds and all(k in ("Conv", "Add", "Concat", "input", "Mul") for k in kinds):
-            names.append(n.name)
-    return names
+from export.onnx_graph import topological_sort
+from export.quant_scheme import DEFAULT_QUANTIZED_OPS, residual_adds
 
 
 def quantize_qdq(onnx_path: str | Path, amax: dict[str, float], out_path: str | Path,

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration.data import PairReader
+from export.quant_scheme import PERCENTILE
 
 METHODS = ("entropy", "percentile", "minmax")
 
@@ -54,7 +55,7 @@ def compute_ranges(onnx_path: str | Path, reader: PairReader, method: str = "ent
                     "minmax": CalibrationMethod.MinMax}[method]
     extra = {"symmetric": True}
     if method == "percentile":
-        extra["percentile"] = 99.999
+        extra["percentile"] = PERCENTILE
     with tempfile.TemporaryDirectory() as tmp:
         calibrator = create_calibrator(str(onnx_path), None, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                        calibrate_method=calib_method, providers=["CPUExecutionProvider"],

@@ -21,6 +21,8 @@ _LAZY = {
     "preprocess": "edge_pfm.preprocess",
     "Classifier": "edge_pfm.classifier",
     "PairedDataset": "edge_pfm.dataset",
+    "EdgePfmError": "edge_pfm.errors",
+    "ExitCode": "edge_pfm.errors",
 }
 
 def __getattr__(name: str) -> Any:

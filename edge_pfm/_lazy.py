@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from edge_pfm.errors import UnavailableError
+
 # module -> what to install to get it
 INSTALL_HINTS = {
     "onnxruntime": "pip install onnxruntime  (or onnxruntime-gpu; on Jetson the wheel from jetson-ai-lab / "
@@ -20,7 +22,7 @@ INSTALL_HINTS = {
 }
 
 
-class MissingDependencyError(ImportError):
+class MissingDependencyError(UnavailableError, ImportError):
     """An optional dependency is not installed; the message says what to install."""
 
 

@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 
+from edge_pfm.config import parse_size
+
 
 def _rss_mb() -> float:
     try:
@@ -30,7 +32,7 @@ def main(args) -> int:
     from edge_pfm.preprocess import preprocess
     from edge_pfm.sources import SceneBank, SyntheticSource
 
-    w_px, h_px = (int(v) for v in args.resolution.lower().split("x"))
+    w_px, h_px = parse_size(args.resolution)
     bundle = Bundle.load(args.bundle)
     clf = Classifier(bundle, args.backend, args.precision, args.threads)
     specs = bundle.preprocessing

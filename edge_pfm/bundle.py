@@ -19,19 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge_pfm.errors import EdgePfmError
 from edge_pfm.fileio import atomic_write_json, sha256_file
 from edge_pfm.preprocess import PreprocessSpec
 
 SCHEMA = "edge-pfm/bundle"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-MODALITIES = ("white_light", "fluorescence")
+MODALITIES = ("white_light", "fluorescence")  # the two inputs, everywhere: defined here only
 REQUIRED_FIELDS = ("schema", "schema_version", "model", "inputs", "outputs", "artifacts", "provenance")
 # precision -> artifact that holds that model
 MODEL_ARTIFACTS = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 
 
-class BundleError(ValueError):
+class BundleError(EdgePfmError, ValueError):
     """A bundle is missing, malformed or tampered with; the message names the file and the fix."""
 
 

@@ -15,23 +15,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    from edge_pfm.backends.base import BackendUnavailable
     from edge_pfm.backends.select import TRT_MISSING, tensorrt_status
     from edge_pfm.bundle import Bundle
-    from edge_pfm.engine.plan import BuildRefused
 
     bundle = Bundle.load(args.bundle)
     ok, why = tensorrt_status()
     if not ok:
-        print(f"error: cannot build a TensorRT engine: {why}. {TRT_MISSING}", file=sys.stderr)
-        return 3
-    from edge_pfm.engine.trt_build import EngineBuildError, ensure_engine
+        raise BackendUnavailable(f"cannot build a TensorRT engine: {why}. {TRT_MISSING}")
+    from edge_pfm.engine.trt_build import ensure_engine
 
-    try:
-        path = ensure_engine(bundle, args.precision, args.int8_source, args.dla_core, args.workspace_mib,
-                             args.max_batch, args.cache_dir, build=not args.no_build)
-    except (BuildRefused, EngineBuildError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    path = ensure_engine(bundle, args.precision, args.int8_source, args.dla_core, args.workspace_mib,
+                         args.max_batch, args.cache_dir, build=not args.no_build)
     print(path)
     return 0
 
@@ -41,21 +36,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from edge_pfm.config import ConfigError, load_config
     from edge_pfm.decision import DecisionConfig
+    from edge_pfm.errors import InvalidArgument
     from edge_pfm.pipeline import RunConfig, Runner, format_summary
     from edge_pfm.quality import GateConfig
-    from edge_pfm.sources import SourceError, open_source, synthetic_bank
+    from edge_pfm.sources import open_source, synthetic_bank
 
+    cfg = load_config(args.config) if args.config else {}
+    cams = cfg.get("cameras", {})
+    run_cfg = cfg.get("run", {})
     try:
-        cfg = load_config(args.config) if args.config else {}
-        cams = cfg.get("cameras", {})
-        run_cfg = cfg.get("run", {})
         gates = GateConfig.from_dict(cfg.get("gates", {}))
         if args.no_gates:
             gates = GateConfig(enabled=False)
         decision = DecisionConfig.from_dict(cfg.get("decision", {}))
-    except (ConfigError, ValueError, TypeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, TypeError) as exc:  # the dataclasses' own checks
+        raise ConfigError(f"{args.config}: {exc}") from None
 
     def spec(name: str, flag: str | None) -> tuple[str | None, dict]:
         cam = dict(cams.get(name, {}))
@@ -65,19 +60,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     fluo, fluo_opts = spec("fluorescence", args.fluo)
     alt, alt_opts = spec("alternating", args.alternating)
     if not ((white and fluo) or alt) or (alt and (args.white or args.fluo)):
-        print("error: give --white SRC and --fluo SRC, or --alternating SRC (or set them in --config)", file=sys.stderr)
-        return 2
-    try:
-        if alt:
-            sources = {"alternating": open_source(alt, "alternating", loop=args.loop, **alt_opts)}
-        else:
-            both_synthetic = white.startswith("synthetic") and fluo.startswith("synthetic")
-            bank = synthetic_bank(white) if both_synthetic else None  # the two cameras see one scene
-            sources = {"white": open_source(white, "white_light", bank, loop=args.loop, **white_opts),
-                       "fluo": open_source(fluo, "fluorescence", bank, loop=args.loop, **fluo_opts)}
-    except SourceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise InvalidArgument("give --white SRC and --fluo SRC, or --alternating SRC (or set them in --config)")
+    if alt:
+        sources = {"alternating": open_source(alt, "alternating", loop=args.loop, **alt_opts)}
+    else:
+        both_synthetic = white.startswith("synthetic") and fluo.startswith("synthetic")
+        bank = synthetic_bank(white) if both_synthetic else None  # the two cameras see one scene
+        sources = {"white": open_source(white, "white_light", bank, loop=args.loop, **white_opts),
+                   "fluo": open_source(fluo, "fluorescence", bank, loop=args.loop, **fluo_opts)}
     config = RunConfig(backend=args.backend or run_cfg.get("backend", "auto"),
                        precision=args.precision or run_cfg.get("precision"),
                        threads=args.threads or run_cfg.get("threads"),
@@ -164,17 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         ap.print_help()
         return 0
-    from edge_pfm.backends.base import BackendError
-    from edge_pfm.bundle import BundleError
-    from edge_pfm.sources import SourceError
+    import logging
 
-    try:
-        return int(args.func(args) or 0)
-    except (BundleError, BackendError, SourceError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    from edge_pfm.errors import run_command
+
+    # the device logs through `logging` (a service can route it); the command line shows it on stderr
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -26,11 +26,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from edge_pfm.errors import EdgePfmError
+
 CAMERA_KEYS = {"source", "fourcc", "width", "height", "fps", "exposure", "gain", "buffer_size"}
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(EdgePfmError, ValueError):
+    """A config file or value cannot be used; the message names the file and the key."""
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'1280x720' -> (1280, 720): the one WIDTHxHEIGHT parser (also an argparse type: ValueError -> usage)."""
+    try:
+        w, h = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"expected WIDTHxHEIGHT such as 1280x720, got {text!r}") from None
+    if w < 1 or h < 1:
+        raise ValueError(f"expected a positive WIDTHxHEIGHT, got {text!r}")
+    return w, h
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

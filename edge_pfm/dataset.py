@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_pfm.errors import EdgePfmError
+
 WHITE_DIR = "white"
 FLUO_DIR = "fluorescence"
 LABELS_FILE = "labels.csv"
@@ -24,7 +26,7 @@ CLASSES_FILE = "classes.txt"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-class DatasetError(ValueError):
+class DatasetError(EdgePfmError, ValueError):
     """A dataset directory does not follow the paired layout; the message lists the files."""
 
 

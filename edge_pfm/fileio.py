@@ -11,6 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from edge_pfm.errors import EdgePfmError
+
+
+class OutputError(EdgePfmError, PermissionError):
+    """An output path cannot be written as asked (not writable, or exists where replacing is refused)."""
+
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
@@ -79,7 +85,7 @@ def atomic_directory(final: str | os.PathLike, *, replace: bool = True) -> Itera
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=parent))
         os.chmod(tmp, 0o777 & ~_umask())
     except OSError as exc:
-        raise PermissionError(
+        raise OutputError(
             f"cannot write into {parent.resolve()}: {exc.strerror or exc}. "
             "Choose an output directory you can write to (--out)."
         ) from exc
@@ -91,7 +97,7 @@ def atomic_directory(final: str | os.PathLike, *, replace: bool = True) -> Itera
                     os.fsync(fh.fileno())
         if final.exists():
             if not replace:
-                raise FileExistsError(f"{final} exists; remove it or choose another --out")
+                raise OutputError(f"{final} exists; remove it or choose another --out")
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)

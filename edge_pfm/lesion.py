@@ -44,7 +44,7 @@ def check_map_classes(names: tuple[str, ...], classes: tuple[str, ...] | list[st
 
 
 def map_measurement(lesion_classes: dict, source: str, threshold: float = DEFAULT_THRESHOLD) -> dict:
-    """calibration.lesion_metrics' `lesion_classes` scores -> the manifest's record of one held-out measurement."""
+    """evaluation.lesion_metrics' `lesion_classes` scores -> the manifest's record of one held-out measurement."""
     record = {"source": source, "classes": list(lesion_classes["classes"]), "threshold": threshold,
               "pairs": int(lesion_classes["dice_interval"]["n"]), "dice": lesion_classes["dice_interval"],
               "pointing": lesion_classes["pointing_interval"]}

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_pfm.bundle import MODALITIES
 from edge_pfm.sources import Frame
-
-MODALITIES = ("white_light", "fluorescence")
 
 
 @dataclass

@@ -2,10 +2,17 @@
 most the line being written. A reader skips (and counts) a partial last line."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 from typing import Any
+
+from edge_pfm.errors import RuntimeFailure
+
+
+class LogWriteError(RuntimeFailure):
+    """The decision log cannot be written (a full disk, a read-only or vanished folder)."""
 
 
 class DecisionLog:
@@ -16,18 +23,31 @@ class DecisionLog:
         self.fsync_every = fsync_every
         self.lines = 0
 
+    def _failed(self, exc: OSError) -> LogWriteError:
+        return LogWriteError(f"cannot write the decision log {self.path}: {exc.strerror or exc}; free space on its "
+                             "filesystem or point --log elsewhere")
+
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self._f.flush()
-        self.lines += 1
-        if self.fsync_every and self.lines % self.fsync_every == 0:
-            os.fsync(self._f.fileno())
+        try:
+            self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+            self._f.flush()
+            self.lines += 1
+            if self.fsync_every and self.lines % self.fsync_every == 0:
+                os.fsync(self._f.fileno())
+        except OSError as exc:
+            raise self._failed(exc) from exc
 
     def close(self) -> None:
-        if not self._f.closed:
+        if self._f.closed:
+            return
+        try:
             self._f.flush()
             os.fsync(self._f.fileno())
-            self._f.close()
+        except OSError as exc:
+            raise self._failed(exc) from exc
+        finally:
+            with contextlib.suppress(OSError):  # a buffer that cannot be flushed is dropped, the file closed
+                self._f.close()
 
 
 def read_log(path: str | os.PathLike) -> tuple[list[dict], int]:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from edge_pfm.dataset import IMAGE_SUFFIXES
+from edge_pfm.errors import EdgePfmError
 from edge_pfm.frame_pool import FramePool
 
 
@@ -35,7 +36,7 @@ class Frame:
     prepared: Any = None  # the model input and gate results, computed in the reader thread (see FrameSource.process)
 
 
-class SourceError(RuntimeError):
+class SourceError(EdgePfmError, RuntimeError):
     """A source cannot be opened; the message says why and what to do."""
 
 
@@ -323,9 +324,9 @@ class SceneBank:
 
     def __init__(self, size: tuple[int, int], label: str | None = None, seed: int = 0, per_class: int = 1,
                  scene_seconds: float = 2.0):
-        from edge_pfm.synthetic import CLASSES, render_pair
+        from edge_pfm.synthetic import SCENES, render_pair
 
-        labels = [label] if label else list(CLASSES)
+        labels = [label] if label else list(SCENES)
         rng = np.random.default_rng(seed)
         self.scenes = [render_pair(lab, int(rng.integers(2**31)), size) for lab in labels for _ in range(per_class)]
         self.scene_ns = int(scene_seconds * 1e9)
@@ -402,10 +403,10 @@ def _synthetic_options(spec: str) -> dict[str, Any]:
         o = {k: SYNTHETIC_KEYS[k](v) for k, v in opts.items()}
     except ValueError as exc:
         raise SourceError(f"bad synthetic option in {spec!r}: {exc}") from exc
-    from edge_pfm.synthetic import CLASSES
+    from edge_pfm.synthetic import SCENES
 
-    if o.get("label") and o["label"] not in CLASSES:
-        raise SourceError(f"synthetic label {o['label']!r} is not one of {CLASSES}")
+    if o.get("label") and o["label"] not in SCENES:
+        raise SourceError(f"synthetic label {o['label']!r} is not one of {SCENES}")
     return o
 
 

@@ -15,13 +15,15 @@ No real patient data exists in this repository; the generator stands in for it e
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-CLASSES: tuple[str, ...] = ("normal", "inflammation", "lsil", "hsil")
+# the scenes this generator can render (a model's classes come from its registry or spec, not from here)
+SCENES: tuple[str, ...] = ("normal", "inflammation", "lsil", "hsil")
 
 # per class: white-light acetowhite density, its edge softness (fraction of cervix radius),
 # and the fraction of green autofluorescence lost over the lesion
@@ -40,6 +42,11 @@ class Scene:
     label: str
     lesion_mask: np.ndarray  # H x W bool: where the lesion is (or would be, for `normal`)
     cervix_mask: np.ndarray  # H x W bool
+
+    @property
+    def lesion_truth(self) -> np.ndarray:
+        """The mask a lesion map should match: empty for `normal`, where nothing is drawn."""
+        return self.lesion_mask if self.label != "normal" else np.zeros_like(self.lesion_mask)
 
 
 def _low_freq_noise(rng: np.random.Generator, h: int, w: int, cells: int = 12) -> np.ndarray:
@@ -83,7 +90,7 @@ def render_pair(
     import cv2
 
     if label not in _LESION:
-        raise ValueError(f"unknown class {label!r}; expected one of {CLASSES}")
+        raise ValueError(f"cannot render a {label!r} scene; the synthetic generator renders {SCENES}")
     rng = np.random.default_rng(seed)
     full_w, full_h = int(size[0]), int(size[1])
     f = max(1.0, full_w / _WORK_WIDTH)
@@ -200,7 +207,7 @@ def render_pair(
 
 
 def scenes(n: int, seed: int = 0, size: tuple[int, int] = (1280, 720),
-           classes: tuple[str, ...] = CLASSES) -> Iterator[Scene]:
+           classes: tuple[str, ...] = SCENES) -> Iterator[Scene]:
     """n scenes, classes balanced and shuffled, deterministic in seed."""
     rng = np.random.default_rng(seed)
     labels = [classes[i % len(classes)] for i in range(n)]
@@ -211,7 +218,7 @@ def scenes(n: int, seed: int = 0, size: tuple[int, int] = (1280, 720),
 
 
 def write_dataset(out_dir: str | Path, n: int, seed: int = 0, size: tuple[int, int] = (1280, 720),
-                  classes: tuple[str, ...] = CLASSES, progress: bool = False) -> Path:
+                  classes: tuple[str, ...] = SCENES, progress: bool = False) -> Path:
     """Write n synthetic pairs in the paired dataset layout (see edge_pfm.dataset)."""
     import cv2
 
@@ -228,7 +235,7 @@ def write_dataset(out_dir: str | Path, n: int, seed: int = 0, size: tuple[int, i
                 raise OSError(f"could not write {out / sub / name}.png")
         rows.append((name, scene.label))
         if progress and (i + 1) % max(1, n // 10) == 0:
-            print(f"  wrote {i + 1}/{n} synthetic pairs to {out}", flush=True)
+            logging.getLogger(__name__).info("wrote %d/%d synthetic pairs to %s", i + 1, n, out)
     with open(out / LABELS_FILE, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["sample", "label"])

@@ -23,22 +23,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="the classes whose decisions show the lesion map (default: those the trainer measured it on, "
                          "lsil,hsil for our classes); '' for none")
     args = ap.parse_args(argv)
+    from edge_pfm.errors import run_command
     from edge_pfm.lesion import parse_map_classes
     from export.bundle_export import export_bundle
-    from export.checkpoint import CheckpointError
-    from export.onnx_export import ExportError
 
     if args.max_batch < 1:
         ap.error("--max-batch must be >= 1")
-    try:
-        half = max(1, args.parity_pairs // 2)
-        map_classes = None if args.map_classes is None else parse_map_classes(args.map_classes)
+    half = max(1, args.parity_pairs // 2)
+    map_classes = None if args.map_classes is None else parse_map_classes(args.map_classes)
+
+    def command() -> None:
         export_bundle(args.checkpoint, args.out, args.opset, args.max_batch, half, args.parity_pairs - half,
                       map_classes=map_classes)
-    except (CheckpointError, ExportError, PermissionError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_command(command)
 
 
 if __name__ == "__main__":

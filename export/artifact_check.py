@@ -17,7 +17,7 @@ from pathlib import Path
 
 from edge_pfm._lazy import MissingDependencyError
 from edge_pfm.bundle import MODEL_ARTIFACTS
-from export.onnx_export import ExportError
+from export.onnx_graph import ExportError
 
 CHECK_FLAVOUR = "tensorrt_rtx"
 # which precision each bundle artifact is built as

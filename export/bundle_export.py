@@ -6,13 +6,13 @@ import sys
 from pathlib import Path
 
 import edge_pfm
-from edge_pfm.bundle import MANIFEST, SCHEMA, SCHEMA_VERSION, write_manifest
+from edge_pfm.bundle import MANIFEST, MODALITIES, SCHEMA, SCHEMA_VERSION, write_manifest
 from edge_pfm.fileio import atomic_directory, atomic_write_json, atomic_write_text
 from edge_pfm.lesion import check_map_classes, default_map_classes, judge_map
 from export.artifact_check import check_artifact, summary_line
 from export.checkpoint import library_versions, load_checkpoint
-from export.model import MODALITIES
-from export.onnx_export import BATCH_DIM, LESION_MAP, OUTPUT_NAME, ExportError, check_graph, onnx_from_torch, save_onnx
+from export.onnx_export import onnx_from_torch
+from export.onnx_graph import BATCH_DIM, LESION_MAP, OUTPUT_NAME, ExportError, check_graph, save_onnx
 from export.parity import parity_feeds, report_markdown, run_parity
 
 

@@ -30,24 +30,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--record", action="store_true", help="write the results into the bundle's manifest.json")
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args(argv)
-    from edge_pfm.bundle import Bundle, BundleError, write_manifest
+    from edge_pfm.bundle import Bundle, write_manifest
+    from edge_pfm.errors import run_command
     from edge_pfm.fileio import atomic_write_json
-    from export.artifact_check import ArtifactRejected, summary_line
+    from export.artifact_check import summary_line
 
-    try:
+    def command() -> None:
         records = check_bundle(args.bundle)
-    except (BundleError, ArtifactRejected) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for name, record in records.items():
-        print(summary_line(name, record))
-    if args.json:
-        atomic_write_json(args.json, records)
-    if args.record:
-        bundle = Bundle.load(args.bundle)
-        write_manifest(bundle.root, {**bundle.manifest, "build_checks": records}, {})
-        print(f"recorded in {Path(args.bundle) / 'manifest.json'}")
-    return 0
+        for name, record in records.items():
+            print(summary_line(name, record))
+        if args.json:
+            atomic_write_json(args.json, records)
+        if args.record:
+            bundle = Bundle.load(args.bundle)
+            write_manifest(bundle.root, {**bundle.manifest, "build_checks": records}, {})
+            print(f"recorded in {Path(args.bundle) / 'manifest.json'}")
+
+    return run_command(command)
 
 
 if __name__ == "__main__":

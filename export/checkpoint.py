@@ -8,14 +8,16 @@ from typing import Any
 
 import torch
 
+from edge_pfm.bundle import MODALITIES
+from edge_pfm.errors import EdgePfmError
 from edge_pfm.fileio import atomic_write_bytes, sha256_file
 from edge_pfm.preprocess import PreprocessSpec
-from export.model import MODALITIES, PFM, PFMConfig, list_models
+from export.model import PFM, PFMConfig, list_models
 
 FORMAT_TAG = "edge-pfm/checkpoint/v1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(EdgePfmError, ValueError):
     """A checkpoint cannot be used; the message names the file and the fix."""
 
 

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edge_pfm.bundle import MODALITIES
+
 __all__ = ["PFM", "PFMConfig", "create_model", "list_models", "register_model", "count_flops"]
 
-MODALITIES = ("white_light", "fluorescence")
 _ACTS: dict[str, Callable[[], nn.Module]] = {"gelu": nn.GELU, "relu": lambda: nn.ReLU(inplace=True)}
 
 
@@ -293,10 +294,21 @@ class PFM(nn.Module):
 
 
 _REGISTRY: dict[str, dict[str, Any]] = {}
+_DATA_CONFIG: dict[str, dict[str, Any]] = {}
+# the classes our variants are trained for, in logit order (a team's own model brings its own in its spec)
+DEFAULT_CLASSES: tuple[str, ...] = ("normal", "inflammation", "lsil", "hsil")
 
 
-def register_model(name: str, **variant_args: Any) -> None:
+def register_model(name: str, classes: tuple[str, ...] = DEFAULT_CLASSES, **variant_args: Any) -> None:
+    """Register a variant: its PFMConfig fields, and its data config (the class names it is trained for)."""
     _REGISTRY[name] = variant_args
+    _DATA_CONFIG[name] = {"classes": tuple(classes)}
+
+
+def variant_classes(variant: str) -> tuple[str, ...]:
+    if variant not in _DATA_CONFIG:
+        raise ValueError(f"unknown PFM variant {variant!r}; known variants: {', '.join(list_models())}")
+    return _DATA_CONFIG[variant]["classes"]
 
 
 def list_models() -> list[str]:

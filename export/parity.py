@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge_pfm.bundle import MODALITIES
 from edge_pfm.preprocess import PreprocessSpec, preprocess
-from edge_pfm.synthetic import CLASSES, render_pair
-from export.model import MODALITIES, PFM
-from export.onnx_export import LESION_MAP, OUTPUT_NAME, DeployedPFM
+from edge_pfm.synthetic import SCENES, render_pair
+from export.model import PFM
+from export.onnx_export import DeployedPFM
+from export.onnx_graph import LESION_MAP, OUTPUT_NAME
 
 # lesion_map: probabilities in [0, 1], its own bound (sigmoid compresses logit errors, so 1e-4 is as strict)
 TOLERANCE = {"max_abs_diff": 1e-4, "top1_agreement": 1.0, "lesion_map_max_abs_diff": 1e-4}
@@ -70,7 +72,7 @@ def parity_feeds(specs: dict[str, PreprocessSpec], n_random: int = 32, n_scenes:
     for _ in range(n_random):
         pairs.append(tuple(rng.standard_normal(specs[m].input_shape).astype(np.float32) for m in MODALITIES))
     for i in range(n_scenes):
-        s = render_pair(CLASSES[i % len(CLASSES)], int(rng.integers(2**31)), scene_size)
+        s = render_pair(SCENES[i % len(SCENES)], int(rng.integers(2**31)), scene_size)
         pairs.append((preprocess(s.white_light, specs["white_light"]), preprocess(s.fluorescence, specs["fluorescence"])))
     feeds = [{m: pairs[0][k][None] for k, m in enumerate(MODALITIES)}]
     for i in range(1, len(pairs), batch):

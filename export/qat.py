@@ -1,6 +1,6 @@
 """Quantization-aware fine-tuning that matches the Q/DQ scheme calibration writes.
 
-Fake quantization (straight-through estimator) where `calibration.qdq` puts Q/DQ nodes:
+Fake quantization (straight-through estimator) where the Q/DQ model has them (export.quant_scheme):
 - every Conv input but the stems': int8 symmetric per-tensor activations;
 - every Conv weight but the stems': int8 symmetric per-output-channel. BatchNorm is frozen, and since
   the folded weight is the raw weight times a per-channel factor, quantizing the raw weight per channel
@@ -21,8 +21,8 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from export.model import PFM, ChannelAttention, FasterNetBlock
+from export.quant_scheme import KEEP_FLOAT_MODULES, PERCENTILE, quantized_conv_nodes, residual_adds
 
-PERCENTILE = 99.999  # the PTQ default: the same clipping QAT trains under
 QMAX = 127.0
 
 
@@ -54,8 +54,8 @@ class PerChannelWeightQuant(nn.Module):
         return fake_quant(w, amax)
 
 
-def quantized_convs(model: PFM, keep_float: tuple[str, ...] = (".stem.",)) -> list[tuple[str, nn.Conv2d]]:
-    """The convolutions the Q/DQ model quantizes, in module order (stems stay float, as --keep-float /stem/)."""
+def quantized_convs(model: PFM, keep_float: tuple[str, ...] = KEEP_FLOAT_MODULES) -> list[tuple[str, nn.Conv2d]]:
+    """The convolutions the Q/DQ model quantizes, in module order (export.quant_scheme: stems stay float)."""
     return [(name, m) for name, m in model.named_modules()
             if isinstance(m, nn.Conv2d) and not any(k in f".{name}." for k in keep_float)]
 
@@ -214,14 +214,12 @@ def onnx_tensor_ranges(model: PFM, proto, ranges: dict) -> dict[str, float]:
     instead of quantizing the wrong tensor."""
     from onnx import numpy_helper
 
-    from calibration.qdq import residual_adds
-
     cfg = model.cfg
     example = tuple(torch.zeros(1, cfg.in_chans[m], cfg.img_size, cfg.img_size) for m in cfg.modalities)
     order = call_order(model, example)
     modules = dict(model.named_modules())
     inits = {i.name: i for i in proto.graph.initializer}
-    conv_nodes = [n for n in proto.graph.node if n.op_type == "Conv" and "/stem/" not in n.name]
+    conv_nodes = quantized_conv_nodes(proto)
     if len(conv_nodes) != len(order["conv"]):
         raise ValueError(f"{len(conv_nodes)} quantizable Conv nodes in the graph, {len(order['conv'])} calls in the model")
     out: dict[str, float] = {}

@@ -25,10 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from edge_pfm.bundle import MODALITIES
+from edge_pfm.errors import EdgePfmError
 from edge_pfm.preprocess import PreprocessSpec, preprocess
-from edge_pfm.synthetic import CLASSES
 from export.checkpoint import library_versions, save_checkpoint
-from export.model import MODALITIES, PFM, create_model, variant_config
+from export.model import DEFAULT_CLASSES, PFM, create_model, variant_classes, variant_config
+from export.progress import progress as progress_bar
 
 
 @dataclass
@@ -55,46 +57,47 @@ def default_preprocessing(variant: str, **overrides) -> dict[str, PreprocessSpec
 
 
 def _render_chunk(args: tuple) -> list[tuple]:
-    from calibration.lesion_metrics import lesion_target
     from edge_pfm.synthetic import render_pair
+    from evaluation.lesion_metrics import lesion_target
 
     jobs, size, specs = args
     out = []
     for index, label, seed in jobs:
         s = render_pair(label, seed, size)
         out.append((index, preprocess(s.white_light, specs["white_light"]),
-                    preprocess(s.fluorescence, specs["fluorescence"]), CLASSES.index(label),
-                    lesion_target(s.lesion_mask if label != "normal" else np.zeros_like(s.lesion_mask),
-                                  specs["white_light"])))
+                    preprocess(s.fluorescence, specs["fluorescence"]), lesion_target(s.lesion_truth,
+                                                                                     specs["white_light"])))
     return out
 
 
 def synthetic_tensors(n: int, specs: dict[str, PreprocessSpec], seed: int = 0,
-                      size: tuple[int, int] = (320, 240), progress: bool = True) -> PairTensors:
-    """Render n balanced synthetic pairs and preprocess them (all cores)."""
+                      size: tuple[int, int] = (320, 240), progress: bool = True,
+                      classes: tuple[str, ...] = DEFAULT_CLASSES) -> PairTensors:
+    """Render n synthetic pairs balanced over `classes` (scenes the generator renders) and preprocess them
+    (all cores)."""
     from concurrent.futures import ProcessPoolExecutor
 
+    from edge_pfm.synthetic import SCENES
+
+    unknown = [c for c in classes if c not in SCENES]
+    if unknown:
+        raise TrainingError(f"the synthetic generator renders {SCENES}, not {unknown}: train on your data (--data)")
     rng = np.random.default_rng(seed)
     seeds = rng.integers(0, 2**31 - 1, size=n)
-    jobs = [(i, CLASSES[i % len(CLASSES)], int(seeds[i])) for i in range(n)]
+    labels = [i % len(classes) for i in range(n)]
+    jobs = [(i, classes[labels[i]], int(seeds[i])) for i in range(n)]
     workers = max(1, min(os.cpu_count() or 1, 8))
     chunks = [(jobs[i::workers * 4], size, specs) for i in range(workers * 4)]
     rows: list = [None] * n  # placed by job index: the order never depends on the pool
-    t0 = time.perf_counter()
-    with ProcessPoolExecutor(workers) as pool:
-        done = 0
+    with ProcessPoolExecutor(workers) as pool, \
+            progress_bar(total=n, desc=f"rendering synthetic pairs at {size[0]}x{size[1]}", enabled=progress) as bar:
         for part in pool.map(_render_chunk, chunks):
             for index, *row in part:
                 rows[index] = row
-            done += len(part)
-            if progress:
-                print(f"\r  rendering synthetic pairs {done}/{n}", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(f"\r  rendered {n} synthetic pairs at {size[0]}x{size[1]} in {time.perf_counter() - t0:.1f}s",
-              file=sys.stderr)
+            bar.update(len(part))
     return PairTensors(torch.from_numpy(np.stack([r[0] for r in rows])),
                        torch.from_numpy(np.stack([r[1] for r in rows])),
-                       torch.tensor([r[2] for r in rows]), CLASSES, torch.from_numpy(np.stack([r[3] for r in rows])))
+                       torch.tensor(labels), tuple(classes), torch.from_numpy(np.stack([r[2] for r in rows])))
 
 
 def dataset_tensors(root: str | Path, specs: dict[str, PreprocessSpec], progress: bool = True) -> PairTensors:
@@ -104,13 +107,11 @@ def dataset_tensors(root: str | Path, specs: dict[str, PreprocessSpec], progress
     if not ds.labelled:
         raise DatasetError(f"{root}: every sample needs a label in labels.csv to train on it")
     w, f, y = [], [], []
-    for i in range(len(ds)):
+    for i in progress_bar(range(len(ds)), desc=f"loading {root}", enabled=progress):
         wl, fl, label = ds.load(i)
         w.append(preprocess(wl, specs["white_light"]))
         f.append(preprocess(fl, specs["fluorescence"]))
         y.append(label)
-        if progress and (i + 1) % 50 == 0:
-            print(f"\r  loading {i + 1}/{len(ds)}", end="", file=sys.stderr, flush=True)
     return PairTensors(torch.from_numpy(np.stack(w)), torch.from_numpy(np.stack(f)), torch.tensor(y), ds.classes)
 
 
@@ -144,7 +145,7 @@ def predict(model: PFM, data: PairTensors, batch_size: int = 64) -> tuple[np.nda
 def evaluate(model: PFM, data: PairTensors) -> dict:
     """Accuracy and recall; with the lesion head and masks, the map's Dice and pointing over the map classes
     (edge_pfm.lesion.default_map_classes) with their intervals, as `lesion_classes`."""
-    from calibration.lesion_metrics import lesion_scores
+    from evaluation.lesion_metrics import lesion_scores
 
     logits, maps = predict(model, data)
     pred = logits.argmax(1)
@@ -171,8 +172,6 @@ def lesion_loss(lesion_logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 def train(model: PFM, train_set: PairTensors, val_set: PairTensors, epochs: int = 12, batch_size: int = 32,
           lr: float = 3e-3, seed: int = 0, progress: bool = True, label: str = "", lesion_weight: float = 1.0) -> dict:
     """Train in place; keeps the weights of the best validation epoch. -> history dict."""
-    from tqdm import tqdm
-
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
@@ -187,8 +186,8 @@ def train(model: PFM, train_set: PairTensors, val_set: PairTensors, epochs: int 
         order = torch.randperm(len(train_set), generator=gen)
         total, seen = 0.0, 0
         batches = range(0, len(order), batch_size)
-        bar = tqdm(batches, desc=f"{label}epoch {epoch}/{epochs}", leave=False, disable=None if progress else True,
-                   file=sys.stderr)
+        bar = progress_bar(batches, desc=f"{label}epoch {epoch}/{epochs}", unit="batches", leave=False,
+                           enabled=progress)
         for i in bar:
             idx = order[i:i + batch_size]
             w, f, y = train_set.white_light[idx], train_set.fluorescence[idx], train_set.labels[idx]
@@ -245,14 +244,6 @@ def format_ablation(rows: dict, classes: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def _parse_size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-        return w, h
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
-
-
 def make_reproducible(seed: int, threads: int) -> None:
     """Seeded RNGs, deterministic algorithms, a fixed thread count: the same command gives the same weights."""
     torch.manual_seed(seed)
@@ -295,25 +286,111 @@ def lesion_map_validation(model: PFM, val_set: PairTensors, quiet: bool = False)
     return m
 
 
+@dataclass(frozen=True)
+class TrainPlan:
+    """What `python -m export.train` does, as a library call (train_checkpoint); the defaults are the CLI's."""
+
+    data: str | Path | None = None  # paired dataset; None: synthetic pairs
+    synthetic: int = 1200
+    variant: str = "pfm_tiny"
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 3e-3
+    seed: int = 0
+    threads: int = min(os.cpu_count() or 1, 8)
+    qat_epochs: int = 0
+    qat_lr: float = 3e-4
+    qat_from: str | Path | None = None  # skip float training: fine-tune this checkpoint with QAT
+    resolution: tuple[int, int] = (320, 240)  # synthetic frame size before preprocessing
+    progress: bool = True
+
+
+class TrainingError(EdgePfmError, ValueError):
+    """A training request cannot run (a variant, an option); the message says what to change."""
+
+
+def load_data(plan: TrainPlan, specs: dict[str, PreprocessSpec], classes: tuple[str, ...] = DEFAULT_CLASSES
+              ) -> PairTensors:
+    """The plan's dataset (its classes.txt names the classes), or synthetic pairs of `classes`."""
+    return (dataset_tensors(plan.data, specs, plan.progress) if plan.data is not None else
+            synthetic_tensors(plan.synthetic, specs, plan.seed, plan.resolution, plan.progress, classes))
+
+
+def train_checkpoint(out: str | Path, plan: TrainPlan | None = None) -> dict:
+    """Train (or QAT fine-tune) by `plan` and write the checkpoint to `out` atomically. -> the facts it keeps
+    (checkpoint "extra": accuracy, seed, threads, versions, lesion-map measurement, ...)."""
+    plan = plan or TrainPlan()
+    if plan.qat_from and plan.qat_epochs < 1:
+        raise TrainingError("qat_from needs qat_epochs >= 1 (--qat-epochs N)")
+    make_reproducible(plan.seed, plan.threads)
+    variant = plan.variant
+    if plan.qat_from:
+        from export.checkpoint import load_checkpoint
+
+        model, meta = load_checkpoint(plan.qat_from)
+        variant, specs, classes = meta["variant"], meta["preprocessing"], meta["classes"]
+    else:
+        try:
+            specs = default_preprocessing(variant)
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from None
+        classes = variant_classes(variant)
+    data = load_data(plan, specs, classes)
+    train_set, val_set = split(data, seed=plan.seed)
+    extra = {"seed": plan.seed, "threads": plan.threads, "versions": library_versions(),
+             "train_samples": len(train_set), "val_samples": len(val_set),
+             "data": str(plan.data) if plan.data is not None else f"synthetic:{plan.synthetic}:seed={plan.seed}"}
+    if plan.qat_from:
+        extra.update({k: meta["extra"][k] for k in ("val_accuracy", "val_recall", "epoch") if k in meta["extra"]})
+        extra["qat_from"] = meta["sha256"]
+        seconds = 0.0
+    else:
+        # a lesion head learns only from masks: without them it would ship its initial weights
+        head = variant_config(variant).lesion_map and data.masks is not None
+        if not head and variant_config(variant).lesion_map:
+            print(f"no lesion masks in {plan.data or 'the data'}: training without the lesion-map head "
+                  "(the bundle will have no lesion_map output)", file=sys.stderr)
+        torch.manual_seed(plan.seed)  # initialisation
+        model = create_model(variant, num_classes=len(data.classes), lesion_map=head)
+        result = train(model, train_set, val_set, plan.epochs, plan.batch_size, plan.lr, plan.seed, plan.progress)
+        best = result["best"]
+        extra.update({"val_accuracy": best["accuracy"], "val_recall": best["recall"], "epoch": best["epoch"]})
+        seconds = result["train_s"]
+    if plan.qat_epochs:
+        extra["qat"] = quantization_aware(model, train_set, val_set, plan.qat_epochs, plan.qat_lr, plan.seed,
+                                          plan.progress)
+        extra["val_accuracy"] = extra["qat"]["val_accuracy_float_after"]
+    if model.cfg.lesion_map:
+        extra["lesion_map"] = lesion_map_validation(model, val_set, not plan.progress)
+    save_checkpoint(out, model, variant, data.classes, specs, extra=extra)
+    print(f"val accuracy {extra['val_accuracy']:.4f}{' after QAT' if plan.qat_epochs else ''}; trained in "
+          f"{seconds + extra.get('qat', {}).get('seconds', 0):.0f}s; wrote {out}")
+    return extra
+
+
 def main(argv: list[str] | None = None) -> int:
+    from edge_pfm.config import parse_size
+    from edge_pfm.errors import run_command
+
+    defaults = TrainPlan()
     ap = argparse.ArgumentParser(prog="python -m export.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="paired dataset directory (see edge_pfm.dataset)")
     src.add_argument("--synthetic", type=int, metavar="N", help="train on N synthetic pairs")
-    ap.add_argument("--variant", default="pfm_tiny")
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 8),
+    ap.add_argument("--variant", default=defaults.variant)
+    ap.add_argument("--epochs", type=int, default=defaults.epochs)
+    ap.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    ap.add_argument("--lr", type=float, default=defaults.lr)
+    ap.add_argument("--seed", type=int, default=defaults.seed)
+    ap.add_argument("--threads", type=int, default=defaults.threads,
                     help="torch threads (default: cores, at most 8); bitwise reproducibility holds for one count")
     ap.add_argument("--qat-epochs", type=int, default=0,
                     help="then fine-tune this many epochs with fake quantization matching the INT8 Q/DQ model "
                          "(use when the INT8 gate refuses the PTQ model; 3 is usually enough)")
-    ap.add_argument("--qat-lr", type=float, default=3e-4)
+    ap.add_argument("--qat-lr", type=float, default=defaults.qat_lr)
     ap.add_argument("--qat-from", metavar="CKPT", help="skip float training: fine-tune this checkpoint with QAT")
-    ap.add_argument("--resolution", type=_parse_size, default=(320, 240),
+    ap.add_argument("--resolution", type=parse_size, default=defaults.resolution,
                     help="synthetic frame size WIDTHxHEIGHT before preprocessing (default 320x240)")
     ap.add_argument("--out", help="checkpoint path to write")
     ap.add_argument("--ablation", action="store_true", help="train fusion and both single-source models; print a table")
@@ -321,56 +398,24 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.ablation and not args.out:
         ap.error("--out is required (unless --ablation)")
-    if args.qat_from and args.qat_epochs < 1:
-        ap.error("--qat-from needs --qat-epochs N (N >= 1)")
-    make_reproducible(args.seed, args.threads)
-    if args.qat_from:
-        from export.checkpoint import load_checkpoint
+    plan = TrainPlan(data=args.data, synthetic=args.synthetic or defaults.synthetic, variant=args.variant,
+                     epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
+                     qat_epochs=args.qat_epochs, qat_lr=args.qat_lr, qat_from=args.qat_from,
+                     resolution=args.resolution, progress=not args.quiet)
 
-        model, meta = load_checkpoint(args.qat_from)
-        args.variant = meta["variant"]
-        specs = meta["preprocessing"]
-    else:
+    def command() -> None:
+        if not args.ablation:
+            train_checkpoint(args.out, plan)
+            return
+        make_reproducible(plan.seed, plan.threads)
         try:
-            specs = default_preprocessing(args.variant)
+            specs = default_preprocessing(plan.variant)
         except ValueError as exc:
-            ap.error(str(exc))
-    data = (synthetic_tensors(args.synthetic, specs, args.seed, args.resolution, not args.quiet)
-            if args.synthetic else dataset_tensors(args.data, specs, not args.quiet))
-    if args.ablation:
-        rows = ablation(data, args.variant, args.epochs, args.seed, not args.quiet)
-        print(format_ablation(rows, data.classes))
-        return 0
-    train_set, val_set = split(data, seed=args.seed)
-    extra = {"seed": args.seed, "threads": args.threads, "versions": library_versions(),
-             "train_samples": len(train_set), "val_samples": len(val_set),
-             "data": f"synthetic:{args.synthetic}:seed={args.seed}" if args.synthetic else str(args.data)}
-    if args.qat_from:
-        extra.update({k: meta["extra"][k] for k in ("val_accuracy", "val_recall", "epoch") if k in meta["extra"]})
-        extra["qat_from"] = meta["sha256"]
-        seconds = 0.0
-    else:
-        # a lesion head learns only from masks: without them it would ship its initial weights
-        head = variant_config(args.variant).lesion_map and data.masks is not None
-        if not head and variant_config(args.variant).lesion_map:
-            print(f"no lesion masks in {args.data or 'the data'}: training without the lesion-map head "
-                  "(the bundle will have no lesion_map output)", file=sys.stderr)
-        torch.manual_seed(args.seed)  # initialisation
-        model = create_model(args.variant, num_classes=len(data.classes), lesion_map=head)
-        result = train(model, train_set, val_set, args.epochs, args.batch_size, args.lr, args.seed, not args.quiet)
-        best = result["best"]
-        extra.update({"val_accuracy": best["accuracy"], "val_recall": best["recall"], "epoch": best["epoch"]})
-        seconds = result["train_s"]
-    if args.qat_epochs:
-        extra["qat"] = quantization_aware(model, train_set, val_set, args.qat_epochs, args.qat_lr, args.seed,
-                                          not args.quiet)
-        extra["val_accuracy"] = extra["qat"]["val_accuracy_float_after"]
-    if model.cfg.lesion_map:
-        extra["lesion_map"] = lesion_map_validation(model, val_set, args.quiet)
-    save_checkpoint(args.out, model, args.variant, data.classes, specs, extra=extra)
-    print(f"val accuracy {extra['val_accuracy']:.4f}{' after QAT' if args.qat_epochs else ''}; trained in "
-          f"{seconds + extra.get('qat', {}).get('seconds', 0):.0f}s; wrote {args.out}")
-    return 0
+            raise TrainingError(str(exc)) from None
+        data = load_data(plan, specs, variant_classes(plan.variant))
+        print(format_ablation(ablation(data, plan.variant, plan.epochs, plan.seed, plan.progress), data.classes))
+
+    return run_command(command)
 
 
 if __name__ == "__main__":

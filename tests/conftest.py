@@ -1,7 +1,6 @@
 """Shared fixtures: real models, real files. Expensive artifacts are built once per session."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -13,14 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A pfm_tiny trained briefly on synthetic pairs (480 x 6 epochs: 0.5-0.65 val accuracy, far from chance)."""
-    import torch
+    from export.train import TrainPlan, train_checkpoint
 
-    from export import train
-
-    torch.set_num_threads(os.cpu_count() or 1)
     out = tmp_path_factory.mktemp("ckpt") / "pfm_tiny.pt"
-    rc = train.main(["--synthetic", "480", "--epochs", "6", "--out", str(out), "--quiet", "--resolution", "256x192"])
-    assert rc == 0 and out.is_file()
+    train_checkpoint(out, TrainPlan(synthetic=480, epochs=6, resolution=(256, 192), progress=False))
+    assert out.is_file()
     return out
 
 
@@ -50,10 +46,8 @@ def copy_bundle(src: Path, dst: Path) -> Path:
 def calibrated_bundle(tiny_bundle, tmp_path_factory) -> Path:
     """The session bundle, calibrated through the real CLI (small data: fast, gate not enforced). 256 held-out
     pairs (128 with a lesion of lsil/hsil) measure its lesion map above the floors, so the runtime shows it."""
-    from calibration.__main__ import main as calibrate
+    from calibration.calibrate import CalibrationPlan, calibrate
 
     b = copy_bundle(tiny_bundle, tmp_path_factory.mktemp("calibrated") / "b")
-    rc = calibrate(["--bundle", str(b), "--synthetic", "64", "--eval-synthetic", "256", "--resolution", "320x240",
-                    "--allow-degraded"])
-    assert rc == 0
+    calibrate(b, CalibrationPlan(synthetic=64, eval_synthetic=256, resolution=(320, 240), allow_degraded=True))
     return b

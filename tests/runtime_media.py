@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 
 from edge_pfm.stamp import stamp
-from edge_pfm.synthetic import CLASSES, render_pair
+from edge_pfm.synthetic import SCENES, render_pair
 
 SIZE = (320, 240)
 
@@ -17,7 +17,7 @@ def scene_frames(n: int, label_every: int = 10, size=SIZE, defects: dict[int, di
     cache = {}
     out = []
     for i in range(n):
-        label = CLASSES[(i // label_every) % len(CLASSES)]
+        label = SCENES[(i // label_every) % len(SCENES)]
         kw = (defects or {}).get(i, {})
         key = (label, tuple(sorted(kw.items())))
         if key not in cache:

@@ -34,11 +34,11 @@ def backend(request, calibrated_bundle, tmp_path):
 
 def _scenes(batch, bundle):
     from edge_pfm.preprocess import preprocess_pair
-    from edge_pfm.synthetic import CLASSES, render_pair
+    from edge_pfm.synthetic import SCENES, render_pair
 
     pairs = [preprocess_pair(s.white_light, s.fluorescence, bundle.preprocessing["white_light"],
                              bundle.preprocessing["fluorescence"])
-             for s in (render_pair(CLASSES[i % 4], 100 + i, (320, 240)) for i in range(batch))]
+             for s in (render_pair(SCENES[i % 4], 100 + i, (320, 240)) for i in range(batch))]
     return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
 
 
@@ -127,7 +127,7 @@ def test_tensorrt_unavailable_fails_fast_with_instructions(calibrated_bundle):
         open_backend(calibrated_bundle, "tensorrt")
     run = subprocess.run([sys.executable, "-m", "edge_pfm", "build", "--bundle", str(calibrated_bundle)],
                          capture_output=True, text=True)
-    assert run.returncode == 3 and "TensorRT is not installed" in run.stderr and "JetPack" in run.stderr
+    assert run.returncode == 4 and "TensorRT is not installed" in run.stderr and "JetPack" in run.stderr
 
 
 def test_auto_selects_onnxruntime_and_says_why(calibrated_bundle):

@@ -14,10 +14,10 @@ import calibration.data
 import edge_pfm.preprocess
 from calibration.__main__ import main as calibrate
 from calibration.accuracy import GATE
+from calibration.calib_cache import CalibrationCache, CalibrationCacheError, hex_to_amax, scale_hex, trt_version_int
 from calibration.qdq import tensorrt_qdq_problems
 from calibration.ranges import activation_tensors
 from edge_pfm.bundle import Bundle
-from edge_pfm.calib_cache import CalibrationCache, CalibrationCacheError, hex_to_amax, scale_hex, trt_version_int
 from edge_pfm.synthetic import write_dataset
 
 
@@ -235,7 +235,7 @@ def test_polygraphy_data_loader_script(calibrated_bundle, monkeypatch):
 
 
 def test_interval_statistics():
-    from calibration.stats import mcnemar_exact, paired_delta, wilson
+    from evaluation.stats import mcnemar_exact, paired_delta, wilson
 
     lo, hi = wilson(1990, 2000)
     assert lo == pytest.approx(0.990820, abs=1e-6) and hi == pytest.approx(0.997282, abs=1e-6)

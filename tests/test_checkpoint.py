@@ -3,8 +3,8 @@ import pickle
 import pytest
 import torch
 
-from edge_pfm.synthetic import CLASSES
 from export.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from export.model import DEFAULT_CLASSES as CLASSES
 from export.model import create_model
 from export.train import default_preprocessing
 

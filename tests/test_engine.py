@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from edge_pfm.backends import BackendError, select_backend
-from edge_pfm.bundle import Bundle
+from edge_pfm.bundle import Bundle, BundleError
 from edge_pfm.engine.cache import EngineKey, check_engine, engine_paths, find_any_engine, write_engine
 from edge_pfm.engine.plan import BuildRefused, TrtCapabilities, plan_build
 
@@ -111,7 +111,7 @@ def test_selection_logic(calibrated_bundle, tiny_bundle):
         select_backend(b, "tensorrt", trt_status=(False, "tensorrt is not importable"))
     with pytest.raises(BackendError, match="fp16 runs on TensorRT"):
         select_backend(b, "onnxruntime", "fp16")
-    with pytest.raises(BackendError, match="no INT8 model"):
+    with pytest.raises(BundleError, match="no INT8 model"):
         select_backend(Bundle.load(tiny_bundle), "onnxruntime", "int8")
 
 

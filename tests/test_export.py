@@ -16,7 +16,7 @@ from edge_pfm.bundle import Bundle, BundleError
 from export import parity as parity_mod
 from export.__main__ import main as export_main
 from export.checkpoint import load_checkpoint
-from export.onnx_export import ExportError, check_graph, op_census
+from export.onnx_graph import ExportError, check_graph, op_census
 
 
 def check_op_type_count(proto, **expected):
@@ -183,7 +183,7 @@ def test_parity_gate_failure_leaves_no_bundle(tiny_checkpoint, tmp_path, monkeyp
 def test_topological_sort_repairs_node_order(tiny_bundle):
     import random
 
-    from export.onnx_export import ExportError, topological_sort
+    from export.onnx_graph import ExportError, topological_sort
 
     model = onnx.load(str(tiny_bundle / "model.onnx"))
     nodes = list(model.graph.node)

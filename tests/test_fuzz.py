@@ -8,8 +8,8 @@ import shutil
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from calibration.calib_cache import CalibrationCache, CalibrationCacheError
 from edge_pfm.bundle import Bundle, BundleError
-from edge_pfm.calib_cache import CalibrationCache, CalibrationCacheError
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),

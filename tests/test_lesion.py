@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.lesion_metrics import lesion_scores, lesion_target, map_agreement
 from edge_pfm.decision import DecisionConfig, DecisionEngine
 from edge_pfm.lesion import LesionMap
 from edge_pfm.preprocess import PreprocessSpec
-from edge_pfm.synthetic import CLASSES, render_pair
+from edge_pfm.synthetic import SCENES, render_pair
+from evaluation.lesion_metrics import lesion_scores, lesion_target, map_agreement
 
 SPEC = PreprocessSpec(size=(128, 128))
 
@@ -57,17 +57,17 @@ def test_metrics_on_known_maps():
     maps[2, 0, :2, :] = 0.9  # twice too wide: Dice 2*4/(8+4)
     maps[3, 0, 3, 3] = 0.9  # elsewhere: 0, and the peak misses
     labels = np.array([0, 2, 3, 3])
-    s = lesion_scores(maps, targets, labels, CLASSES)
+    s = lesion_scores(maps, targets, labels, SCENES)
     assert s["normal"]["clean"]["rate"] == 1.0 and s["normal"]["dice"]["mean"] == 1.0
     assert s["lsil"]["dice"]["mean"] == 1.0 and s["lsil"]["pointing"]["rate"] == 1.0
     assert s["hsil"]["dice"]["mean"] == pytest.approx((2 * 4 / 12 + 0) / 2, abs=1e-4)
     assert s["lesion_classes"]["pointing_interval"]["k"] == 2 and s["lesion_classes"]["pointing_interval"]["n"] == 3
-    ag = map_agreement(maps, maps, labels, CLASSES)
+    ag = map_agreement(maps, maps, labels, SCENES)
     assert ag["iou_all"]["mean"] == 1.0 and ag["max_abs_diff"] == 0.0
 
 
 def test_map_is_smoothed_and_shown_only_for_a_shown_map_class():
-    eng = DecisionEngine(CLASSES, DecisionConfig(alpha=0.5, enter=0.5, hold=1), map_classes=("lsil", "hsil"))
+    eng = DecisionEngine(SCENES, DecisionConfig(alpha=0.5, enter=0.5, hold=1), map_classes=("lsil", "hsil"))
     hot = np.zeros((16, 16), np.float32)
     hot[4:8, 4:8] = 1.0
     lm = LesionMap.from_output(hot, (720, 1280), SPEC)
@@ -84,7 +84,7 @@ def test_map_is_smoothed_and_shown_only_for_a_shown_map_class():
     eng.reset()
     d = eng.update(np.array([0.04, 0.9, 0.03, 0.03]), 5_000_000, [], lm)
     assert d.shown_class == "inflammation" and d.lesion is None  # not a biopsy target: no map by default
-    d = DecisionEngine(CLASSES, DecisionConfig(enter=0.5)).update(hsil, 6_000_000, [], lm)
+    d = DecisionEngine(SCENES, DecisionConfig(enter=0.5)).update(hsil, 6_000_000, [], lm)
     assert d.shown_class == "hsil" and d.lesion is None  # an engine told no map classes never shows one
 
 
@@ -107,12 +107,12 @@ def test_the_map_is_shown_only_with_a_measurement_above_the_floors(measurement, 
     from edge_pfm.lesion import judge_map
 
     entry = {"shown_for": ["lsil", "hsil"], "measurements": {"fp32": measurement} if measurement else {}}
-    v = judge_map(entry, CLASSES, "fp32")
+    v = judge_map(entry, SCENES, "fp32")
     assert v.shown is shown and why in v.reason, v.reason
     assert v.classes == (("lsil", "hsil") if shown else ())
-    assert not judge_map(entry, CLASSES, "int8").shown  # each precision needs its own measurement
-    assert "no lesion-map head" in judge_map(None, CLASSES, "fp32").reason
-    assert "no class is named" in judge_map({**entry, "shown_for": []}, CLASSES, "fp32").reason
+    assert not judge_map(entry, SCENES, "int8").shown  # each precision needs its own measurement
+    assert "no lesion-map head" in judge_map(None, SCENES, "fp32").reason
+    assert "no class is named" in judge_map({**entry, "shown_for": []}, SCENES, "fp32").reason
 
 
 def test_the_calibrated_bundle_shows_its_measured_map_for_the_lesion_classes(calibrated_bundle):
@@ -185,7 +185,7 @@ def headless_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = create_model("pfm_tiny", lesion_map=False).eval()
     out = tmp_path_factory.mktemp("headless") / "old.pt"
-    save_checkpoint(out, model, "pfm_tiny", CLASSES, default_preprocessing("pfm_tiny"), extra={})
+    save_checkpoint(out, model, "pfm_tiny", SCENES, default_preprocessing("pfm_tiny"), extra={})
     ckpt = torch.load(out, weights_only=True)
     for key in ("lesion_map", "decoder_width"):
         ckpt["config"].pop(key)
@@ -206,7 +206,7 @@ def test_a_checkpoint_from_before_the_head_exports_without_the_output(headless_c
     scene = render_pair("lsil", 1, (640, 360))
     with Classifier(bundle, "onnxruntime") as clf:
         r = clf.classify(scene.white_light, scene.fluorescence)
-    assert r.lesion_map is None and r.label in CLASSES
+    assert r.lesion_map is None and r.label in SCENES
 
 
 def _run_logged(bundle, tmp_path, label="hsil", seconds=2.5) -> tuple[dict, list[dict]]:

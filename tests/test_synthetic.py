@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from edge_pfm.dataset import DatasetError, PairedDataset
-from edge_pfm.synthetic import CLASSES, render_pair, write_dataset
+from edge_pfm.synthetic import SCENES, render_pair, write_dataset
 
 
 def test_deterministic_per_seed():
@@ -30,8 +30,8 @@ def _lesion_stats(label, seeds=range(12)):
 
 
 def test_class_dependent_in_the_expected_direction():
-    g = {c: _lesion_stats(c)[0] for c in CLASSES}
-    w = {c: _lesion_stats(c)[1] for c in CLASSES}
+    g = {c: _lesion_stats(c)[0] for c in SCENES}
+    w = {c: _lesion_stats(c)[1] for c in SCENES}
     # fluorescence: green lost over neoplasia, in proportion to grade; not over inflammation
     assert g["hsil"] < g["lsil"] - 10 < g["normal"] - 20
     assert abs(g["inflammation"] - g["normal"]) < 6
@@ -43,7 +43,7 @@ def test_class_dependent_in_the_expected_direction():
 def test_dataset_round_trip(tmp_path):
     root = write_dataset(tmp_path / "ds", 8, seed=3, size=(160, 120))
     ds = PairedDataset(root)
-    assert len(ds) == 8 and ds.classes == CLASSES and ds.labelled
+    assert len(ds) == 8 and ds.classes == SCENES and ds.labelled
     wl, fl, label = ds.load(0)
     assert wl.shape == (120, 160, 3) and fl.shape == (120, 160, 3)
     assert 0 <= label < 4

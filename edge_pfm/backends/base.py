@@ -7,10 +7,17 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from edge_pfm.bundle import Bundle, TensorSpec
+from edge_pfm.errors import RuntimeFailure, UnavailableError
 
 
-class BackendError(RuntimeError):
+class BackendError(RuntimeFailure):
     """A backend cannot load or run; the message says why and what to do."""
+
+
+class BackendUnavailable(BackendError, UnavailableError):
+    """The backend asked for cannot run on this machine (not installed, no GPU, no such precision here)."""
+
+    exit_code = UnavailableError.exit_code
 
 
 class Backend(ABC):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from edge_pfm._lazy import require
-from edge_pfm.backends.base import Backend, BackendError
-from edge_pfm.bundle import Bundle
+from edge_pfm.backends.base import Backend, BackendUnavailable
+from edge_pfm.bundle import Bundle, BundleError
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
@@ -22,7 +22,7 @@ class OnnxRuntimeBackend(Backend):
         providers = tuple(providers or DEFAULT_PROVIDERS)
         missing = [p for p in providers if p not in available]
         if missing:
-            raise BackendError(f"onnxruntime providers {missing} are not available here (available: {available}); "
+            raise BackendUnavailable(f"onnxruntime providers {missing} are not available here (available: {available}); "
                                "install onnxruntime-gpu for CUDA, or use CPUExecutionProvider")
         opts = ort.SessionOptions()
         if threads:
@@ -35,12 +35,12 @@ class OnnxRuntimeBackend(Backend):
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=list(providers))
         except Exception as exc:  # ORT raises its own exception types for a corrupt or foreign model
-            raise BackendError(f"onnxruntime could not load {path}: {exc}; re-export the bundle") from exc
+            raise BundleError(f"onnxruntime could not load {path}: {exc}; re-export the bundle") from exc
         got_in = {i.name for i in self.session.get_inputs()}
         got_out = [o.name for o in self.session.get_outputs()]
         want_in = {s.name for s in self.inputs}
         if got_in != want_in or got_out != [s.name for s in self.outputs]:
-            raise BackendError(f"{path}: model I/O {sorted(got_in)} -> {got_out} does not match the manifest "
+            raise BundleError(f"{path}: model I/O {sorted(got_in)} -> {got_out} does not match the manifest "
                                f"{sorted(want_in)} -> {[s.name for s in self.outputs]}")
         self.providers = self.session.get_providers()
         self._out = [s.name for s in self.outputs]

@@ -5,8 +5,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_pfm._lazy import INSTALL_HINTS, is_importable
-from edge_pfm.backends.base import Backend, BackendError
-from edge_pfm.bundle import Bundle
+from edge_pfm.backends.base import Backend, BackendUnavailable
+from edge_pfm.bundle import Bundle, BundleError
+from edge_pfm.errors import InvalidArgument
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
 TRT_MISSING = ("TensorRT is not installed here. On a Jetson it comes with JetPack: `sudo apt install "
@@ -46,18 +47,18 @@ def default_precision(bundle: Bundle) -> str:
 def select_backend(bundle: Bundle, backend: str = "auto", precision: str | None = None,
                    trt_status: tuple[bool, str] | None = None) -> Selection:
     if backend not in BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        raise InvalidArgument(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     precision = precision or default_precision(bundle)
     trt_ok, trt_why = trt_status if trt_status is not None else (
         tensorrt_status() if backend != "onnxruntime" else (False, "not asked for"))
     if backend == "tensorrt" and not trt_ok:
-        raise BackendError(f"--backend tensorrt: {trt_why}. {TRT_MISSING}")
+        raise BackendUnavailable(f"--backend tensorrt: {trt_why}. {TRT_MISSING}")
     if backend == "tensorrt" or (backend == "auto" and trt_ok):
         return Selection("tensorrt", precision, f"TensorRT: {trt_why}")
     if precision == "fp16":
-        raise BackendError("fp16 runs on TensorRT (FP16 engine); ONNX Runtime here runs fp32 or int8 (Q/DQ)")
+        raise BackendUnavailable("fp16 runs on TensorRT (FP16 engine); ONNX Runtime here runs fp32 or int8 (Q/DQ)")
     if precision == "int8" and not bundle.has("model.int8.onnx"):
-        raise BackendError(f"{bundle.root} has no INT8 model; run python -m calibration --bundle {bundle.root} ...")
+        raise BundleError(f"{bundle.root} has no INT8 model; run python -m calibration --bundle {bundle.root} ...")
     why = "asked for" if backend == "onnxruntime" else f"TensorRT unavailable: {trt_why}"
     return Selection("onnxruntime", precision, f"ONNX Runtime CPU ({why})")
 

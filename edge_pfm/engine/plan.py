@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edge_pfm.errors import UnavailableError
+
 PRECISIONS = ("fp32", "fp16", "int8")
 INT8_SOURCES = ("qdq", "cache")
 
 
-class BuildRefused(ValueError):
+class BuildRefused(UnavailableError, ValueError):
     """The requested build cannot work on this TensorRT/device; the message says why and what to do instead."""
 
 

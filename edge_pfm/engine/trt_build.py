@@ -8,8 +8,8 @@ only behind version checks. TensorRT-RTX is strongly typed like TensorRT 11: pre
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,16 +20,18 @@ from edge_pfm.bundle import Bundle
 from edge_pfm.engine.cache import EngineKey, check_engine, write_engine
 from edge_pfm.engine.layer_census import LayerCensus, census_from_log
 from edge_pfm.engine.plan import BuildPlan, TrtCapabilities, plan_build
+from edge_pfm.errors import RuntimeFailure
 
 DEFAULT_WORKSPACE_MIB = 1024  # Orin Nano 8 GB shares memory with the CPU: stay well below it
+_LOG = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-pfm" / "engines"
 FLAVOURS = ("tensorrt", "tensorrt_rtx")  # the module each flavour imports as
 # TensorRT-RTX builds ahead of time, without a GPU, for its default set of compute capabilities
 RTX_AOT_IDENTITY = ("any (TensorRT-RTX ahead-of-time build)", "rtx-default")
 
 
-class EngineBuildError(RuntimeError):
-    pass
+class EngineBuildError(RuntimeFailure):
+    """TensorRT could not parse or build the model; the message carries its errors."""
 
 
 @dataclass
@@ -225,7 +227,7 @@ def build_engine_bytes(trt, onnx_path: str | Path, plan: BuildPlan, profile: tup
 def ensure_engine(bundle: Bundle, precision: str, int8_source: str | None = None, dla_core: int = -1,
                   workspace_mib: int = DEFAULT_WORKSPACE_MIB, max_batch: int | None = None,
                   cache_dir: str | Path | None = None, build: bool = True,
-                  log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+                  log: Callable[[str], None] = _LOG.info,
                   flavour: str = "tensorrt") -> Path:
     """-> path of a valid engine for this bundle on this device, building it if needed (and allowed)."""
     trt = import_tensorrt(flavour)

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_pfm.config import parse_size
+from edge_pfm.errors import run_command
+
 
 def _step(n: int, total: int, text: str) -> None:
     print(f"\n== [{n}/{total}] {text}", flush=True)
@@ -92,7 +95,8 @@ def lesion_still(video: Path, out: Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m export.demo")
+    ap = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="build/demo")
     ap.add_argument("--pairs", type=int, default=1200, help="synthetic training pairs")
     ap.add_argument("--epochs", type=int, default=20)
@@ -101,48 +105,49 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=20.0, help="how long the cameras stream")
     ap.add_argument("--calib-pairs", type=int, default=512)
     ap.add_argument("--eval-pairs", type=int, default=2000)
-    ap.add_argument("--eval-resolution", default="640x360", help="held-out synthetic camera resolution")
+    ap.add_argument("--eval-resolution", type=parse_size, default=(640, 360),
+                    help="held-out synthetic camera resolution")
     args = ap.parse_args(argv)
+    return run_command(lambda: run_demo(args))
+
+
+def run_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt, bundle = out / "pfm_tiny.pt", out / "bundle"
     t0 = time.perf_counter()
-    from calibration.__main__ import main as calibrate
     from calibration.accuracy import confusion_png
+    from calibration.calibrate import CalibrationPlan, calibrate
     from edge_pfm.backends.select import select_backend
     from edge_pfm.bundle import Bundle
     from edge_pfm.pipeline import RunConfig, Runner, format_summary
     from edge_pfm.record import read_log
     from edge_pfm.sources import SceneBank, SyntheticSource
-    from export import train
-    from export.__main__ import main as export
+    from export.bundle_export import export_bundle
+    from export.train import TrainPlan, train_checkpoint
 
     total = 4
     _step(1, total, f"train pfm_tiny on {args.pairs} synthetic pairs ({args.epochs} epochs)")
-    if train.main(["--synthetic", str(args.pairs), "--epochs", str(args.epochs), "--out", str(ckpt)]):
-        return 1
+    train_checkpoint(ckpt, TrainPlan(synthetic=args.pairs, epochs=args.epochs))
     _step(2, total, "export the ONNX bundle (parity gate: PyTorch vs ONNX Runtime CPU)")
-    if export(["--checkpoint", str(ckpt), "--out", str(bundle)]):
-        return 1
+    export_bundle(ckpt, bundle)
     _step(3, total, "calibrate: INT8 Q/DQ + FP16 ONNX + TensorRT calibration cache + accuracy gate")
-    calib_args = ["--bundle", str(bundle), "--synthetic", str(args.calib_pairs), "--eval-synthetic",
-                  str(args.eval_pairs), "--eval-resolution", args.eval_resolution]
-    rc = calibrate(calib_args)
-    if rc == 3 and args.qat_epochs:  # PTQ missed the gate: fine-tune under the Q/DQ scheme and try again
+    plan = CalibrationPlan(synthetic=args.calib_pairs, eval_synthetic=args.eval_pairs,
+                           eval_resolution=args.eval_resolution)
+    result = calibrate(bundle, plan)
+    print(result.markdown)
+    if not result.gate_passed and args.qat_epochs:  # PTQ missed the gate: fine-tune under the Q/DQ scheme, retry
         qat_ckpt = out / "pfm_tiny.qat.pt"
         print(f"\n!! the gate refused the PTQ model: {args.qat_epochs} epochs of quantization-aware fine-tuning",
               flush=True)
-        if (train.main(["--qat-from", str(ckpt), "--synthetic", str(args.pairs), "--qat-epochs", str(args.qat_epochs),
-                        "--out", str(qat_ckpt)])
-                or export(["--checkpoint", str(qat_ckpt), "--out", str(bundle)])):
-            return 1
-        rc = calibrate(calib_args)
+        train_checkpoint(qat_ckpt, TrainPlan(qat_from=ckpt, synthetic=args.pairs, qat_epochs=args.qat_epochs))
+        export_bundle(qat_ckpt, bundle)
+        result = calibrate(bundle, plan)
+        print(result.markdown)
     rejected = bundle.with_name(bundle.name + ".int8-rejected")
-    if rc == 3:  # the gate refused INT8: the device would run FP32, and so does the demo
+    if not result.gate_passed:  # the gate refused INT8: the device would run FP32, and so does the demo
         print("\n!! the INT8 accuracy gate refused this model (report above and in "
               f"{rejected}/): streaming with FP32 instead", flush=True)
-    elif rc:
-        return 1
     b = Bundle.load(bundle)
     sel = select_backend(b, "auto")
     _step(4, total, f"stream two synthetic 1280x720 cameras for {args.seconds:.0f}s: {sel.backend} {sel.precision} "

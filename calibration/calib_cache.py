@@ -15,12 +15,14 @@ import re
 import struct
 from dataclasses import dataclass
 
+from edge_pfm.errors import EdgePfmError
+
 ALGORITHMS = ("EntropyCalibration2", "EntropyCalibration", "MinMaxCalibration", "LegacyCalibration")
 _HEADER = re.compile(r"^TRT-(\d+)-(\w+)$")
 _ENTRY = re.compile(r"^(.+): ([0-9a-fA-F]{8})$")
 
 
-class CalibrationCacheError(ValueError):
+class CalibrationCacheError(EdgePfmError, ValueError):
     """A calibration cache is malformed; the message names the line."""
 
 

@@ -1,7 +1,7 @@
 """How good is the lesion map: Dice and IoU of the thresholded map against the true lesion mask, per class,
 a pointing score (the map's peak lies in the lesion), and how closely a reduced-precision map follows FP32.
 
-Every figure comes with its sample size and a 95 % interval: Wilson for proportions (calibration.stats),
+Every figure comes with its sample size and a 95 % interval: Wilson for proportions (evaluation.stats),
 a normal interval on the per-pair mean for Dice and IoU.
 
 Conventions (per pair, on the model's grid):
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from calibration.stats import wilson
 from edge_pfm.lesion import default_map_classes
+from evaluation.stats import wilson
 
 
 def lesion_target(mask: np.ndarray, spec, stride: int = 8) -> np.ndarray:

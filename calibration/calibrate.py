@@ -1,0 +1,287 @@
+"""The calibration library: `calibrate(bundle, plan) -> CalibrationReport`; `python -m calibration` parses
+arguments into a CalibrationPlan and prints the report.
+
+One pass over paired calibration data (through edge_pfm's own preprocessing) gives symmetric activation
+ranges; from them model.int8.onnx (explicit Q/DQ) and calibration.cache (TensorRT text format); model.fp16.onnx
+is the FP16-typed model. Each ONNX passes onnx.checker's full check and a TensorRT-RTX build before it is
+written. INT8 and FP16 accuracy are measured against FP32 on ONNX Runtime CPU on held-out labelled pairs, and
+the gate refuses an INT8 model that loses agreement or high-grade recall. The bundle is updated atomically.
+No PyTorch is imported anywhere on this path.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from calibration.accuracy import (
+    ADVICE,
+    GATE,
+    confusion_png,
+    evaluate,
+    evaluate_stream,
+    gate,
+    gate_rule,
+    lesion_report,
+    markdown,
+)
+from calibration.calib_cache import CalibrationCache, trt_version_int
+from calibration.data import PairReader, dataset_pairs, synthetic_pair_chunks, synthetic_pairs, warn_if_few
+from calibration.fp16 import fp16_model
+from calibration.qdq import quantize_qdq
+from calibration.ranges import METHODS, compute_ranges
+from edge_pfm.bundle import Bundle, write_manifest
+from edge_pfm.errors import EdgePfmError, ExitCode
+from edge_pfm.fileio import atomic_directory, atomic_write_json, atomic_write_text
+from edge_pfm.lesion import check_map_classes, default_map_classes, map_measurement, map_verdict
+from export.artifact_check import check_artifact, summary_line
+from export.onnx_graph import save_onnx
+from export.progress import log as _log
+from export.quant_scheme import KEEP_FLOAT_NODES
+
+FP16_METHOD = ("model.fp16.onnx run on ONNX Runtime CPU (FP16-typed graph, float32 I/O, LayerNormalization in "
+               "float32; ORT computes FP16 ops without a CPU kernel in float32 between FP16 tensors)")
+RANGES = ("auto", "ptq", "qat")
+
+
+class CalibrationError(EdgePfmError, RuntimeError):
+    """Calibration cannot run on this bundle or data; the message says why and what to change."""
+
+
+class GateRefused(CalibrationError):
+    """The INT8 model is less accurate than the gate allows; the bundle stays FP32."""
+
+    exit_code = ExitCode.GATE_REFUSED
+
+
+@dataclass(frozen=True)
+class CalibrationPlan:
+    """What to calibrate with: the defaults are `python -m calibration`'s."""
+
+    data: str | Path | None = None  # paired dataset for the ranges; None: synthetic pairs
+    synthetic: int = 512  # synthetic calibration pairs when data is None
+    samples: int = 512  # at most this many calibration pairs
+    method: str = "percentile"
+    eval: str | Path | None = None  # held-out labelled dataset; None: synthetic held-out pairs
+    eval_synthetic: int = 2000
+    resolution: tuple[int, int] = (1280, 720)  # synthetic camera resolution
+    eval_resolution: tuple[int, int] | None = None  # default: resolution
+    ranges: str = "auto"  # auto | ptq | qat
+    trt_version: str = "10.3"  # the TensorRT the cache targets (JetPack 6.1/6.2)
+    keep_float: tuple[str, ...] = KEEP_FLOAT_NODES
+    seed: int = 1
+    allow_degraded: bool = False  # write the INT8 model even if the gate refuses it
+    map_classes: tuple[str, ...] | None = None  # default: the bundle's, else lsil, hsil
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise CalibrationError(f"unknown range method {self.method!r}; choose one of {METHODS}")
+        if self.ranges not in RANGES:
+            raise CalibrationError(f"unknown ranges {self.ranges!r}; choose one of {RANGES}")
+        self.trt_version_int  # noqa: B018 - validates the version early
+
+    @property
+    def trt_version_int(self) -> int:
+        try:
+            return trt_version_int(self.trt_version)
+        except ValueError as exc:
+            raise CalibrationError(str(exc)) from None
+
+
+@dataclass
+class CalibrationReport:
+    bundle: Path
+    gate_passed: bool
+    reasons: list[str]
+    report: dict = field(repr=False)  # accuracy.json's content
+    markdown: str = field(repr=False)  # accuracy.md's
+    rejected_dir: Path | None = None  # where a refused report was kept
+
+    @property
+    def refusal(self) -> str:
+        return ("INT8 accuracy gate failed: the bundle stays FP32 (unchanged); the refused report is in "
+                f"{self.rejected_dir}/\n  - " + "\n  - ".join(self.reasons) + "\n" + ADVICE)
+
+
+class _Refused(Exception):
+    def __init__(self, report: CalibrationReport):
+        self.report = report
+
+
+def pair_digest(pair) -> str:
+    h = hashlib.sha256()
+    h.update(pair[0].tobytes())
+    h.update(pair[1].tobytes())
+    return h.hexdigest()
+
+
+def lesion_map_entry(entry: dict, map_classes: tuple[str, ...], report: dict | None, eval_source: str) -> dict:
+    """The manifest's lesion_map output after calibration: the classes that show it, and the held-out
+    measurement of each precision's map where the held-out pairs had masks (else the earlier measurements stay;
+    the runtime shows no map at a precision without one)."""
+    entry = {**entry, "shown_for": list(map_classes)}
+    if report and "scores" in report:
+        entry["measurements"] = {
+            name: map_measurement(sc["lesion_classes"], f"calibration held-out ({eval_source})", report["threshold"])
+            for name, sc in report["scores"].items()}
+    return entry
+
+
+def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) -> CalibrationReport:
+    """Calibrate `bundle` in place (atomically) by `plan`. -> the report; a refused gate is a report with
+    gate_passed False (the bundle is left exactly as it was, the refused report goes to BUNDLE.int8-rejected/),
+    bad input raises an EdgePfmError."""
+    plan = plan or CalibrationPlan()
+    trt_int = plan.trt_version_int
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+    classes = bundle.classes
+    map_classes = None
+    if bundle.lesion_map is not None:
+        try:
+            map_classes = (check_map_classes(plan.map_classes, classes)
+                           if plan.map_classes is not None else
+                           tuple(bundle.lesion_map.get("shown_for", default_map_classes(classes))))
+        except ValueError as exc:
+            raise CalibrationError(str(exc)) from None
+    elif plan.map_classes is not None:
+        raise CalibrationError(f"--map-classes: {bundle.root} has no lesion-map output (its model was trained "
+                               "without lesion masks)")
+    fp32 = bundle.model_path("fp32")
+    _log(f"[1/5] calibration data ({plan.data or 'synthetic'})")
+    if plan.data is None:
+        calib = synthetic_pairs(min(plan.synthetic, plan.samples), plan.seed, plan.resolution, classes)
+        calib_source = f"synthetic:{len(calib)}:seed={plan.seed}:{plan.resolution[0]}x{plan.resolution[1]}"
+    else:
+        calib, _ = dataset_pairs(plan.data, classes)
+        if len(calib) > plan.samples:
+            idx = np.random.default_rng(plan.seed).choice(len(calib), plan.samples, replace=False)
+            calib = [calib[i] for i in sorted(idx)]
+        calib_source = str(plan.data)
+    warn_if_few(len(calib))
+    data_hash = hashlib.sha256("".join(pair_digest(p) for p in calib).encode()).hexdigest()
+
+    if plan.eval is not None:
+        held, _ = dataset_pairs(plan.eval, classes)
+        if any(p[2] is None for p in held):
+            raise CalibrationError(f"the held-out set {plan.eval} needs a label for every pair (labels.csv)")
+        eval_source, eval_chunks, n_eval = str(plan.eval), [held], len(held)
+    else:
+        size = plan.eval_resolution or plan.resolution
+        eval_source = f"synthetic:{plan.eval_synthetic}:seed={plan.seed + 10_000}:{size[0]}x{size[1]}"
+        eval_chunks = synthetic_pair_chunks(plan.eval_synthetic, plan.seed + 10_000, size, classes=classes)
+        n_eval = plan.eval_synthetic
+    calib_digests = {pair_digest(p) for p in calib}
+
+    def never_calibrated(pair) -> None:
+        if pair_digest(pair) in calib_digests:
+            raise CalibrationError("a pair appears in both the calibration and the held-out set; accuracy must be "
+                                   "measured on pairs calibration never saw (use another --eval)")
+
+    specs, names = bundle.preprocessing, bundle.input_names
+    _log(f"[2/5] activation ranges ({plan.method}, symmetric) over {len(calib)} pairs on the FP32 graph")
+    amax = compute_ranges(fp32, PairReader(calib, specs, names, progress="calibrating"), plan.method)
+    ranges_used = "ptq"
+    if plan.ranges == "qat" and not bundle.has("qat_ranges.json"):
+        raise CalibrationError(f"--ranges qat: {bundle.root} has no qat_ranges.json; export a checkpoint trained with "
+                               "--qat-epochs (python -m export.train ... --qat-epochs 3)")
+    if plan.ranges != "ptq" and bundle.has("qat_ranges.json"):
+        qat = json.loads((bundle.root / "qat_ranges.json").read_text())["amax"]
+        unknown = sorted(set(qat) - set(amax))
+        if unknown:
+            raise CalibrationError(f"qat_ranges.json names tensors the graph does not have, e.g. {unknown[:3]}; "
+                                   "re-export the QAT checkpoint")
+        amax.update(qat)  # the quantized tensors take the ranges QAT trained under
+        ranges_used = f"qat ({len(qat)} quantized tensors) + {plan.method} (the rest, for the cache)"
+        _log(f"      {ranges_used}")
+    cache = CalibrationCache(trt_int, "EntropyCalibration2", amax)
+
+    try:
+        with atomic_directory(bundle.root) as tmp:
+            shutil.copytree(bundle.root, tmp, dirs_exist_ok=True)
+            _log("[3/5] INT8 Q/DQ model and TensorRT calibration cache from the same ranges; FP16-typed model")
+            quantize_qdq(fp32, amax, tmp / "model.int8.onnx", keep_float=tuple(plan.keep_float))
+            save_onnx(fp16_model(fp32), tmp / "model.fp16.onnx")
+            atomic_write_text(tmp / "calibration.cache", cache.to_text())
+            atomic_write_json(tmp / "calibration.json", {"method": plan.method, "ranges": ranges_used, "symmetric": True,
+                                                         "amax": amax})
+            build_checks = {}
+            for name in ("model.int8.onnx", "model.fp16.onnx"):
+                build_checks[name] = check_artifact(tmp / name, max_batch=bundle.max_batch)
+                _log(f"      {summary_line(name, build_checks[name])}")
+
+            _log(f"[4/5] accuracy on {n_eval} held-out pairs: FP32 vs INT8 vs FP16, ONNX Runtime CPU")
+            lesion: dict = {}
+            logits, labels = evaluate_stream({"fp32": fp32, "int8": tmp / "model.int8.onnx",
+                                              "fp16": tmp / "model.fp16.onnx"}, eval_chunks, specs, names, never_calibrated,
+                                             lesion=lesion)
+            results = evaluate(logits, labels, classes)
+            reasons = gate(results, classes)
+            report = {
+                "eval": {"samples": int(len(labels)), "source": eval_source},
+                "calibration": {"method": plan.method, "ranges": ranges_used, "samples": len(calib),
+                                "data_sha256": data_hash, "source": calib_source},
+                "fp16_method": FP16_METHOD, "results": results,
+                "gate": {"passed": not reasons, "reasons": reasons, "thresholds": GATE, "rule": gate_rule(classes)},
+            }
+            if lesion.get("maps"):
+                report["lesion_map"] = lesion_report(lesion, labels, classes, map_classes)
+            atomic_write_json(tmp / "accuracy.json", report)
+            atomic_write_text(tmp / "accuracy.md", markdown(report, classes))
+            confusion_png(results, classes, tmp / "confusion.png")
+            if reasons and not plan.allow_degraded:
+                rejected = bundle.root.with_name(bundle.root.name + ".int8-rejected")
+                shutil.rmtree(rejected, ignore_errors=True)
+                rejected.mkdir(parents=True)
+                for name in ("accuracy.json", "accuracy.md", "confusion.png", "calibration.json"):
+                    shutil.copyfile(tmp / name, rejected / name)
+                raise _Refused(CalibrationReport(bundle.root, False, reasons, report, markdown(report, classes),
+                                             rejected))
+            if reasons:
+                warnings.warn("INT8 gate failed but --allow-degraded was given: " + "; ".join(reasons), stacklevel=1)
+
+            _log("[5/5] updating the manifest")
+            manifest = dict(bundle.manifest)
+            manifest["calibration"] = {
+                "method": plan.method, "ranges": ranges_used, "symmetric": True, "samples": len(calib),
+                "data_sha256": data_hash,
+                "source": calib_source, "trt_version": plan.trt_version, "trt_version_int": trt_int,
+                "cache_header": f"TRT-{trt_int}-EntropyCalibration2", "tensors": len(amax),
+                "keep_float": list(plan.keep_float),
+                "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            }
+            manifest["accuracy"] = {name: {k: results[name][k] for k in (
+                "accuracy", "top1_agreement", "agreement_ci95", "disagreements", "max_abs_prob_diff", "logit_rmse")}
+                | {"accuracy_change": results[name]["accuracy_change"],
+                   f"{classes[-1]}_recall_change": results[name]["recall_change"][classes[-1]]} for name in results}
+            manifest["accuracy"]["gate_passed"] = not reasons
+            manifest["accuracy"]["gate_rule"] = gate_rule(classes)
+            manifest["accuracy"]["eval_samples"] = int(len(labels))
+            manifest["build_checks"] = {**manifest.get("build_checks", {}), **build_checks}
+            if map_classes is not None:
+                manifest["outputs"] = [lesion_map_entry(o, map_classes, report.get("lesion_map"), eval_source)
+                                       if o["name"] == "lesion_map" else o for o in manifest["outputs"]]
+            write_manifest(tmp, manifest, {
+                "model.int8.onnx": "int8 explicit Q/DQ onnx", "model.fp16.onnx": "fp16-typed onnx (float32 I/O)", "calibration.cache": "TensorRT calibration cache (implicit INT8, DLA)",
+                "calibration.json": "activation ranges", "accuracy.json": "accuracy report", "accuracy.md": "accuracy report",
+                "confusion.png": "confusion matrices",
+            })
+    except _Refused as refused:  # the atomic write was abandoned: the bundle is as it was
+        return refused.report
+    # an earlier refusal's report no longer describes this bundle
+    shutil.rmtree(bundle.root.with_name(bundle.root.name + ".int8-rejected"), ignore_errors=True)
+    if map_classes is not None:
+        calibrated = Bundle.load(bundle.root)
+        for precision in ("fp32", "int8", "fp16"):
+            _log(f"      {precision}: {map_verdict(calibrated, precision).describe()}")
+    i8 = results["int8"]
+    lo, hi = i8["agreement_ci95"]
+    _log(f"calibrated {bundle.root}: INT8 agreement {i8['top1_agreement']:.2%} (95 % CI {lo:.2%}-{hi:.2%}, "
+         f"n={len(labels)}), FP16 agreement {results['fp16']['top1_agreement']:.2%}; cache header "
+         f"TRT-{trt_int}-EntropyCalibration2")
+    return CalibrationReport(bundle.root, not reasons, reasons, report, markdown(report, classes))

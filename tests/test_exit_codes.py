@@ -1,0 +1,86 @@
+"""One table of exit codes (edge_pfm.errors.ExitCode, the README's table), one test per code, through the real
+commands in their own processes: one line on stderr, never a traceback."""
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, copy_bundle
+
+from edge_pfm.errors import ExitCode
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *argv], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _one_line_error(r: subprocess.CompletedProcess, word: str = "error") -> str:
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith(f"{word}: ")]
+    assert lines, r.stderr[-3000:]
+    return lines[0]
+
+
+def test_the_readme_table_is_the_code_table():
+    text = (ROOT / "README.md").read_text()
+    for code in ExitCode:
+        assert f"| {int(code)} |" in text, code
+
+
+def test_success(calibrated_bundle):
+    assert _run("edge_pfm", "info", "--bundle", str(calibrated_bundle)).returncode == ExitCode.OK
+
+
+@pytest.mark.parametrize("argv, says", [
+    (("edge_pfm", "info", "--bundle", "/nonexistent/bundle"), "/nonexistent/bundle is not a directory"),
+    (("calibration", "--bundle", "/nonexistent/bundle", "--synthetic", "8"), "/nonexistent/bundle"),
+    (("export", "--checkpoint", "/nonexistent/c.pt", "--out", "/tmp/never"), "/nonexistent/c.pt does not exist"),
+    (("export.train", "--synthetic", "8", "--variant", "pfm_huge", "--out", "/tmp/never.pt"), "unknown PFM variant"),
+    (("edge_pfm", "run", "--bundle", "/nonexistent/bundle", "--white", "synthetic"), "give --white SRC and --fluo"),
+])
+def test_bad_input(argv, says):
+    r = _run(*argv)
+    assert r.returncode == ExitCode.BAD_INPUT and says in _one_line_error(r), r.stderr[-2000:]
+
+
+def test_gate_refused(tiny_bundle, tmp_path):
+    """64 held-out pairs cannot show 99 % agreement: refused, the bundle stays FP32."""
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    r = _run("calibration", "--bundle", str(b), "--synthetic", "32", "--eval-synthetic", "64", "--resolution", "320x240")
+    assert r.returncode == ExitCode.GATE_REFUSED
+    assert "INT8 accuracy gate failed" in _one_line_error(r, "refused") and not (b / "model.int8.onnx").exists()
+
+
+@pytest.mark.parametrize("command", ["build", "run"])
+def test_backend_unavailable(calibrated_bundle, command):
+    extra = ["--white", "synthetic", "--fluo", "synthetic", "--backend", "tensorrt"] if command == "run" else []
+    r = _run("edge_pfm", command, "--bundle", str(calibrated_bundle), *extra)
+    assert r.returncode == ExitCode.UNAVAILABLE and "TensorRT" in _one_line_error(r)
+
+
+def test_runtime_failure_on_a_full_disk(calibrated_bundle):
+    """/dev/full: every write fails with ENOSPC, as on a full filesystem."""
+    r = _run("edge_pfm", "run", "--bundle", str(calibrated_bundle), "--backend", "onnxruntime", "--white", "synthetic",
+             "--fluo", "synthetic", "--seconds", "2", "--log", "/dev/full")
+    assert r.returncode == ExitCode.RUNTIME_FAILURE
+    assert "cannot write the decision log /dev/full: No space left on device" in _one_line_error(r)
+
+
+def test_interrupted_calibration_exits_130_and_leaves_the_bundle_as_it_was(tiny_bundle, tmp_path):
+    import signal
+
+    b = copy_bundle(tiny_bundle, tmp_path / "b")
+    before = sorted((p.name, p.read_bytes()) for p in b.iterdir() if p.is_file())
+    proc = subprocess.Popen([sys.executable, "-m", "calibration", "--bundle", str(b), "--synthetic", "32",
+                             "--eval-synthetic", "64", "--resolution", "320x240", "--allow-degraded"], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # interrupt while the new artifacts are being written
+        seen.append(line)
+        if line.startswith("[3/5]"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(120) == ExitCode.INTERRUPTED, "".join(seen) + rest
+    assert "Traceback" not in rest
+    assert sorted((p.name, p.read_bytes()) for p in b.iterdir() if p.is_file()) == before
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp directory left beside it
