@@ -186,8 +186,9 @@ def train(model: PFM, train_set: PairTensors, val_set: PairTensors, epochs: int 
         order = torch.randperm(len(train_set), generator=gen)
         total, seen = 0.0, 0
         batches = range(0, len(order), batch_size)
+        # a terminal gets a live bar per epoch; a log gets only the epoch's summary line below
         bar = progress_bar(batches, desc=f"{label}epoch {epoch}/{epochs}", unit="batches", leave=False,
-                           enabled=progress)
+                           enabled=progress and sys.stderr.isatty())
         for i in bar:
             idx = order[i:i + batch_size]
             w, f, y = train_set.white_light[idx], train_set.fluorescence[idx], train_set.labels[idx]
@@ -207,7 +208,7 @@ def train(model: PFM, train_set: PairTensors, val_set: PairTensors, epochs: int 
             sched.step()
             total += loss.item() * len(idx)
             seen += len(idx)
-            bar.set_postfix(loss=f"{total / seen:.3f}")
+            bar.set_postfix(loss=f"{total / seen:.3f}", refresh=False)
         metrics = evaluate(model, val_set)
         history.append({"epoch": epoch, "loss": total / seen, **metrics, "elapsed_s": time.perf_counter() - t0})
         if progress:
