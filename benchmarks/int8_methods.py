@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         row.update({"fp32_accuracy": res["fp32"]["accuracy"], "int8_accuracy": i8["accuracy"],
                     "agreement": i8["top1_agreement"], "agreement_ci95": i8["agreement_ci95"],
                     "hsil_recall_change": hs["delta"], "hsil_recall_ci95": hs["ci95"],
-                    "gate_reasons": gate(res, bundle.classes), "eval_pairs": len(labels)})
+                    "gate_reasons": gate(res, bundle.roles.protected(bundle.classes)), "eval_pairs": len(labels)})
         lo, hi = i8["agreement_ci95"]
         table.append(f"| {name} | {res['fp32']['accuracy']:.2%} | {i8['accuracy']:.2%} | {i8['top1_agreement']:.2%} "
                      f"[{lo:.2%}, {hi:.2%}] | {hs['delta']:+.2%} [{hs['ci95'][0]:+.2%}, {hs['ci95'][1]:+.2%}] | "

@@ -103,8 +103,9 @@ def evaluate(logits: dict[str, np.ndarray], labels: np.ndarray, classes: tuple[s
     return out
 
 
-def gate(results: dict, classes: tuple[str, ...], model: str = "int8") -> list[str]:
-    """Reasons the INT8 model must not ship (empty list = pass), decided on 95 % intervals (module docstring)."""
+def gate(results: dict, protected: tuple[str, ...], model: str = "int8") -> list[str]:
+    """Reasons the INT8 model must not ship (empty list = pass), decided on 95 % intervals (module docstring).
+    `protected`: the classes whose recall must not drop (the critical role, ClassRoles.protected)."""
     reasons = []
     m = results[model]
     lo, hi = m["agreement_ci95"]
@@ -114,15 +115,15 @@ def gate(results: dict, classes: tuple[str, ...], model: str = "int8") -> list[s
         reasons.append(f"INT8 top-1 agreement with FP32 is {m['top1_agreement']:.2%} ({m['disagreements']} of {n} "
                        f"differ), 95 % interval {lo:.2%}-{hi:.2%}: not shown to be >= {floor:.0%}"
                        + (f" (with {n} pairs even 100 % cannot show it: evaluate on >= 2000)" if n < 400 else ""))
-    top = classes[-1]
-    rc = m["recall_change"][top]
     tol, alpha = GATE["top_class_recall_drop"], GATE["alpha"]
-    if rc["n"] and rc["mcnemar_p_loss"] < alpha:
-        reasons.append(f"INT8 loses {top!r} (highest grade) cases significantly: {rc['lost']} lost vs {rc['gained']} "
-                       f"gained of {rc['n']} (exact McNemar p = {rc['mcnemar_p_loss']:.3f} < {alpha})")
-    elif rc["n"] and rc["ci95"][1] < -tol - EPS:
-        reasons.append(f"INT8 recall of {top!r} drops by {-rc['delta']:.1%}, 95 % interval of the change "
-                       f"{rc['ci95'][0]:+.1%} to {rc['ci95'][1]:+.1%}: entirely below -{tol:.0%}")
+    for top in protected:
+        rc = m["recall_change"][top]
+        if rc["n"] and rc["mcnemar_p_loss"] < alpha:
+            reasons.append(f"INT8 loses {top!r} (critical) cases significantly: {rc['lost']} lost vs {rc['gained']} "
+                           f"gained of {rc['n']} (exact McNemar p = {rc['mcnemar_p_loss']:.3f} < {alpha})")
+        elif rc["n"] and rc["ci95"][1] < -tol - EPS:
+            reasons.append(f"INT8 recall of {top!r} drops by {-rc['delta']:.1%}, 95 % interval of the change "
+                           f"{rc['ci95'][0]:+.1%} to {rc['ci95'][1]:+.1%}: entirely below -{tol:.0%}")
     ac, margin = m["accuracy_change"], GATE["accuracy_drop"]
     if ac["n"] and ac["ci95"][1] < -margin - EPS:
         reasons.append(f"INT8 accuracy drops by {-ac['delta']:.1%} ({ac['lost']} pairs lost vs {ac['gained']} gained), "
@@ -137,10 +138,11 @@ ADVICE = ("what to try: (1) quantization-aware fine-tuning: python -m export.tra
           "or accept it with --allow-degraded (not for clinical use)")
 
 
-def gate_rule(classes: tuple[str, ...]) -> str:
+def gate_rule(protected: tuple[str, ...]) -> str:
+    names = ", ".join(f"`{c}`" for c in protected)
     return (f"INT8 agreement >= {GATE['int8_top1_agreement']:.0%} at 95 % confidence (Wilson lower bound); no "
-            f"significant loss of `{classes[-1]}` recall (exact McNemar, one-sided, p < "
-            f"{GATE['alpha']}); the 95 % intervals of the `{classes[-1]}` recall change and of the accuracy change not "
+            f"significant loss of {names} recall (exact McNemar, one-sided, p < "
+            f"{GATE['alpha']}); the 95 % intervals of the {names} recall change and of the accuracy change not "
             f"entirely below -{GATE['top_class_recall_drop']:.0%} and -{GATE['accuracy_drop']:.0%}")
 
 
@@ -148,9 +150,9 @@ def _pct_ci(ci: list) -> str:
     return "-" if ci[0] is None else f"[{ci[0]:+.2%}, {ci[1]:+.2%}]"
 
 
-def markdown(report: dict, classes: tuple[str, ...]) -> str:
+def markdown(report: dict, classes: tuple[str, ...], protected: tuple[str, ...]) -> str:
     r = report["results"]
-    top = classes[-1]
+    top = protected[0]  # the table's recall-change column; the gate line covers every protected class
     lines = ["# Accuracy report: FP32 vs INT8 (Q/DQ) vs FP16, ONNX Runtime CPU", "",
              f"- held-out set: {report['eval']['samples']} labelled pairs ({report['eval']['source']}), "
              f"disjoint from the {report['calibration']['samples']} calibration pairs",
@@ -175,7 +177,7 @@ def markdown(report: dict, classes: tuple[str, ...]) -> str:
     if report.get("lesion_map"):
         lines += ["", lesion_markdown(report["lesion_map"], classes)]
     g = report["gate"]
-    lines += ["", f"**Gate** ({gate_rule(classes)}): {'PASS' if g['passed'] else 'FAIL'}"]
+    lines += ["", f"**Gate** ({g['rule']}): {'PASS' if g['passed'] else 'FAIL'}"]
     lines += [f"- {reason}" for reason in g["reasons"]]
     lines += ["", "![confusion matrices](confusion.png)"]
     return "\n".join(lines) + "\n"
@@ -248,7 +250,7 @@ def lesion_markdown(lesion: dict, classes: tuple[str, ...]) -> str:
 
 
 def lesion_report(lesion: dict, labels: np.ndarray, classes: tuple[str, ...], map_classes: tuple[str, ...],
-                  threshold: float = 0.5) -> dict:
+                  threshold: float = 0.5, roles=None) -> dict:
     """From evaluate_stream's `lesion` output: scores against the masks (when known) and agreement with FP32,
     the lesion-class figures over `map_classes` (the classes that show the map)."""
     from evaluation.lesion_metrics import lesion_scores, map_agreement
@@ -258,6 +260,6 @@ def lesion_report(lesion: dict, labels: np.ndarray, classes: tuple[str, ...], ma
            "agreement": {name: map_agreement(maps["fp32"], m, labels, classes, threshold, map_classes)
                          for name, m in maps.items() if name != "fp32"}}
     if "targets" in lesion:
-        out["scores"] = {name: lesion_scores(m, lesion["targets"], labels, classes, threshold, map_classes)
+        out["scores"] = {name: lesion_scores(m, lesion["targets"], labels, classes, threshold, map_classes, roles)
                          for name, m in maps.items()}
     return out

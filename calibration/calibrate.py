@@ -39,7 +39,7 @@ from calibration.ranges import METHODS, compute_ranges
 from edge_pfm.bundle import Bundle, write_manifest
 from edge_pfm.errors import EdgePfmError, ExitCode
 from edge_pfm.fileio import atomic_directory, atomic_write_json, atomic_write_text
-from edge_pfm.lesion import check_map_classes, default_map_classes, map_measurement, map_verdict
+from edge_pfm.lesion import check_map_classes, map_measurement, map_verdict
 from export.artifact_check import check_artifact, summary_line
 from export.onnx_graph import save_onnx
 from export.progress import log as _log
@@ -141,12 +141,13 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
     trt_int = plan.trt_version_int
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     classes = bundle.classes
+    protected = bundle.roles.protected(classes)  # the recalls the gate protects: the critical role
     map_classes = None
     if bundle.lesion_map is not None:
         try:
             map_classes = (check_map_classes(plan.map_classes, classes)
                            if plan.map_classes is not None else
-                           tuple(bundle.lesion_map.get("shown_for", default_map_classes(classes))))
+                           tuple(bundle.lesion_map.get("shown_for", bundle.roles.lesion)))
         except ValueError as exc:
             raise CalibrationError(str(exc)) from None
     elif plan.map_classes is not None:
@@ -221,18 +222,19 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
                                               "fp16": tmp / "model.fp16.onnx"}, eval_chunks, specs, names, never_calibrated,
                                              lesion=lesion)
             results = evaluate(logits, labels, classes)
-            reasons = gate(results, classes)
+            reasons = gate(results, protected)
             report = {
                 "eval": {"samples": int(len(labels)), "source": eval_source},
                 "calibration": {"method": plan.method, "ranges": ranges_used, "samples": len(calib),
                                 "data_sha256": data_hash, "source": calib_source},
                 "fp16_method": FP16_METHOD, "results": results,
-                "gate": {"passed": not reasons, "reasons": reasons, "thresholds": GATE, "rule": gate_rule(classes)},
+                "gate": {"passed": not reasons, "reasons": reasons, "thresholds": GATE, "rule": gate_rule(protected)},
             }
             if lesion.get("maps"):
-                report["lesion_map"] = lesion_report(lesion, labels, classes, map_classes)
+                report["lesion_map"] = lesion_report(lesion, labels, classes, map_classes, roles=bundle.roles)
+            report_md = markdown(report, classes, protected)
             atomic_write_json(tmp / "accuracy.json", report)
-            atomic_write_text(tmp / "accuracy.md", markdown(report, classes))
+            atomic_write_text(tmp / "accuracy.md", report_md)
             confusion_png(results, classes, tmp / "confusion.png")
             if reasons and not plan.allow_degraded:
                 rejected = bundle.root.with_name(bundle.root.name + ".int8-rejected")
@@ -240,8 +242,7 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
                 rejected.mkdir(parents=True)
                 for name in ("accuracy.json", "accuracy.md", "confusion.png", "calibration.json"):
                     shutil.copyfile(tmp / name, rejected / name)
-                raise _Refused(CalibrationReport(bundle.root, False, reasons, report, markdown(report, classes),
-                                             rejected))
+                raise _Refused(CalibrationReport(bundle.root, False, reasons, report, report_md, rejected))
             if reasons:
                 warnings.warn("INT8 gate failed but --allow-degraded was given: " + "; ".join(reasons), stacklevel=1)
 
@@ -257,10 +258,10 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
             }
             manifest["accuracy"] = {name: {k: results[name][k] for k in (
                 "accuracy", "top1_agreement", "agreement_ci95", "disagreements", "max_abs_prob_diff", "logit_rmse")}
-                | {"accuracy_change": results[name]["accuracy_change"],
-                   f"{classes[-1]}_recall_change": results[name]["recall_change"][classes[-1]]} for name in results}
+                | {"accuracy_change": results[name]["accuracy_change"]}
+                | {f"{c}_recall_change": results[name]["recall_change"][c] for c in protected} for name in results}
             manifest["accuracy"]["gate_passed"] = not reasons
-            manifest["accuracy"]["gate_rule"] = gate_rule(classes)
+            manifest["accuracy"]["gate_rule"] = gate_rule(protected)
             manifest["accuracy"]["eval_samples"] = int(len(labels))
             manifest["build_checks"] = {**manifest.get("build_checks", {}), **build_checks}
             if map_classes is not None:
@@ -284,4 +285,4 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
     _log(f"calibrated {bundle.root}: INT8 agreement {i8['top1_agreement']:.2%} (95 % CI {lo:.2%}-{hi:.2%}, "
          f"n={len(labels)}), FP16 agreement {results['fp16']['top1_agreement']:.2%}; cache header "
          f"TRT-{trt_int}-EntropyCalibration2")
-    return CalibrationReport(bundle.root, not reasons, reasons, report, markdown(report, classes))
+    return CalibrationReport(bundle.root, not reasons, reasons, report, report_md)

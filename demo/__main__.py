@@ -178,10 +178,11 @@ def run_demo(args: argparse.Namespace) -> int:
           f"{scores['shown_class']['accuracy']:.1%} (the shown class lags scene changes by design)")
     i8, n_eval = acc["int8"], acc["int8"]["samples"]
     lo, hi = i8["agreement_ci95"]
-    hsil = i8["recall_change"][b.classes[-1]]
+    critical = b.roles.protected(b.classes)[0]
+    hsil = i8["recall_change"][critical]
     print(f"held-out ({n_eval} pairs): accuracy FP32 {acc['fp32']['accuracy']:.1%}, INT8 {i8['accuracy']:.1%}, FP16 "
           f"{acc['fp16']['accuracy']:.1%}; INT8 agreement {i8['top1_agreement']:.2%} (95 % CI {lo:.2%}-{hi:.2%})"
-          f"{'' if b.has('accuracy.json') else ', REFUSED'}, {b.classes[-1]} recall change {hsil['delta']:+.2%} "
+          f"{'' if b.has('accuracy.json') else ', REFUSED'}, {critical} recall change {hsil['delta']:+.2%} "
           f"(95 % CI {hsil['ci95'][0]:+.2%} to {hsil['ci95'][1]:+.2%}); FP16 agreement "
           f"{acc['fp16']['top1_agreement']:.2%}")
     lesion = json.loads((report_dir / "accuracy.json").read_text()).get("lesion_map")

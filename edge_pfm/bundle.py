@@ -22,6 +22,7 @@ from typing import Any
 from edge_pfm.errors import EdgePfmError
 from edge_pfm.fileio import atomic_write_json, sha256_file
 from edge_pfm.preprocess import PreprocessSpec
+from edge_pfm.roles import ClassRoles, RolesError
 
 SCHEMA = "edge-pfm/bundle"
 SCHEMA_VERSION = 1
@@ -61,6 +62,9 @@ class Bundle:
         self.lesion_map = next((o for o in m["outputs"] if o["name"] == "lesion_map"), None)
         self.preprocessing = {i["modality"]: PreprocessSpec.from_dict(i["preprocessing"]) for i in m["inputs"]}
         self.input_names = {i["modality"]: i["name"] for i in m["inputs"]}
+        # bundles from before roles were recorded get ours, by class name
+        self.roles = (ClassRoles.from_dict(m["model"]["roles"], self.classes, "manifest model.roles")
+                      if "roles" in m["model"] else ClassRoles.default_for(self.classes))
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
@@ -85,6 +89,8 @@ class Bundle:
             cls.verify_artifacts(root, manifest)
         try:
             return cls(root, manifest)
+        except RolesError as exc:
+            raise BundleError(f"{mpath}: {exc}; {_fix(root)}") from exc
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{mpath}: malformed entry ({type(exc).__name__}: {exc}); {_fix(root)}") from exc
 

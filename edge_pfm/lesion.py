@@ -20,15 +20,9 @@ import numpy as np
 from edge_pfm.preprocess import PreprocessSpec
 
 DEFAULT_THRESHOLD = 0.5
-# the classes that show a map unless the bundle says otherwise: where a biopsy decision needs it
-DEFAULT_MAP_CLASSES = ("lsil", "hsil")
 # a map is shown only if measured on at least this many held-out pairs of those classes with a lesion, with
 # the lower 95 % bounds of its Dice and of its pointing score (peak cell in the lesion) at least these
 MAP_FLOORS = {"pairs": 50, "dice_low": 0.5, "pointing_low": 0.8}
-
-
-def default_map_classes(classes: tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    return tuple(c for c in DEFAULT_MAP_CLASSES if c in classes)
 
 
 def parse_map_classes(text: str) -> tuple[str, ...]:
@@ -81,15 +75,16 @@ def map_verdict(bundle: Any, precision: str) -> MapVerdict:
     """Is `bundle`'s (edge_pfm.bundle.Bundle) lesion map shown when its `precision` model runs?"""
     entry = bundle.lesion_map
     legacy = _legacy_measurement(bundle, precision) if entry is not None and "measurements" not in entry else None
-    return judge_map(entry, bundle.classes, precision, legacy)
+    return judge_map(entry, bundle.roles.lesion, precision, legacy)
 
 
-def judge_map(entry: dict | None, classes: tuple[str, ...], precision: str,
+def judge_map(entry: dict | None, lesion_classes: tuple[str, ...], precision: str,
               fallback: dict | None = None) -> MapVerdict:
-    """The verdict on a manifest's lesion_map entry (`fallback`: a measurement found outside it)."""
+    """The verdict on a manifest's lesion_map entry (`lesion_classes`: the model's lesion role, the default
+    shown_for; `fallback`: a measurement found outside the entry)."""
     if entry is None:
         return MapVerdict(False, "the model has no lesion-map head (it was trained without lesion masks)")
-    shown_for = tuple(entry.get("shown_for", default_map_classes(classes)))
+    shown_for = tuple(entry.get("shown_for", lesion_classes))
     if not shown_for:
         return MapVerdict(False, "no class is named to show it (manifest outputs.lesion_map.shown_for is empty); "
                                  "name them with python -m calibration --map-classes A,B")

@@ -8,13 +8,14 @@ Conventions (per pair, on the model's grid):
 - prediction: cells with p >= threshold; truth: cells whose lesion share is >= 0.5;
 - Dice/IoU of two empty sets is 1 (a `normal` pair with a clean map is right);
 - pointing: the highest-probability cell's lesion share is >= 0.5 (pairs with a lesion only);
-- `normal` pairs also give the mean predicted area (false alarm) and the share with a clean map.
+- pairs of the no-lesion class (`normal`) also give the mean predicted area (false alarm) and the share with a
+  clean map.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from edge_pfm.lesion import default_map_classes
+from edge_pfm.roles import ClassRoles
 from evaluation.stats import wilson
 
 
@@ -59,11 +60,14 @@ def proportion(k: int, n: int) -> dict:
 
 
 def lesion_scores(maps: np.ndarray, targets: np.ndarray, labels: np.ndarray, classes: tuple[str, ...],
-                  threshold: float = 0.5, map_classes: tuple[str, ...] | None = None) -> dict:
+                  threshold: float = 0.5, map_classes: tuple[str, ...] | None = None,
+                  roles: ClassRoles | None = None) -> dict:
     """maps: (N, 1, h, w) probabilities; targets: (N, 1, h, w) lesion share per cell; labels: (N,) class index.
     -> {class: {dice, iou, pointing | false_alarm_area, clean}, "lesion_classes": {...}}: the last over the pairs
-    with a lesion of `map_classes` (default edge_pfm.lesion.default_map_classes), the ones that show the map."""
-    map_classes = default_map_classes(classes) if map_classes is None else tuple(map_classes)
+    with a lesion of `map_classes` (default: the lesion role), the ones that show the map. The no-lesion class
+    (roles, default ours by name) gets the false-alarm figures instead of pointing."""
+    roles = roles or ClassRoles.default_for(classes)
+    map_classes = roles.lesion if map_classes is None else tuple(map_classes)
     pred, truth = maps >= threshold, targets >= 0.5
     dice, iou = _overlap(pred, truth)
     flat_p, flat_t = maps.reshape(len(maps), -1), targets.reshape(len(targets), -1)
@@ -73,7 +77,7 @@ def lesion_scores(maps: np.ndarray, targets: np.ndarray, labels: np.ndarray, cla
     for i, c in enumerate(classes):
         sel = labels == i
         row = {"dice": mean_interval(dice[sel]), "iou": mean_interval(iou[sel])}
-        if c == "normal":
+        if c == roles.no_lesion:
             area = pred[sel].reshape(int(sel.sum()), -1).mean(1) if sel.any() else np.zeros(0)
             row["false_alarm_area"] = mean_interval(area)
             row["clean"] = proportion(int((area == 0).sum()), int(sel.sum()))
@@ -94,7 +98,7 @@ def map_agreement(reference: np.ndarray, other: np.ndarray, labels: np.ndarray, 
                   threshold: float = 0.5, map_classes: tuple[str, ...] | None = None) -> dict:
     """IoU of a reduced-precision map with the FP32 map (both thresholded), per pair: over all pairs and over
     the map classes; plus the largest probability difference."""
-    map_classes = default_map_classes(classes) if map_classes is None else tuple(map_classes)
+    map_classes = ClassRoles.default_for(classes).lesion if map_classes is None else tuple(map_classes)
     _, iou = _overlap(reference >= threshold, other >= threshold)
     sel = np.isin(labels, [classes.index(c) for c in map_classes])
     return {"iou_all": mean_interval(iou), "iou_lesion_classes": mean_interval(iou[sel]),

@@ -8,7 +8,7 @@ from pathlib import Path
 import edge_pfm
 from edge_pfm.bundle import MANIFEST, MODALITIES, SCHEMA, SCHEMA_VERSION, write_manifest
 from edge_pfm.fileio import atomic_directory, atomic_write_json, atomic_write_text
-from edge_pfm.lesion import check_map_classes, default_map_classes, judge_map
+from edge_pfm.lesion import check_map_classes, judge_map
 from export.artifact_check import check_artifact, summary_line
 from export.checkpoint import library_versions, load_checkpoint
 from export.onnx_export import onnx_from_torch
@@ -48,13 +48,13 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opset: int = 17, max_
     if model.cfg.lesion_map:
         measured = meta["extra"].get("lesion_map")
         shown_for = tuple(map_classes if map_classes is not None else
-                          measured["classes"] if measured else default_map_classes(meta["classes"]))
+                          measured["classes"] if measured else meta["roles"].lesion)
         try:
             check_map_classes(shown_for, meta["classes"])
         except ValueError as exc:
             raise ExportError(f"{checkpoint}: {exc}") from None
         lesion_output = lesion_map_output(model.cfg.img_size, shown_for, measured)
-        verdict = judge_map(lesion_output, meta["classes"], "fp32")
+        verdict = judge_map(lesion_output, meta["roles"].lesion, "fp32")
         _log(f"      {verdict.describe()}")
     elif map_classes:
         raise ExportError(f"{checkpoint} has no lesion-map head (trained without lesion masks): drop --map-classes")
@@ -97,7 +97,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opset: int = 17, max_
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
             "model": {"family": "PFM", "variant": meta["variant"], "classes": list(meta["classes"]),
-                      "config": meta["config"]},
+                      "roles": meta["roles"].to_dict(), "config": meta["config"]},
             "inputs": [
                 {"name": m, "modality": m, "shape": [BATCH_DIM, *specs[m].input_shape], "dtype": "float32",
                  "preprocessing": specs[m].to_dict()}

@@ -12,6 +12,7 @@ from edge_pfm.bundle import MODALITIES
 from edge_pfm.errors import EdgePfmError
 from edge_pfm.fileio import atomic_write_bytes, sha256_file
 from edge_pfm.preprocess import PreprocessSpec
+from edge_pfm.roles import ClassRoles
 from export.model import PFM, PFMConfig, list_models
 
 FORMAT_TAG = "edge-pfm/checkpoint/v1"
@@ -31,12 +32,15 @@ def library_versions(modules: tuple[str, ...] = ("torch", "numpy")) -> dict[str,
 
 
 def save_checkpoint(path: str | os.PathLike, model: PFM, variant: str, classes: tuple[str, ...],
-                    preprocessing: dict[str, PreprocessSpec], extra: dict[str, Any] | None = None) -> Path:
+                    preprocessing: dict[str, PreprocessSpec], extra: dict[str, Any] | None = None,
+                    roles: ClassRoles | None = None) -> Path:
+    """roles: what each class means (edge_pfm.roles; default: ours, by class name)."""
     ckpt = {
         "format": FORMAT_TAG,
         "variant": variant,
         "config": model.cfg.to_dict(),
         "classes": list(classes),
+        "roles": (roles or ClassRoles.default_for(classes)).to_dict(),
         "preprocessing": {m: spec.to_dict() for m, spec in preprocessing.items()},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra or {},
@@ -74,6 +78,11 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[PFM, dict[str, Any]]:
         preprocessing = {m: PreprocessSpec.from_dict(ckpt["preprocessing"][m]) for m in MODALITIES}
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: invalid config or preprocessing ({exc})") from exc
+    try:  # checkpoints from before roles were recorded get ours, by class name
+        roles = (ClassRoles.from_dict(ckpt["roles"], ckpt["classes"], f"{path}: roles") if "roles" in ckpt
+                 else ClassRoles.default_for(ckpt["classes"]))
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
     if len(ckpt["classes"]) != cfg.num_classes:
         raise CheckpointError(f"{path}: {len(ckpt['classes'])} class names but num_classes={cfg.num_classes}")
     model = PFM(cfg)
@@ -97,6 +106,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[PFM, dict[str, Any]]:
     meta = {
         "variant": ckpt["variant"],
         "classes": tuple(ckpt["classes"]),
+        "roles": roles,
         "preprocessing": preprocessing,
         "config": cfg.to_dict(),
         "extra": ckpt.get("extra", {}),

@@ -144,7 +144,7 @@ def predict(model: PFM, data: PairTensors, batch_size: int = 64) -> tuple[np.nda
 
 def evaluate(model: PFM, data: PairTensors) -> dict:
     """Accuracy and recall; with the lesion head and masks, the map's Dice and pointing over the map classes
-    (edge_pfm.lesion.default_map_classes) with their intervals, as `lesion_classes`."""
+    (the lesion role, edge_pfm.roles) with their intervals, as `lesion_classes`."""
     from evaluation.lesion_metrics import lesion_scores
 
     logits, maps = predict(model, data)
@@ -282,7 +282,7 @@ def lesion_map_validation(model: PFM, val_set: PairTensors, quiet: bool = False)
         return None
     m = map_measurement(scores, f"trainer validation split ({len(val_set)} pairs, not trained on)")
     if not quiet:  # the verdict a bundle exported from this checkpoint gets, until calibration re-measures it
-        print(judge_map({"shown_for": m["classes"], "measurements": {"fp32": m}}, val_set.classes, "fp32").describe(),
+        print(judge_map({"shown_for": m["classes"], "measurements": {"fp32": m}}, tuple(m["classes"]), "fp32").describe(),
               file=sys.stderr)
     return m
 

@@ -13,6 +13,7 @@ from edge_pfm.synthetic import SCENES, render_pair
 from evaluation.lesion_metrics import lesion_scores, lesion_target, map_agreement
 
 SPEC = PreprocessSpec(size=(128, 128))
+LESION = ("lsil", "hsil")
 
 
 def test_a_cell_lands_where_the_crop_put_it():
@@ -107,12 +108,12 @@ def test_the_map_is_shown_only_with_a_measurement_above_the_floors(measurement, 
     from edge_pfm.lesion import judge_map
 
     entry = {"shown_for": ["lsil", "hsil"], "measurements": {"fp32": measurement} if measurement else {}}
-    v = judge_map(entry, SCENES, "fp32")
+    v = judge_map(entry, LESION, "fp32")
     assert v.shown is shown and why in v.reason, v.reason
     assert v.classes == (("lsil", "hsil") if shown else ())
-    assert not judge_map(entry, SCENES, "int8").shown  # each precision needs its own measurement
-    assert "no lesion-map head" in judge_map(None, SCENES, "fp32").reason
-    assert "no class is named" in judge_map({**entry, "shown_for": []}, SCENES, "fp32").reason
+    assert not judge_map(entry, LESION, "int8").shown  # each precision needs its own measurement
+    assert "no lesion-map head" in judge_map(None, LESION, "fp32").reason
+    assert "no class is named" in judge_map({**entry, "shown_for": []}, LESION, "fp32").reason
 
 
 def test_the_calibrated_bundle_shows_its_measured_map_for_the_lesion_classes(calibrated_bundle):
@@ -335,3 +336,36 @@ def test_map_classes_are_chosen_when_calibrating(tiny_bundle, tmp_path):
     assert bundle.lesion_map["measurements"]["fp32"]["pairs"] == 64
     v = map_verdict(bundle, "fp32")
     assert v.classes == (("hsil",) if v.shown else ()), v.reason
+
+
+def test_roles_come_from_the_model_not_from_class_names(tmp_path):
+    """A bundle names its roles; ours are applied by name only where none were recorded; bad roles name the key."""
+    from edge_pfm.roles import ClassRoles, RolesError
+
+    assert ClassRoles.default_for(SCENES) == ClassRoles("normal", ("lsil", "hsil"), ("hsil",))
+    assert ClassRoles.default_for(("benign", "cin1", "cin2+")) == ClassRoles(None, (), ())
+    assert ClassRoles(None, (), ()).protected(("benign", "cin1")) == ("benign", "cin1")  # nothing named: all
+    theirs = ClassRoles.from_dict({"no_lesion": "benign", "lesion": ["cin2+"], "critical": ["cin2+"]},
+                                  ("benign", "cin1", "cin2+"))
+    assert theirs.lesion == ("cin2+",) and theirs.protected(("benign", "cin1", "cin2+")) == ("cin2+",)
+    with pytest.raises(RolesError, match=r"roles.critical names \['cin3'\]"):
+        ClassRoles.from_dict({"critical": ["cin3"]}, ("benign", "cin2+"))
+    with pytest.raises(RolesError, match="unknown keys"):
+        ClassRoles.from_dict({"lesions": []}, ("benign",))
+
+
+def test_a_bundle_carries_its_roles(tiny_bundle, tmp_path):
+    from conftest import copy_bundle
+
+    from edge_pfm.bundle import Bundle, BundleError
+    from edge_pfm.roles import ClassRoles
+
+    b = Bundle.load(tiny_bundle)
+    assert b.manifest["model"]["roles"] == {"no_lesion": "normal", "lesion": ["lsil", "hsil"], "critical": ["hsil"]}
+    assert b.roles == ClassRoles("normal", ("lsil", "hsil"), ("hsil",))
+    bad = copy_bundle(tiny_bundle, tmp_path / "b")
+    m = json.loads((bad / "manifest.json").read_text())
+    m["model"]["roles"]["lesion"] = ["cancer"]
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"manifest model.roles.lesion names \['cancer'\]"):
+        Bundle.load(bad)
