@@ -1,4 +1,5 @@
 """python -m export --checkpoint CKPT --out BUNDLE_DIR [--opset 17] [--max-batch N] [--map-classes lsil,hsil]
+python -m export --onnx MODEL.onnx --spec SPEC.json --out BUNDLE_DIR [--reference-inputs I.json --reference-outputs O.json]
 
 Exports a PFM checkpoint to a verified ONNX bundle: model.onnx (symbolic batch), manifest.json,
 parity report (PyTorch vs ONNX Runtime CPU). Nothing is written unless every check passes.
@@ -14,9 +15,17 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="checkpoint written by python -m export.train")
+    door = ap.add_mutually_exclusive_group(required=True)
+    door.add_argument("--checkpoint", help="checkpoint written by python -m export.train (our PFM)")
+    door.add_argument("--onnx", metavar="MODEL.onnx", help="an ONNX your own exporter wrote (needs --spec; no PyTorch)")
+    ap.add_argument("--spec", metavar="SPEC.json", help="the model spec (export/model_spec.py, README 'Bring your "
+                                                        "own model'): classes, roles, inputs, outputs")
+    ap.add_argument("--reference-inputs", metavar="I.json", help="with --onnx: polygraphy --save-inputs JSON")
+    ap.add_argument("--reference-outputs", metavar="O.json",
+                    help="with --onnx: your framework's outputs on those inputs (polygraphy --save-outputs JSON); "
+                         "parity is checked against them. Without them the manifest says there is no reference")
     ap.add_argument("--out", required=True, help="bundle directory to create (replaced atomically)")
-    ap.add_argument("--opset", type=int, default=17)
+    ap.add_argument("--opset", type=int, default=17, help="--checkpoint: the opset to export")
     ap.add_argument("--max-batch", type=int, default=8, help="largest batch the device engine profile covers")
     ap.add_argument("--parity-pairs", type=int, default=64, help="pairs in the parity set (half random, half scenes)")
     ap.add_argument("--map-classes", metavar="A,B",
@@ -25,14 +34,25 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from edge_pfm.errors import run_command
     from edge_pfm.lesion import parse_map_classes
-    from export.bundle_export import export_bundle
 
     if args.max_batch < 1:
         ap.error("--max-batch must be >= 1")
+    if args.onnx and not args.spec:
+        ap.error("--onnx needs --spec SPEC.json: the runtime must not guess classes or preprocessing")
+    if args.checkpoint and (args.spec or args.reference_inputs or args.reference_outputs):
+        ap.error("--spec and --reference-* go with --onnx; a checkpoint carries its own spec")
     half = max(1, args.parity_pairs // 2)
     map_classes = None if args.map_classes is None else parse_map_classes(args.map_classes)
 
     def command() -> None:
+        if args.onnx:
+            from export.onnx_door import bundle_from_onnx  # no torch on this door
+
+            bundle_from_onnx(args.onnx, args.spec, args.out, args.max_batch, args.reference_inputs,
+                             args.reference_outputs)
+            return
+        from export.bundle_export import export_bundle
+
         export_bundle(args.checkpoint, args.out, args.opset, args.max_batch, half, args.parity_pairs - half,
                       map_classes=map_classes)
 

@@ -13,7 +13,8 @@ from export.artifact_check import check_artifact, summary_line
 from export.checkpoint import library_versions, load_checkpoint
 from export.onnx_export import onnx_from_torch
 from export.onnx_graph import BATCH_DIM, LESION_MAP, OUTPUT_NAME, ExportError, check_graph, save_onnx
-from export.parity import parity_feeds, report_markdown, run_parity
+from export.parity import report_markdown, run_parity
+from export.parity_feeds import parity_feeds
 
 
 def _log(msg: str) -> None:

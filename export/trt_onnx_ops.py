@@ -24,8 +24,8 @@ Sub Sum Tan Tanh ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Wh
 TRT10_ONLY = frozenset({"Gelu"})
 
 # Supported, but not in a deployable PFM graph: ScatterND means in-place slice assignment leaked
-# into the export (slow on TensorRT/ORT); BatchNormalization means Conv+BN folding did not happen.
+# into the export (slow on TensorRT/ORT). BatchNormalization is allowed: TensorRT parses it; the ONNX door folds
+# the ones after a Conv, and only those after a Linear or an Add stay.
 FORBIDDEN_OPS = {
     "ScatterND": "in-place slice assignment was exported; write PConv as split + concat",
-    "BatchNormalization": "BatchNorm was not folded into Conv; export in eval mode with constant folding",
 }
