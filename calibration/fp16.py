@@ -14,6 +14,22 @@ from pathlib import Path
 FP32_OPS = ("LayerNormalization",)
 
 
+def shape_subgraph_nodes(model) -> list[str]:
+    """Nodes that compute from a Shape (a transformer's attention scale 1/sqrt(head_dim), reshape targets), and
+    the nodes where such a value meets the feature maps. The float16 converter mistypes these (it retypes the
+    float32 a Cast produces there), so they stay float32, with casts at their edges."""
+    inits = {i.name for i in model.graph.initializer}
+    tainted = {o for n in model.graph.node if n.op_type == "Shape" for o in n.output}
+    nodes = []
+    for n in model.graph.node:
+        ins = [i for i in n.input if i]
+        if any(i in tainted for i in ins):
+            nodes.append(n.name)
+            if all(i in tainted or i in inits for i in ins):  # wholly shape-derived: so are its outputs
+                tainted.update(n.output)
+    return nodes
+
+
 def fp16_model(onnx_path: str | Path):
     """-> onnx.ModelProto: the FP32 model typed FP16 inside, float32 I/O."""
     import onnx
@@ -23,9 +39,15 @@ def fp16_model(onnx_path: str | Path):
 
     float16 = require("onnxconverter_common.float16", "writing model.fp16.onnx")
     model = onnx.load(str(onnx_path))
-    half = float16.convert_float_to_float16(model, keep_io_types=True,
-                                            op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, *FP32_OPS])
-    half = topological_sort(half)
+    ops = [*float16.DEFAULT_OP_BLOCK_LIST, *FP32_OPS]
+    half = topological_sort(float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=ops))
+    try:
+        onnx.checker.check_model(half, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
+        # the converter mistyped shape arithmetic (seen on nn.TransformerEncoderLayer): keep that part float32
+        half = topological_sort(float16.convert_float_to_float16(
+            onnx.load(str(onnx_path)), keep_io_types=True, op_block_list=ops,
+            node_block_list=shape_subgraph_nodes(model)))
     half.ir_version = model.ir_version
     half.producer_name, half.producer_version = model.producer_name, model.producer_version
     return half

@@ -1,5 +1,6 @@
 """python -m export --checkpoint CKPT --out BUNDLE_DIR [--opset 17] [--max-batch N] [--map-classes lsil,hsil]
 python -m export --onnx MODEL.onnx --spec SPEC.json --out BUNDLE_DIR [--reference-inputs I.json --reference-outputs O.json]
+python -m export --model FILE.py:FACTORY --weights W.pt --spec SPEC.json --out BUNDLE_DIR
 
 Exports a PFM checkpoint to a verified ONNX bundle: model.onnx (symbolic batch), manifest.json,
 parity report (PyTorch vs ONNX Runtime CPU). Nothing is written unless every check passes.
@@ -18,6 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     door = ap.add_mutually_exclusive_group(required=True)
     door.add_argument("--checkpoint", help="checkpoint written by python -m export.train (our PFM)")
     door.add_argument("--onnx", metavar="MODEL.onnx", help="an ONNX your own exporter wrote (needs --spec; no PyTorch)")
+    door.add_argument("--model", metavar="FILE.py:FACTORY",
+                      help="your own nn.Module: FILE.py:FACTORY or package.module:FACTORY, called with the spec's "
+                           "model_args (THIS IMPORTS AND RUNS YOUR CODE); needs --weights and --spec")
+    ap.add_argument("--weights", metavar="W.pt", help="with --model: a state_dict (or a dict holding one), loaded "
+                                                      "with weights_only=True, strict")
     ap.add_argument("--spec", metavar="SPEC.json", help="the model spec (export/model_spec.py, README 'Bring your "
                                                         "own model'): classes, roles, inputs, outputs")
     ap.add_argument("--reference-inputs", metavar="I.json", help="with --onnx: polygraphy --save-inputs JSON")
@@ -37,10 +43,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.max_batch < 1:
         ap.error("--max-batch must be >= 1")
-    if args.onnx and not args.spec:
-        ap.error("--onnx needs --spec SPEC.json: the runtime must not guess classes or preprocessing")
-    if args.checkpoint and (args.spec or args.reference_inputs or args.reference_outputs):
-        ap.error("--spec and --reference-* go with --onnx; a checkpoint carries its own spec")
+    if (args.onnx or args.model) and not args.spec:
+        ap.error("--onnx and --model need --spec SPEC.json: the runtime must not guess classes or preprocessing")
+    if args.model and not args.weights:
+        ap.error("--model needs --weights W.pt")
+    if args.checkpoint and (args.spec or args.reference_inputs or args.reference_outputs or args.weights):
+        ap.error("--spec, --weights and --reference-* go with --onnx or --model; a checkpoint carries its own spec")
+    if args.model and (args.reference_inputs or args.reference_outputs):
+        ap.error("--reference-* go with --onnx; with --model, parity is checked against your module itself")
     half = max(1, args.parity_pairs // 2)
     map_classes = None if args.map_classes is None else parse_map_classes(args.map_classes)
 
@@ -50,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
 
             bundle_from_onnx(args.onnx, args.spec, args.out, args.max_batch, args.reference_inputs,
                              args.reference_outputs)
+            return
+        if args.model:
+            from export.model_door import bundle_from_model
+
+            bundle_from_model(args.model, args.weights, args.spec, args.out, args.max_batch, args.opset,
+                              args.parity_pairs)
             return
         from export.bundle_export import export_bundle
 

@@ -251,6 +251,9 @@ def _reference_parity(onnx_path: Path, spec: ModelSpec, inputs_json: Path, outpu
     import onnxruntime as ort
     from polygraphy.comparator import RunResults
     from polygraphy.json import load_json
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR
 
     try:
         feeds = load_json(str(inputs_json))
@@ -281,8 +284,10 @@ def _reference_parity(onnx_path: Path, spec: ModelSpec, inputs_json: Path, outpu
 
 
 def bundle_from_onnx(onnx_path: str | Path, spec: ModelSpec | str | Path, out: str | Path, max_batch: int = 8,
-                     reference_inputs: str | Path | None = None, reference_outputs: str | Path | None = None) -> dict:
-    """Write a bundle to `out` from a team's ONNX; nothing is left at `out` unless every check passed. -> manifest."""
+                     reference_inputs: str | Path | None = None, reference_outputs: str | Path | None = None,
+                     provenance: dict | None = None) -> dict:
+    """Write a bundle to `out` from a team's ONNX; nothing is left at `out` unless every check passed. -> manifest.
+    provenance: what the bundle came from, when not a bare ONNX (the model door's module and weights)."""
     import onnx
 
     onnx_path = Path(onnx_path)
@@ -332,7 +337,8 @@ def bundle_from_onnx(onnx_path: str | Path, spec: ModelSpec | str | Path, out: s
                        "meaning": "per-cell lesion probability (the team's map head); shown only once measured"}]
         manifest = {
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
-            "model": {"family": spec.family, "source": "user-onnx", "classes": list(spec.classes),
+            "model": {"family": spec.family, "source": (provenance or {}).get("source", "user-onnx"),
+                      "classes": list(spec.classes),
                       "roles": spec.roles.to_dict()},
             "inputs": [{"name": m, "modality": m, "shape": [BATCH_DIM, *spec.preprocessing[m].input_shape],
                         "dtype": "float32", "preprocessing": spec.preprocessing[m].to_dict(),
@@ -350,6 +356,7 @@ def bundle_from_onnx(onnx_path: str | Path, spec: ModelSpec | str | Path, out: s
                 "ir_version": graph["ir_version"],
                 "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "training": {},  # unknown: synthetic calibration data is not assumed to fit
+                **(provenance or {}),
             },
             "parity": {k: parity[k] for k in ("reference", "pairs", "max_abs_diff", "top1_agreement", "passed", "note")
                        if k in parity},

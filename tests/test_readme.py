@@ -24,7 +24,7 @@ def test_readme_has_the_two_commands_first():
 @pytest.mark.slow
 def test_readme_quickstart_runs_literally(tmp_path):
     blocks = runnable_blocks()
-    assert len(blocks) >= 2
+    assert len(blocks) >= 3
     bindir = Path(sys.executable).parent  # the README says .venv/bin/: the interpreter running these tests
     for block in blocks:
         script = block.replace(".venv/bin/", f"{bindir}/")
@@ -35,3 +35,6 @@ def test_readme_quickstart_runs_literally(tmp_path):
     # INT8 was either accepted, or refused by the gate with its report kept beside the bundle
     assert (bundle / "model.int8.onnx").is_file() or (ROOT / "build/quickstart/bundle.int8-rejected/accuracy.md").is_file()
     assert (ROOT / "build/quickstart/decisions.jsonl").stat().st_size > 0
+    import json  # bring your own model: the example team model through --model
+    byo = json.loads((ROOT / "build/byo/bundle/manifest.json").read_text())
+    assert byo["model"]["source"] == "user-model" and byo["parity"]["passed"] is True
