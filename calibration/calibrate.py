@@ -121,6 +121,18 @@ def pair_digest(pair) -> str:
     return h.hexdigest()
 
 
+def require_synthetic_training(bundle: Bundle, what: str) -> None:
+    """Synthetic scenes calibrate and measure only a model trained on them (the provenance says so); a model
+    trained on real images, or one whose training nobody recorded (a team's ONNX), needs its own data."""
+    trained_on = str(bundle.manifest.get("provenance", {}).get("training", {}).get("data", ""))
+    if not trained_on.startswith("synthetic:"):
+        raise CalibrationError(
+            f"{what} uses synthetic scenes, but {bundle.root} was trained on "
+            f"{trained_on or 'data its manifest does not record'}: synthetic ranges and accuracy would say nothing "
+            "about it. Calibrate on pairs from your cameras (--data DIR) and evaluate on a labelled held-out set "
+            "(--eval DIR)")
+
+
 def lesion_map_entry(entry: dict, map_classes: tuple[str, ...], report: dict | None, eval_source: str) -> dict:
     """The manifest's lesion_map output after calibration: the classes that show it, and the held-out
     measurement of each precision's map where the held-out pairs had masks (else the earlier measurements stay;
@@ -154,6 +166,9 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
         raise CalibrationError(f"--map-classes: {bundle.root} has no lesion-map output (its model was trained "
                                "without lesion masks)")
     fp32 = bundle.model_path("fp32")
+    if plan.data is None or plan.eval is None:
+        require_synthetic_training(bundle, "calibration (--synthetic)" if plan.data is None else
+                                   "the held-out set (--eval-synthetic)")
     _log(f"[1/5] calibration data ({plan.data or 'synthetic'})")
     if plan.data is None:
         calib = synthetic_pairs(min(plan.synthetic, plan.samples), plan.seed, plan.resolution, classes)
