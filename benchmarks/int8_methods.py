@@ -59,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     from edge_pfm.config import parse_size
     from export import train
     from export.__main__ import main as export
-    from export.quant_scheme import KEEP_FLOAT_NODES
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     models.update({"ptq": ptq / "model.onnx", "ptq_int8": ptq / "model.int8.onnx"})
     # the same ranges and placement with int32 biases: the Q/DQ this project wrote before TensorRT checked it
     amax = json.loads((ptq / "calibration.json").read_text())["amax"]
-    quantize_qdq(ptq / "model.onnx", amax, out / "ptq_int32_bias.onnx", keep_float=KEEP_FLOAT_NODES, int32_biases=True)
+    quantize_qdq(ptq / "model.onnx", amax, out / "ptq_int32_bias.onnx", int32_biases=True)
     rows["PTQ, int32 biases (before: TensorRT refuses it)"] = {"seconds": seconds, "fp32": "ptq", "int8": "ptq_i32"}
     models["ptq_i32"] = out / "ptq_int32_bias.onnx"
 

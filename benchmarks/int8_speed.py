@@ -34,7 +34,6 @@ def main() -> int:
     from calibration.data import PairReader, synthetic_pairs
     from calibration.qdq import quantize_qdq
     from calibration.ranges import compute_ranges
-    from export.quant_scheme import KEEP_FLOAT_NODES
 
     tmp = Path(tempfile.mkdtemp())
     if args.bundle:
@@ -55,7 +54,7 @@ def main() -> int:
         onnx.save_model(onnx_from_torch(create_model(args.variant).eval()), str(fp32))
         specs, names = default_preprocessing(args.variant), {"white_light": "white_light", "fluorescence": "fluorescence"}
         reader = PairReader(synthetic_pairs(64, 1, (640, 360)), specs, names)
-        quantize_qdq(fp32, compute_ranges(fp32, reader, "percentile"), int8, keep_float=KEEP_FLOAT_NODES)
+        quantize_qdq(fp32, compute_ranges(fp32, reader, "percentile"), int8)
         label = f"{args.variant} (untrained weights, calibrated on 64 synthetic pairs)"
     feed = PairReader(synthetic_pairs(1, 7, (640, 360)), specs, names).get_next()
     rows, res = [], {}

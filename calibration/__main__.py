@@ -23,7 +23,7 @@ from calibration.ranges import METHODS
 from edge_pfm.config import parse_size
 from edge_pfm.errors import run_command
 from edge_pfm.lesion import parse_map_classes
-from export.quant_scheme import KEEP_FLOAT_NODES, PERCENTILE
+from export.quant_scheme import PERCENTILE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: the bundle's qat_ranges.json where quantized (QAT checkpoint), else PTQ ranges")
     ap.add_argument("--trt-version", default="10.3", help="TensorRT the cache targets (JetPack 6.1/6.2: 10.3)")
     ap.add_argument("--resolution", type=parse_size, default=(1280, 720), help="synthetic camera resolution WxH")
-    ap.add_argument("--keep-float", nargs="*", default=list(KEEP_FLOAT_NODES),
-                    help="node-name substrings kept in float (default: each branch's stem conv)")
+    ap.add_argument("--keep-float", nargs="*", default=[],
+                    help="node-name substrings kept in float, beyond each input's first conv (always float)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--allow-degraded", action="store_true", help="write the INT8 model even if the gate fails")
     ap.add_argument("--map-classes", metavar="A,B",

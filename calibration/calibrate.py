@@ -43,7 +43,6 @@ from edge_pfm.lesion import check_map_classes, map_measurement, map_verdict
 from export.artifact_check import check_artifact, summary_line
 from export.onnx_graph import save_onnx
 from export.progress import log as _log
-from export.quant_scheme import KEEP_FLOAT_NODES
 
 FP16_METHOD = ("model.fp16.onnx run on ONNX Runtime CPU (FP16-typed graph, float32 I/O, LayerNormalization in "
                "float32; ORT computes FP16 ops without a CPU kernel in float32 between FP16 tensors)")
@@ -74,7 +73,7 @@ class CalibrationPlan:
     eval_resolution: tuple[int, int] | None = None  # default: resolution
     ranges: str = "auto"  # auto | ptq | qat
     trt_version: str = "10.3"  # the TensorRT the cache targets (JetPack 6.1/6.2)
-    keep_float: tuple[str, ...] = KEEP_FLOAT_NODES
+    keep_float: tuple[str, ...] = ()  # node-name substrings kept float, beyond each input's first conv
     seed: int = 1
     allow_degraded: bool = False  # write the INT8 model even if the gate refuses it
     map_classes: tuple[str, ...] | None = None  # default: the bundle's, else lsil, hsil

@@ -1,8 +1,8 @@
 """The INT8 quantization scheme, defined once: what the Q/DQ model quantizes (calibration.qdq) and what QAT
 fake-quantizes (export.qat) read it here, so the two can never drift apart. ONNX-only, no torch.
 
-- Conv inputs and weights are quantized (int8 symmetric; weights per output channel), except each branch's
-  stem conv, which sees raw pixels and stays float;
+- Conv inputs and weights are quantized (int8 symmetric; weights per output channel), except each input's first
+  conv (a branch's stem: it sees raw pixels), found from the graph, so a team's model needs no naming rule;
 - the Adds that close a FasterNet block or a channel gate are quantized (both inputs), so TensorRT fuses them;
 - Softmax, LayerNormalization, Sigmoid and Erf (GELU) stay float: INT8 there costs accuracy and saves nothing;
 - activation ranges clip at the 99.999th percentile of |x| (PTQ and QAT alike).
@@ -15,10 +15,8 @@ QUANTIZABLE_OPS = ("Conv", "MatMul", "Gemm")
 # saves < 2 % of the FLOPs, so by default only convolutions are quantized.
 DEFAULT_QUANTIZED_OPS = ("Conv",)
 FLOAT_OPS = ("Softmax", "LayerNormalization", "Sigmoid", "Erf")
-# the stems stay float: ONNX node names carry the module path with "/" (torch.onnx), modules with "."
-STEM = "stem"
-KEEP_FLOAT_NODES = (f"/{STEM}/",)
-KEEP_FLOAT_MODULES = (f".{STEM}.",)
+# QAT works on our PyTorch modules, where the stems are named: the same convs input_convs finds in the graph
+KEEP_FLOAT_MODULES = (".stem.",)
 
 
 def residual_adds(model) -> list[str]:
@@ -34,6 +32,30 @@ def residual_adds(model) -> list[str]:
     return names
 
 
-def quantized_conv_nodes(model, keep_float: tuple[str, ...] = KEEP_FLOAT_NODES) -> list:
+def input_convs(model) -> list[str]:
+    """The first Conv reached from each graph input (through slicing, casts, elementwise ops): the convs that see
+    raw pixels, kept float. Node names as in the graph (unnamed nodes are named by quantize_qdq first)."""
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    found: list[str] = []
+    for graph_input in model.graph.input:
+        seen, frontier = set(), [graph_input.name]
+        while frontier:
+            tensor = frontier.pop(0)
+            for n in readers.get(tensor, []):
+                if id(n) in seen:
+                    continue
+                seen.add(id(n))
+                if n.op_type == "Conv":
+                    found.append(n.name) if n.name not in found else None
+                else:
+                    frontier.extend(n.output)
+    return found
+
+
+def quantized_conv_nodes(model) -> list:
     """The Conv nodes the scheme quantizes, in graph order."""
-    return [n for n in model.graph.node if n.op_type == "Conv" and not any(k in n.name for k in keep_float)]
+    keep = set(input_convs(model))
+    return [n for n in model.graph.node if n.op_type == "Conv" and n.name not in keep]

@@ -309,3 +309,16 @@ def test_qat_ranges_go_through_the_same_writers(tiny_checkpoint, tmp_path):
     for name in conv_inputs:
         assert scales[name] == pytest.approx(qat[name] / 127, rel=1e-6)
         assert cache.amax[name] == pytest.approx(qat[name], rel=1e-6)
+
+
+def test_each_inputs_first_conv_is_found_from_the_graph(tiny_bundle):
+    """The float stems come from the graph's structure, not our layer names: on PFM they are the two stem convs."""
+    import onnx
+
+    from export.quant_scheme import input_convs, quantized_conv_nodes
+
+    model = onnx.load(str(tiny_bundle / "model.onnx"))
+    first = input_convs(model)
+    assert len(first) == 2 and all("/stem/" in n for n in first)
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    assert [n.name for n in quantized_conv_nodes(model)] == [c for c in convs if c not in first]
