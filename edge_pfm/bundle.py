@@ -13,14 +13,13 @@
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edge_pfm.errors import EdgePfmError
-from edge_pfm.fileio import atomic_write_json, sha256_file
+from edge_pfm.fileio import atomic_write_json, read_json, sha256_file
 from edge_pfm.preprocess import PreprocessSpec
 from edge_pfm.roles import ClassRoles, RolesError
 
@@ -75,10 +74,7 @@ class Bundle:
             raise BundleError(f"bundle {root} is not a directory; {_fix(root)}")
         if not mpath.is_file():
             raise BundleError(f"{mpath} is missing: {root} is not a bundle; {_fix(root)}")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BundleError(f"{mpath} is not valid JSON ({exc}); {_fix(root)}") from exc
+        manifest = read_json(mpath, BundleError, _fix(root))
         try:
             cls.validate_manifest(manifest, mpath)
         except BundleError:

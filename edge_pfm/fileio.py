@@ -108,3 +108,12 @@ def atomic_directory(final: str | os.PathLike, *, replace: bool = True) -> Itera
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json(path: str | os.PathLike, error: type[Exception], hint: str = "") -> Any:
+    """Parse a JSON file, or raise `error` naming the file (and `hint`: what to do about it)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc}){'; ' + hint if hint else ''}") from exc

@@ -20,13 +20,13 @@ No torch: the ONNX door reads it too. Every error names the key.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge_pfm.bundle import MODALITIES
 from edge_pfm.errors import EdgePfmError
+from edge_pfm.fileio import read_json
 from edge_pfm.preprocess import PreprocessSpec
 from edge_pfm.roles import ClassRoles, RolesError
 
@@ -65,11 +65,7 @@ class ModelSpec:
         p = Path(path)
         if not p.is_file():
             raise SpecError(f"spec file {p} does not exist; write one (see export/model_spec.py or the README)")
-        try:
-            d = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SpecError(f"{p} is not valid JSON ({exc})") from exc
-        return cls.from_dict(d, str(p))
+        return cls.from_dict(read_json(p, SpecError), str(p))
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "spec") -> ModelSpec:
