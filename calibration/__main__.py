@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan_from_args(args: argparse.Namespace) -> CalibrationPlan:
     return CalibrationPlan(
-        data=args.data, synthetic=args.synthetic or 512, samples=args.samples, method=args.method, eval=args.eval,
+        data=args.data, synthetic=args.synthetic or CalibrationPlan.synthetic, samples=args.samples, method=args.method, eval=args.eval,
         eval_synthetic=args.eval_synthetic, resolution=args.resolution, eval_resolution=args.eval_resolution,
         ranges=args.ranges, trt_version=args.trt_version, keep_float=tuple(args.keep_float), seed=args.seed,
         allow_degraded=args.allow_degraded,

@@ -31,6 +31,7 @@ from export.onnx_graph import (
     OUTPUT_NAME,
     ExportError,
     check_graph,
+    default_opset,
     save_onnx,
 )
 from export.parity_feeds import TOLERANCE, parity_feeds
@@ -42,15 +43,11 @@ MIN_OPSET, MAX_OPSET = 13, 20
 SPEC_METADATA_KEY = "edge_pfm.spec"
 
 
-def _opset(proto) -> int:
-    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-
-
 def convert_opset(proto, path: Path):
     """Bring the default-domain opset into [MIN_OPSET, MAX_OPSET] (onnx.version_converter), or refuse."""
     import onnx
 
-    have = _opset(proto)
+    have = default_opset(proto)
     if MIN_OPSET <= have <= MAX_OPSET:
         return proto
     target = min(max(have, 17), MAX_OPSET)
@@ -214,7 +211,7 @@ def adapt_graph(proto, spec: ModelSpec, path: Path):
                           f"{list(spec.classes)}: fix the spec's classes or the model's head")
     del proto.metadata_props[:]
     proto.metadata_props.add(key=SPEC_METADATA_KEY, value=json.dumps(spec.raw, sort_keys=True))
-    proto.ir_version = IR_VERSION_FOR_OPSET.get(_opset(proto), proto.ir_version)
+    proto.ir_version = IR_VERSION_FOR_OPSET.get(default_opset(proto), proto.ir_version)
     proto.producer_name = proto.producer_name or "unknown"
     return proto
 
@@ -236,9 +233,10 @@ def _smoke(onnx_path: Path, spec: ModelSpec) -> tuple[dict, list[dict[str, np.nd
                                   f"{f[MODALITIES[0]].shape[0]}: the batch is not consistent")
     batch = feeds[1]
     worst = 0.0
+    together = sess.run(None, batch)
     for r in range(batch[MODALITIES[0]].shape[0]):
         alone = sess.run(None, {m: batch[m][r:r + 1] for m in MODALITIES})
-        worst = max(worst, *(float(np.abs(a[0] - b[r]).max()) for a, b in zip(alone, sess.run(None, batch))))
+        worst = max(worst, *(float(np.abs(a[0] - b[r]).max()) for a, b in zip(alone, together)))
     if worst > TOLERANCE["max_abs_diff"]:
         raise ExportError(f"{onnx_path}: a pair's outputs differ by {worst:.2e} between batch 1 and batch "
                           f"{batch[MODALITIES[0]].shape[0]}: the graph mixes or freezes the batch; re-export with a "

@@ -60,6 +60,11 @@ def op_census(proto) -> collections.Counter:
     return collections.Counter(n.op_type for n in proto.graph.node)
 
 
+def default_opset(proto) -> int:
+    """The version of the default (ai.onnx) operator set the graph imports."""
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def check_graph(proto, require_dynamic_batch: bool = True) -> dict:
     """Full ONNX check + TensorRT deployability. Raises ExportError; returns facts for the report."""
     import onnx
@@ -86,7 +91,7 @@ def check_graph(proto, require_dynamic_batch: bool = True) -> dict:
     if problems:
         raise ExportError("graph is not deployable on TensorRT:\n  - " + "\n  - ".join(problems))
     return {"op_census": dict(sorted(census.items())), "nodes": sum(census.values()),
-            "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+            "opset": default_opset(proto),
             "ir_version": proto.ir_version}
 
 

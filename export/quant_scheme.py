@@ -48,10 +48,10 @@ def input_convs(model) -> list[str]:
                 if id(n) in seen:
                     continue
                 seen.add(id(n))
-                if n.op_type == "Conv":
-                    found.append(n.name) if n.name not in found else None
-                else:
+                if n.op_type != "Conv":
                     frontier.extend(n.output)
+                elif n.name not in found:
+                    found.append(n.name)
     return found
 
 
