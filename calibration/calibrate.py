@@ -43,6 +43,7 @@ from edge_pfm.lesion import check_map_classes, map_measurement, map_verdict
 from export.artifact_check import check_artifact, summary_line
 from export.onnx_graph import save_onnx
 from export.progress import log as _log
+from export.quant_scheme import DEFAULT_QUANTIZED_OPS, QAT_QUANTIZED_OPS
 
 FP16_METHOD = ("model.fp16.onnx run on ONNX Runtime CPU (FP16-typed graph, float32 I/O, LayerNormalization in "
                "float32; ORT computes FP16 ops without a CPU kernel in float32 between FP16 tensors)")
@@ -201,7 +202,7 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
     specs, names = bundle.preprocessing, bundle.input_names
     _log(f"[2/5] activation ranges ({plan.method}, symmetric) over {len(calib)} pairs on the FP32 graph")
     amax = compute_ranges(fp32, PairReader(calib, specs, names, progress="calibrating"), plan.method)
-    ranges_used = "ptq"
+    ranges_used, quantized_ops = "ptq", DEFAULT_QUANTIZED_OPS
     if plan.ranges == "qat" and not bundle.has("qat_ranges.json"):
         raise CalibrationError(f"--ranges qat: {bundle.root} has no qat_ranges.json; export a checkpoint trained with "
                                "--qat-epochs (python -m export.train ... --qat-epochs 3)")
@@ -213,6 +214,7 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
                                    "re-export the QAT checkpoint")
         amax.update(qat)  # the quantized tensors take the ranges QAT trained under
         ranges_used = f"qat ({len(qat)} quantized tensors) + {plan.method} (the rest, for the cache)"
+        quantized_ops = QAT_QUANTIZED_OPS  # what QAT trained on the int8 grid (export.quant_scheme)
         _log(f"      {ranges_used}")
     cache = CalibrationCache(trt_int, "EntropyCalibration2", amax)
 
@@ -220,7 +222,8 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
         with atomic_directory(bundle.root) as tmp:
             shutil.copytree(bundle.root, tmp, dirs_exist_ok=True)
             _log("[3/5] INT8 Q/DQ model and TensorRT calibration cache from the same ranges; FP16-typed model")
-            quantize_qdq(fp32, amax, tmp / "model.int8.onnx", keep_float=tuple(plan.keep_float))
+            quantize_qdq(fp32, amax, tmp / "model.int8.onnx", op_types=quantized_ops,
+                         keep_float=tuple(plan.keep_float))
             save_onnx(fp16_model(fp32), tmp / "model.fp16.onnx")
             atomic_write_text(tmp / "calibration.cache", cache.to_text())
             atomic_write_json(tmp / "calibration.json", {"method": plan.method, "ranges": ranges_used, "symmetric": True,
@@ -267,7 +270,7 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
                 "data_sha256": data_hash,
                 "source": calib_source, "trt_version": plan.trt_version, "trt_version_int": trt_int,
                 "cache_header": f"TRT-{trt_int}-EntropyCalibration2", "tensors": len(amax),
-                "keep_float": list(plan.keep_float),
+                "quantized_ops": list(quantized_ops), "keep_float": list(plan.keep_float),
                 "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             }
             manifest["accuracy"] = {name: {k: results[name][k] for k in (

@@ -2,7 +2,7 @@
 
 Placement follows the scheme in export.quant_scheme (which QAT reads too), written the way TensorRT's
 explicit-quantization rules want it:
-- int8 symmetric per-tensor activations, int8 symmetric per-output-channel weights;
+- int8 symmetric per-tensor activations, int8 symmetric per-output-channel weights (Conv, MatMul, Gemm);
 - biases stay float: TensorRT's parser refuses an int32 DequantizeLinear (NVIDIA/TensorRT#3360),
   which onnxruntime's quantizer writes by default; zero points are int8 0 (symmetric);
 - nodes are topologically sorted (the quantizer appends its Q/DQ nodes out of order).
@@ -43,8 +43,8 @@ def quantize_qdq(onnx_path: str | Path, amax: dict[str, float], out_path: str | 
     quantizer = QDQQuantizer(
         model, per_channel=True, reduce_range=False, weight_qType=QuantType.QInt8, activation_qType=QuantType.QInt8,
         tensors_range=ranges, nodes_to_quantize=nodes, nodes_to_exclude=[], op_types_to_quantize=[*op_types, "Add"],
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": int32_biases,
-                       "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1, "Gemm": 0}},
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": int32_biases},
+        # per-channel weight axes: onnxruntime's own (MatMul 1, the output columns; Gemm by its transB)
     )
     qmodel = topological_sort(quantizer.quantize_model())
     qmodel.ir_version = model.ir_version

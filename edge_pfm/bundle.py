@@ -185,15 +185,27 @@ class Bundle:
                  f"  model    {m['model'].get('variant', '?')}  classes {', '.join(self.classes)}"]
         for i in m["inputs"]:
             p = i["preprocessing"]
-            lines.append(f"  input    {i['name']} {i['shape']} {i['dtype']}  {p['colour_order']} {p['resize']} "
-                         f"mean={p['mean']} std={p['std']}")
+            crop = f" crop_pct={p['crop_pct']}" if p.get("crop_pct", 1.0) != 1.0 else ""
+            lines.append(f"  input    {i['name']} {i['shape']} {i['dtype']}  {p['colour_order']} {p['resize']}{crop} "
+                         f"{p.get('interpolation', 'INTER_AREA')} mean={p['mean']} std={p['std']}")
         for name, a in m["artifacts"].items():
             lines.append(f"  artifact {name:22s} {a['sha256'][:16]}  {a.get('bytes', '?')} bytes")
         if "parity" in m:
-            lines.append(f"  parity   max|dlogit| {m['parity'].get('max_abs_diff')}  top-1 {m['parity'].get('top1_agreement')}")
+            p = m["parity"]
+            lines.append(f"  parity   max|dlogit| {p.get('max_abs_diff')}  top-1 {p.get('top1_agreement')}"
+                         if "max_abs_diff" in p else f"  parity   not checked: {p.get('note', 'no reference')}")
+        check = m.get("preprocessing_check")
+        if check:
+            diffs = ", ".join(f"{k} {v['mean_abs_grey_levels']:.2f}" for k, v in check["modalities"].items())
+            lines.append(f"  preproc  checked against the team's tensors on {check['pairs']} pairs: mean difference "
+                         f"{diffs} grey levels, model top-1 agreement {check['top1_agreement']:.2%}")
+        elif m["model"].get("source", "").startswith("user-"):
+            lines.append("  preproc  not checked against the team's pipeline (python -m export ... --check-preprocessing DIR)")
         if "calibration" in m:
             c = m["calibration"]
-            lines.append(f"  int8     {c.get('method')} on {c.get('samples')} samples, TensorRT {c.get('trt_version')}")
+            ops = "/".join(c.get("quantized_ops", ["Conv"]))
+            lines.append(f"  int8     {ops} quantized, {c.get('method')} ranges on {c.get('samples')} samples, "
+                         f"TensorRT {c.get('trt_version')}")
         return "\n".join(lines)
 
 

@@ -25,6 +25,8 @@ class PreprocessSpec:
     channels: 3 (colour, fed as `colour_order`) or 1 (monochrome: BGR frames are converted to grey).
     resize: "center_crop" crops the centre to the input's aspect ratio, then resizes
         (the cervix sits in the middle of a colposcope frame); "stretch" resizes the whole frame.
+    crop_pct: with center_crop, the fraction of that centred box kept (timm's crop_pct: torchvision's
+        Resize(size / crop_pct) then CenterCrop(size) sees the central crop_pct of the short side); 1.0 keeps it all.
     mean/std: per channel, applied to pixel/255 in `colour_order`.
     """
 
@@ -33,6 +35,7 @@ class PreprocessSpec:
     colour_order: str = "RGB"
     resize: str = "center_crop"
     interpolation: str = "INTER_AREA"
+    crop_pct: float = 1.0
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     layout: str = "NCHW"
@@ -47,6 +50,7 @@ class PreprocessSpec:
         object.__setattr__(self, "size", size)
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
+        object.__setattr__(self, "crop_pct", float(self.crop_pct))
         problems = []
         if len(size) != 2 or min(size) < 8:
             problems.append(f"size must be (height, width) >= 8, got {self.size}")
@@ -56,6 +60,9 @@ class PreprocessSpec:
             problems.append(f"colour_order must be RGB, BGR or GRAY, got {self.colour_order!r}")
         if self.resize not in RESIZE_POLICIES:
             problems.append(f"resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
+        if not 0.1 <= self.crop_pct <= 1.0 or (self.crop_pct != 1.0 and self.resize != "center_crop"):
+            problems.append(f"crop_pct must be in [0.1, 1] and goes with resize center_crop, got {self.crop_pct} "
+                            f"with {self.resize}")
         if self.interpolation not in ("INTER_AREA", "INTER_LINEAR"):
             problems.append(f"interpolation must be INTER_AREA or INTER_LINEAR, got {self.interpolation!r}")
         if len(mean) != self.channels or len(std) != self.channels or min(std, default=1) <= 0:
@@ -71,7 +78,14 @@ class PreprocessSpec:
 
     def field_of_view(self, h: int, w: int) -> tuple[int, int, int, int]:
         """The part of an (h, w) frame the model sees, (y0, y1, x0, x1): the centre crop, or the whole frame."""
-        return crop_box(h, w, *self.size) if self.resize == "center_crop" else (0, h, 0, w)
+        if self.resize != "center_crop":
+            return 0, h, 0, w
+        y0, y1, x0, x1 = crop_box(h, w, *self.size)
+        if self.crop_pct == 1.0:
+            return y0, y1, x0, x1
+        ch, cw = max(2, round((y1 - y0) * self.crop_pct)), max(2, round((x1 - x0) * self.crop_pct))
+        y0, x0 = y0 + (y1 - y0 - ch) // 2, x0 + (x1 - x0 - cw) // 2
+        return y0, y0 + ch, x0, x0 + cw
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -86,7 +100,7 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
-        known = {k: d[k] for k in ("size", "channels", "colour_order", "resize", "interpolation", "mean",
+        known = {k: d[k] for k in ("size", "channels", "colour_order", "resize", "interpolation", "crop_pct", "mean",
                                    "std", "layout", "dtype") if k in d}
         return cls(**known)
 

@@ -4,8 +4,9 @@ tokens, a head with a BatchNorm1d after a Linear (one that cannot fold into a co
 paired dataset layout. It exists to show the --model door:
 
     python examples/their_pfm.py --data DATASET --epochs 6 --out their.pt          # their training
+    python examples/their_pfm.py --data DATASET --conformance 32 --out conformance  # their tensors of 32 pairs
     python -m export --model examples/their_pfm.py:make_model --weights their.pt \\
-        --spec examples/their_pfm.spec.json --out bundle                           # edge-pfm takes it from here
+        --spec examples/their_pfm.spec.json --check-preprocessing conformance --out bundle   # edge-pfm from here
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 IMG = 96  # their input size (examples/their_pfm.spec.json says the same)
+MEANS = {"white": (0.485, 0.456, 0.406), "fluo": (0.5, 0.5, 0.5)}
+STDS = {"white": (0.229, 0.224, 0.225), "fluo": (0.25, 0.25, 0.25)}
 
 
 def branch(width: int) -> nn.Sequential:
@@ -68,13 +71,11 @@ def train(data: str, epochs: int, out: str, seed: int = 0) -> float:
 
     torch.manual_seed(seed)
     ds = PairedDataset(data)
-    means = {"white": (0.485, 0.456, 0.406), "fluo": (0.5, 0.5, 0.5)}
-    stds = {"white": (0.229, 0.224, 0.225), "fluo": (0.25, 0.25, 0.25)}
     w, f, y = [], [], []
     for i in range(len(ds)):
         wl, fl, label = ds.load(i)
-        w.append(their_preprocess(wl, means["white"], stds["white"]))
-        f.append(their_preprocess(fl, means["fluo"], stds["fluo"]))
+        w.append(their_preprocess(wl, MEANS["white"], STDS["white"]))
+        f.append(their_preprocess(fl, MEANS["fluo"], STDS["fluo"]))
         y.append(label)
     w, f, y = torch.from_numpy(np.stack(w)), torch.from_numpy(np.stack(f)), torch.tensor(y)
     perm = torch.randperm(len(y))
@@ -101,10 +102,40 @@ def train(data: str, epochs: int, out: str, seed: int = 0) -> float:
     return acc
 
 
+def write_conformance(data: str, out: str, n: int = 32) -> int:
+    """What their pipeline makes of `n` raw pairs, beside the raw pairs (edge-pfm's --check-preprocessing layout:
+    white/, fluorescence/, tensors/<sample>.npz). -> pairs written."""
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+
+    from edge_pfm.dataset import PairedDataset
+
+    ds = PairedDataset(data)
+    root = Path(out)
+    for sub in ("white", "fluorescence", "tensors"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    count = min(n, len(ds))
+    for i in range(count):
+        s = ds.samples[i]
+        wl, fl, _ = ds.load(i)
+        shutil.copyfile(s.white, root / "white" / s.white.name)
+        shutil.copyfile(s.fluorescence, root / "fluorescence" / s.fluorescence.name)
+        np.savez(root / "tensors" / f"{s.name}.npz", white=their_preprocess(wl, MEANS["white"], STDS["white"]),
+                 fluo=their_preprocess(fl, MEANS["fluo"], STDS["fluo"]))
+    return count
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
     ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True, help="the weights to write, or with --conformance the folder")
+    ap.add_argument("--conformance", type=int, metavar="N",
+                    help="instead of training: write N raw pairs and their pipeline's tensors to --out")
     a = ap.parse_args()
-    print(f"val accuracy {train(a.data, a.epochs, a.out):.3f}; wrote {a.out}")
+    if a.conformance:
+        print(f"wrote {write_conformance(a.data, a.out, a.conformance)} pairs and their tensors to {a.out}")
+    else:
+        print(f"val accuracy {train(a.data, a.epochs, a.out):.3f}; wrote {a.out}")

@@ -1,6 +1,7 @@
 """python -m export --checkpoint CKPT --out BUNDLE_DIR [--opset 17] [--max-batch N] [--map-classes lsil,hsil]
 python -m export --onnx MODEL.onnx --spec SPEC.json --out BUNDLE_DIR [--reference-inputs I.json --reference-outputs O.json]
 python -m export --model FILE.py:FACTORY --weights W.pt --spec SPEC.json --out BUNDLE_DIR
+  any door: [--check-preprocessing DIR]  (your pipeline's tensors against edge_pfm.preprocess)
 
 Exports a PFM checkpoint to a verified ONNX bundle: model.onnx (symbolic batch), manifest.json,
 parity report (PyTorch vs ONNX Runtime CPU). Nothing is written unless every check passes.
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference-outputs", metavar="O.json",
                     help="with --onnx: your framework's outputs on those inputs (polygraphy --save-outputs JSON); "
                          "parity is checked against them. Without them the manifest says there is no reference")
+    ap.add_argument("--check-preprocessing", metavar="DIR",
+                    help="raw pairs (white/, fluorescence/) beside the tensors your own pipeline made of them "
+                         "(tensors/<sample>.npz): edge_pfm.preprocess must make the same (mean difference <= 2 grey "
+                         "levels, model top-1 agreement not shown below 97 %%), else exit 2 naming the spec field to change")
     ap.add_argument("--out", required=True, help="bundle directory to create (replaced atomically)")
     ap.add_argument("--opset", type=int, default=17, help="--checkpoint: the opset to export")
     ap.add_argument("--max-batch", type=int, default=8, help="largest batch the device engine profile covers")
@@ -54,23 +59,31 @@ def main(argv: list[str] | None = None) -> int:
     half = max(1, args.parity_pairs // 2)
     map_classes = None if args.map_classes is None else parse_map_classes(args.map_classes)
 
-    def command() -> None:
+    def build(out) -> None:
         if args.onnx:
             from export.onnx_door import bundle_from_onnx  # no torch on this door
 
-            bundle_from_onnx(args.onnx, args.spec, args.out, args.max_batch, args.reference_inputs,
+            bundle_from_onnx(args.onnx, args.spec, out, args.max_batch, args.reference_inputs,
                              args.reference_outputs)
             return
         if args.model:
             from export.model_door import bundle_from_model
 
-            bundle_from_model(args.model, args.weights, args.spec, args.out, args.max_batch, args.opset,
+            bundle_from_model(args.model, args.weights, args.spec, out, args.max_batch, args.opset,
                               args.parity_pairs)
             return
         from export.bundle_export import export_bundle
 
-        export_bundle(args.checkpoint, args.out, args.opset, args.max_batch, half, args.parity_pairs - half,
+        export_bundle(args.checkpoint, out, args.opset, args.max_batch, half, args.parity_pairs - half,
                       map_classes=map_classes)
+
+    def command() -> None:
+        if args.check_preprocessing:
+            from export.preprocessing_check import export_checked
+
+            export_checked(args.out, args.check_preprocessing, build)
+        else:
+            build(args.out)
 
     return run_command(command)
 

@@ -10,8 +10,9 @@
      "outputs": {"logits": "logits", "lesion_map": null}}
 
 - `size` is [height, width]; `mean`/`std` apply to RGB (colour_order) pixels scaled to [0, 1]. Optional per input:
-  `colour_order` (RGB | BGR | GRAY, default RGB), `resize` (center_crop | stretch, default center_crop) and
-  `interpolation` (INTER_AREA | INTER_LINEAR, default INTER_AREA), in edge_pfm.preprocess's terms.
+  `colour_order` (RGB | BGR | GRAY, default RGB), `resize` (center_crop | stretch, default center_crop),
+  `crop_pct` (with center_crop, the central fraction kept, timm's crop_pct, default 1.0) and `interpolation`
+  (INTER_AREA | INTER_LINEAR, default INTER_AREA), in edge_pfm.preprocess's terms.
 - `outputs.lesion_map`: null, or {"name": ..., "kind": "probabilities" | "logits", "stride": 8}.
 - `roles` (optional, default ours by class name, edge_pfm.roles); `model_args` (optional) are passed to a
   `--model` factory; `call` is "positional" (model(white, fluo), the default) or "keyword" (by input name).
@@ -31,7 +32,7 @@ from edge_pfm.preprocess import PreprocessSpec
 from edge_pfm.roles import ClassRoles, RolesError
 
 SPEC_TAG = "edge-pfm/model-spec v1"
-INPUT_KEYS = {"name", "channels", "size", "mean", "std", "colour_order", "resize", "interpolation"}
+INPUT_KEYS = {"name", "channels", "size", "mean", "std", "colour_order", "resize", "interpolation", "crop_pct"}
 TOP_KEYS = {"spec", "classes", "roles", "inputs", "outputs", "model_args", "call", "family"}
 MAP_KINDS = ("probabilities", "logits")
 
@@ -114,6 +115,7 @@ class ModelSpec:
                                           colour_order=i.get("colour_order", "GRAY" if i["channels"] == 1 else "RGB"),
                                           resize=i.get("resize", "center_crop"),
                                           interpolation=i.get("interpolation", "INTER_AREA"),
+                                          crop_pct=i.get("crop_pct", 1.0),
                                           mean=tuple(i["mean"]), std=tuple(i["std"]))
             except (TypeError, ValueError) as exc:
                 raise fail(f"inputs.{m}", str(exc)) from None

@@ -1,0 +1,212 @@
+"""A team's own model all the way: examples/their_pfm.py exported by plain torch.onnx.export (legacy and dynamo, no
+hand edits) through the ONNX door, calibrated on their pairs in a process where torch cannot be imported, with
+attention and MLP layers in Int8; and the preprocessing conformance check against their own pipeline's tensors
+(passes as written, refuses a wrong spec field, names it, writes nothing). Real exports, real ONNX Runtime, real
+TensorRT-RTX builds, real files."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+SPEC = ROOT / "examples/their_pfm.spec.json"
+
+
+@pytest.fixture(scope="module")
+def their_pfm():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import their_pfm
+    finally:
+        sys.path.pop(0)
+    return their_pfm
+
+
+@pytest.fixture(scope="module")
+def their_data(tmp_path_factory):
+    from edge_pfm.synthetic import write_dataset
+
+    root = tmp_path_factory.mktemp("their_data")
+    return write_dataset(root / "data", 48, seed=21, size=(320, 240)), write_dataset(root / "heldout", 48, seed=22,
+                                                                                       size=(320, 240))
+
+
+@pytest.fixture(scope="module")
+def their_weights(their_pfm, tmp_path_factory):
+    torch.manual_seed(0)
+    model = their_pfm.make_model(4, 16)
+    with torch.no_grad():  # BatchNorm statistics that are not the identity, as after training
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    out = tmp_path_factory.mktemp("their_weights") / "their.pt"
+    torch.save({"state_dict": model.state_dict()}, out)
+    return out
+
+
+class LogitsOnly(torch.nn.Module):
+    """Their deployment export: the dict output's logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, white, fluo):
+        return self.model(white, fluo)["logits"]
+
+
+def _plain_export(their_pfm, weights, path, dynamo: bool):
+    model = their_pfm.make_model(4, 16)
+    model.load_state_dict(torch.load(weights, weights_only=True)["state_dict"])
+    x = (torch.randn(2, 3, 96, 96), torch.randn(2, 3, 96, 96))
+    names = {"input_names": ["white", "fluo"], "output_names": ["logits"]}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # what a team does after pytorch#94434's error
+    try:
+        with torch.no_grad():
+            if dynamo:
+                b = torch.export.Dim("n", min=1, max=64)
+                torch.onnx.export(LogitsOnly(model).eval(), x, str(path), dynamo=True, dynamic_shapes=({0: b}, {0: b}),
+                                  **names)
+            else:
+                torch.onnx.export(LogitsOnly(model).eval(), x, str(path), dynamo=False, opset_version=17,
+                                  dynamic_axes={n: {0: "N"} for n in ("white", "fluo", "logits")}, **names)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return path
+
+
+def _run(module: str, *argv, block_torch: bool = False) -> subprocess.CompletedProcess:
+    block = "sys.modules['torch'] = None; " if block_torch else ""  # `import torch` now raises ImportError
+    code = (f"import runpy, sys; {block}sys.argv = [{module!r}, *{list(map(str, argv))!r}]; "
+            f"runpy.run_module({module!r}, run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_their_plain_onnx_calibrates_without_torch_with_matmuls_in_int8(their_pfm, their_weights, their_data,
+                                                                        tmp_path, dynamo):
+    import onnx
+
+    onnx_path = _plain_export(their_pfm, their_weights, tmp_path / "their.onnx", dynamo)
+    bundle = tmp_path / "bundle"
+    r = _run("export", "--onnx", onnx_path, "--spec", SPEC, "--out", bundle, block_torch=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data, heldout = their_data
+    c = _run("calibration", "--bundle", bundle, "--data", data, "--eval", heldout, "--allow-degraded",
+             block_torch=True)
+    assert c.returncode == 0, c.stderr[-3000:]
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["calibration"]["quantized_ops"] == ["Conv", "MatMul", "Gemm"]
+    q = onnx.load(str(bundle / "model.int8.onnx"))
+    inits = {i.name for i in q.graph.initializer}
+    producers = {o: n for n in q.graph.node for o in n.output}
+    matmuls = [n for n in q.graph.node if n.op_type in ("MatMul", "Gemm")]
+    dequantized = [n for n in matmuls if all(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
+                                             for i in n.input[:2] if i not in inits)]
+    assert len(matmuls) >= 6 and len(dequantized) == len(matmuls)  # attention, MLP and head layers take int8 inputs
+    census = m["build_checks"]["model.int8.onnx"]["tensorrt"]["compute_by_datatype"]
+    assert census.get("Int8", 0) >= 0.7 * sum(census.values()), census  # the issue's floor for conv + matmul layers
+    report = json.loads((bundle / "accuracy.json").read_text())
+    assert report["eval"]["samples"] == 48 and "int8" in report["results"]
+
+
+@pytest.fixture(scope="module")
+def their_bundle(their_weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("their_bundle") / "bundle"
+    r = _run("export", "--model", f"{ROOT}/examples/their_pfm.py:make_model", "--weights", their_weights, "--spec",
+             SPEC, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def their_tensors(their_pfm, their_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("conformance") / "set"
+    assert their_pfm.write_conformance(str(their_data[1]), str(out), 16) == 16
+    return out
+
+
+def test_their_own_pipeline_conforms_and_is_recorded(their_weights, their_tensors, tmp_path):
+    out = tmp_path / "b"
+    r = _run("export", "--model", f"{ROOT}/examples/their_pfm.py:make_model", "--weights", their_weights, "--spec",
+             SPEC, "--check-preprocessing", their_tensors, "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    check = json.loads((out / "manifest.json").read_text())["preprocessing_check"]
+    assert check["passed"] and check["pairs"] == 16
+    for stats in check["modalities"].values():  # our box-average halvings against their one INTER_AREA step
+        assert 0 < stats["mean_abs_grey_levels"] <= check["bound"]["mean_abs_grey_levels"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "parity", "report.json"]
+    from edge_pfm.bundle import Bundle
+
+    Bundle.load(out)  # the rewritten manifest still verifies every artifact
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("colour_order", "BGR", "set inputs.white_light.colour_order to 'RGB'"),
+    ("crop_pct", 0.875, "set inputs.white_light.crop_pct to 1.0"),
+    ("resize", "stretch", "set inputs.white_light.resize to 'center_crop'"),
+])
+def test_a_spec_field_that_does_not_match_their_pipeline_is_named(their_bundle, their_tensors, tmp_path, field, value,
+                                                                  says):
+    from export.preprocessing_check import check_preprocessing
+
+    manifest = json.loads((their_bundle / "manifest.json").read_text())
+    wrong = tmp_path / "bundle"
+    import shutil
+
+    shutil.copytree(their_bundle, wrong)
+    manifest["inputs"][0]["preprocessing"][field] = value
+    (wrong / "manifest.json").write_text(json.dumps(manifest))
+    check = check_preprocessing(wrong, their_tensors)
+    assert not check.passed and check.modalities["white_light"]["mean_abs_grey_levels"] > 2.0
+    assert check.modalities["fluorescence"]["mean_abs_grey_levels"] <= 2.0
+    assert any(says in a for a in check.advice), check.advice
+
+
+def test_wrong_normalisation_is_fitted_from_their_tensors(their_bundle, their_tensors, tmp_path):
+    from export.preprocessing_check import check_preprocessing
+
+    manifest = json.loads((their_bundle / "manifest.json").read_text())
+    wrong = tmp_path / "bundle"
+    import shutil
+
+    shutil.copytree(their_bundle, wrong)
+    manifest["inputs"][1]["preprocessing"].update(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    (wrong / "manifest.json").write_text(json.dumps(manifest))
+    check = check_preprocessing(wrong, their_tensors)
+    assert not check.passed
+    advice = " ".join(check.advice)
+    assert "inputs.fluorescence.mean" in advice and "inputs.fluorescence.std" in advice
+    fitted = json.loads(advice.split("inputs.fluorescence.std to ")[1].split(" in the spec")[0])
+    assert np.allclose(fitted, 0.25, atol=0.02)  # their pipeline's std, read back from their tensors
+
+
+def test_a_mismatch_beyond_the_bound_exits_2_and_writes_nothing(their_weights, their_tensors, tmp_path):
+    spec = json.loads(SPEC.read_text())
+    spec["inputs"]["white_light"]["colour_order"] = "BGR"
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = tmp_path / "b"
+    r = _run("export", "--model", f"{ROOT}/examples/their_pfm.py:make_model", "--weights", their_weights, "--spec",
+             tmp_path / "spec.json", "--check-preprocessing", their_tensors, "--out", out)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "set inputs.white_light.colour_order to 'RGB' in the spec" in r.stderr and "Nothing was written" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.json"]
+
+
+def test_a_conformance_set_without_tensors_names_the_file(their_bundle, their_tensors, tmp_path):
+    import shutil
+
+    from edge_pfm.errors import InvalidArgument
+    from export.preprocessing_check import check_preprocessing
+
+    partial = tmp_path / "set"
+    shutil.copytree(their_tensors, partial)
+    victim = sorted((partial / "tensors").iterdir())[3]
+    victim.unlink()
+    with pytest.raises(InvalidArgument, match=f"{victim.name} is missing"):
+        check_preprocessing(their_bundle, partial)
