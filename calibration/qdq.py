@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from export.onnx_graph import topological_sort
-from export.quant_scheme import DEFAULT_QUANTIZED_OPS, input_convs, residual_adds
+from export.quant_scheme import DEFAULT_QUANTIZED_OPS, input_layers, residual_adds
 
 
 def quantize_qdq(onnx_path: str | Path, amax: dict[str, float], out_path: str | Path,
                  op_types: tuple[str, ...] = DEFAULT_QUANTIZED_OPS, keep_float: tuple[str, ...] = (),
                  int32_biases: bool = False):
-    """Write the Q/DQ model quantizing `op_types` (+ residual adds), each input's first conv and the nodes whose
+    """Write the Q/DQ model quantizing `op_types` (+ residual adds), each input's first layer and the nodes whose
     names contain a `keep_float` substring left float; -> onnx.ModelProto.
     `int32_biases` writes what this project wrote before TensorRT checked it (biases quantized to int32,
     which TensorRT refuses): for accuracy comparisons only, never a bundle artifact."""
@@ -38,7 +38,7 @@ def quantize_qdq(onnx_path: str | Path, amax: dict[str, float], out_path: str | 
         name: TensorData(lowest=np.array(-a, np.float32), highest=np.array(a, np.float32)) for name, a in amax.items()
     })
     nodes = [n.name for n in model.graph.node if n.op_type in op_types] + residual_adds(model)
-    first = set(input_convs(model))  # each input's first conv sees raw pixels: float (export.quant_scheme)
+    first = set(input_layers(model))  # each input's first layer sees raw pixels: float (export.quant_scheme)
     nodes = [n for n in nodes if n not in first and not any(k in n for k in keep_float)]
     quantizer = QDQQuantizer(
         model, per_channel=True, reduce_range=False, weight_qType=QuantType.QInt8, activation_qType=QuantType.QInt8,

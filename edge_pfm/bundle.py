@@ -25,6 +25,9 @@ from edge_pfm.roles import ClassRoles, RolesError
 
 SCHEMA = "edge-pfm/bundle"
 SCHEMA_VERSION = 1
+# v2: an input's preprocessing uses a field v1 readers do not know (crop_pct != 1): written only then, so an older
+# runtime refuses the bundle instead of ignoring the field and feeding the model a different crop
+SCHEMA_VERSIONS_READ = (1, 2)
 MANIFEST = "manifest.json"
 MODALITIES = ("white_light", "fluorescence")  # the two inputs, everywhere: defined here only
 REQUIRED_FIELDS = ("schema", "schema_version", "model", "inputs", "outputs", "artifacts", "provenance")
@@ -99,10 +102,10 @@ class Bundle:
             raise BundleError(f"{mpath} lacks required fields {missing}; {_fix(mpath.parent)}")
         if m["schema"] != SCHEMA:
             raise BundleError(f"{mpath}: schema {m['schema']!r} is not {SCHEMA!r}; this is not an edge-pfm bundle")
-        if m["schema_version"] != SCHEMA_VERSION:
+        if m["schema_version"] not in SCHEMA_VERSIONS_READ:
             raise BundleError(
                 f"{mpath}: schema_version {m['schema_version']!r} is not supported (this edge-pfm reads "
-                f"{SCHEMA_VERSION}); re-export the bundle with a matching edge-pfm, or upgrade edge-pfm"
+                f"{list(SCHEMA_VERSIONS_READ)}); re-export the bundle with a matching edge-pfm, or upgrade edge-pfm"
             )
         model, inputs, outputs, artifacts = m["model"], m["inputs"], m["outputs"], m["artifacts"]
         problems = []
@@ -118,6 +121,11 @@ class Bundle:
             for i in inputs:
                 if not all(k in i for k in ("name", "shape", "dtype", "preprocessing")):
                     problems.append(f"input {i.get('name')!r} needs name, shape, dtype, preprocessing")
+                    continue
+                try:
+                    PreprocessSpec.from_dict(i["preprocessing"])
+                except (TypeError, ValueError) as exc:
+                    problems.append(f"input {i.get('name')!r}: {exc}")
         if (not isinstance(outputs, list) or not 1 <= len(outputs) <= 2 or not all(isinstance(o, dict) for o in outputs)
                 or outputs[0].get("name") != "logits"
                 or (len(outputs) == 2 and outputs[1].get("name") != "lesion_map")):
@@ -182,7 +190,7 @@ class Bundle:
     def summary(self) -> str:
         m = self.manifest
         lines = [f"bundle {self.root}  (schema v{m['schema_version']})",
-                 f"  model    {m['model'].get('variant', '?')}  classes {', '.join(self.classes)}"]
+                 f"  model    {m['model'].get('variant') or m['model'].get('family', '?')}  classes {', '.join(self.classes)}"]
         for i in m["inputs"]:
             p = i["preprocessing"]
             crop = f" crop_pct={p['crop_pct']}" if p.get("crop_pct", 1.0) != 1.0 else ""
@@ -207,6 +215,11 @@ class Bundle:
             lines.append(f"  int8     {ops} quantized, {c.get('method')} ranges on {c.get('samples')} samples, "
                          f"TensorRT {c.get('trt_version')}")
         return "\n".join(lines)
+
+
+def schema_version_for(preprocessing: dict[str, PreprocessSpec]) -> int:
+    """The oldest schema that can say how to feed these inputs (see SCHEMA_VERSIONS_READ)."""
+    return 2 if any(p.crop_pct != 1.0 for p in preprocessing.values()) else SCHEMA_VERSION
 
 
 def write_manifest(root: str | os.PathLike, manifest: dict[str, Any], artifact_roles: dict[str, str]) -> dict:

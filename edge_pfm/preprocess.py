@@ -15,6 +15,8 @@ import numpy as np
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESIZE_POLICIES = ("center_crop", "stretch")
+PREPROCESS_FIELDS = ("size", "channels", "colour_order", "resize", "interpolation", "crop_pct", "mean", "std", "layout",
+                     "dtype")
 
 
 @dataclass(frozen=True)
@@ -25,8 +27,9 @@ class PreprocessSpec:
     channels: 3 (colour, fed as `colour_order`) or 1 (monochrome: BGR frames are converted to grey).
     resize: "center_crop" crops the centre to the input's aspect ratio, then resizes
         (the cervix sits in the middle of a colposcope frame); "stretch" resizes the whole frame.
-    crop_pct: with center_crop, the fraction of that centred box kept (timm's crop_pct: torchvision's
-        Resize(size / crop_pct) then CenterCrop(size) sees the central crop_pct of the short side); 1.0 keeps it all.
+    crop_pct: with center_crop, keep the centre of that box as timm's crop_pct does: torchvision's
+        Resize(int(s / crop_pct)) then CenterCrop(s) keeps s / int(s / crop_pct) of the short side (s: the
+        input's shorter side; for a square input this is exactly timm's eval transform). 1.0 keeps it all.
     mean/std: per channel, applied to pixel/255 in `colour_order`.
     """
 
@@ -50,8 +53,11 @@ class PreprocessSpec:
         object.__setattr__(self, "size", size)
         object.__setattr__(self, "mean", mean)
         object.__setattr__(self, "std", std)
-        object.__setattr__(self, "crop_pct", float(self.crop_pct))
         problems = []
+        if isinstance(self.crop_pct, bool) or not isinstance(self.crop_pct, (int, float)):
+            problems.append(f"crop_pct must be a number in [0.1, 1], got {self.crop_pct!r}")
+            object.__setattr__(self, "crop_pct", 1.0)
+        object.__setattr__(self, "crop_pct", float(self.crop_pct))
         if len(size) != 2 or min(size) < 8:
             problems.append(f"size must be (height, width) >= 8, got {self.size}")
         if self.channels not in (1, 3):
@@ -83,7 +89,9 @@ class PreprocessSpec:
         y0, y1, x0, x1 = crop_box(h, w, *self.size)
         if self.crop_pct == 1.0:
             return y0, y1, x0, x1
-        ch, cw = max(2, round((y1 - y0) * self.crop_pct)), max(2, round((x1 - x0) * self.crop_pct))
+        short = min(self.size)
+        kept = short / int(short / self.crop_pct)  # torchvision resizes to an integer size
+        ch, cw = max(2, round((y1 - y0) * kept)), max(2, round((x1 - x0) * kept))
         y0, x0 = y0 + (y1 - y0 - ch) // 2, x0 + (x1 - x0 - cw) // 2
         return y0, y0 + ch, x0, x0 + cw
 
@@ -100,9 +108,11 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessSpec:
-        known = {k: d[k] for k in ("size", "channels", "colour_order", "resize", "interpolation", "crop_pct", "mean",
-                                   "std", "layout", "dtype") if k in d}
-        return cls(**known)
+        unknown = sorted(set(d) - set(PREPROCESS_FIELDS))
+        if unknown:  # a newer exporter's field this runtime would silently ignore: refuse instead
+            raise ValueError(f"invalid preprocessing spec: unknown field(s) {unknown}; this edge-pfm knows "
+                             f"{list(PREPROCESS_FIELDS)} (upgrade edge-pfm)")
+        return cls(**{k: d[k] for k in PREPROCESS_FIELDS if k in d})
 
 
 def crop_box(h: int, w: int, out_h: int, out_w: int) -> tuple[int, int, int, int]:

@@ -114,6 +114,8 @@ def write_conformance(data: str, out: str, n: int = 32) -> int:
 
     ds = PairedDataset(data)
     root = Path(out)
+    if root.exists() and any(root.iterdir()):
+        raise SystemExit(f"{root} is not empty: choose a new folder for the conformance set")
     for sub in ("white", "fluorescence", "tensors"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     count = min(n, len(ds))
@@ -135,7 +137,7 @@ if __name__ == "__main__":
     ap.add_argument("--conformance", type=int, metavar="N",
                     help="instead of training: write N raw pairs and their pipeline's tensors to --out")
     a = ap.parse_args()
-    if a.conformance:
+    if a.conformance is not None:
         print(f"wrote {write_conformance(a.data, a.out, a.conformance)} pairs and their tensors to {a.out}")
     else:
         print(f"val accuracy {train(a.data, a.epochs, a.out):.3f}; wrote {a.out}")

@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> int:
                          "parity is checked against them. Without them the manifest says there is no reference")
     ap.add_argument("--check-preprocessing", metavar="DIR",
                     help="raw pairs (white/, fluorescence/) beside the tensors your own pipeline made of them "
-                         "(tensors/<sample>.npz): edge_pfm.preprocess must make the same (mean difference <= 2 grey "
-                         "levels, model top-1 agreement not shown below 97 %%), else exit 2 naming the spec field to change")
+                         "(tensors/<sample>.npz), >= 8 pairs: edge_pfm.preprocess must make the same (mean difference "
+                         "<= 2 grey levels, model top-1 agreement not shown below 97 %%), else exit 2 naming the "
+                         "spec field to change")
     ap.add_argument("--out", required=True, help="bundle directory to create (replaced atomically)")
     ap.add_argument("--opset", type=int, default=17, help="--checkpoint: the opset to export")
     ap.add_argument("--max-batch", type=int, default=8, help="largest batch the device engine profile covers")
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     half = max(1, args.parity_pairs // 2)
     map_classes = None if args.map_classes is None else parse_map_classes(args.map_classes)
 
-    def build(out) -> None:
+    def build(out: str) -> None:
         if args.onnx:
             from export.onnx_door import bundle_from_onnx  # no torch on this door
 

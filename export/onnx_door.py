@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import edge_pfm
-from edge_pfm.bundle import MANIFEST, MODALITIES, SCHEMA, SCHEMA_VERSION, write_manifest
+from edge_pfm.bundle import MANIFEST, MODALITIES, SCHEMA, schema_version_for, write_manifest
 from edge_pfm.fileio import atomic_directory, atomic_write_json, sha256_file
 from export.artifact_check import check_artifact, summary_line
 from export.model_spec import ModelSpec
@@ -334,7 +334,7 @@ def bundle_from_onnx(onnx_path: str | Path, spec: ModelSpec | str | Path, out: s
                        "measurements": {},
                        "meaning": "per-cell lesion probability (the team's map head); shown only once measured"}]
         manifest = {
-            "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+            "schema": SCHEMA, "schema_version": schema_version_for(spec.preprocessing),
             "model": {"family": spec.family, "source": (provenance or {}).get("source", "user-onnx"),
                       "classes": list(spec.classes),
                       "roles": spec.roles.to_dict()},

@@ -11,8 +11,9 @@ The conformance set is the paired layout plus the team's tensors:
 
 Differences are measured in grey levels (|ours - theirs| x std x 255), so one bound fits any mean/std. The bound
 (PREPROCESSING_BOUND): a modality's mean difference at most 2 grey levels (torchvision's antialiased bilinear
-resize against our INTER_AREA measured 1.2 on synthetic 1280x720 scenes; a 0.875 crop_pct 13, RGB for BGR 36), and
-the model's top-1 agreement on the two not shown below 97 % (the upper end of its 95 % Wilson interval reaches it). Beyond it the check names the spec field that explains the
+resize against our INTER_AREA measured 1.2 on synthetic 1280x720 scenes; a 0.875 crop_pct 13, RGB for BGR 36),
+and the model's top-1 agreement on the two not shown below 97 % (the upper end of its 95 % Wilson interval
+reaches it). At least MIN_PAIRS pairs. Beyond the bound the check names the spec field that explains the
 difference, when one does.
 """
 from __future__ import annotations
@@ -20,7 +21,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,48 +48,74 @@ class PreprocessingMismatch(InvalidArgument):
 @dataclass
 class ConformanceSet:
     root: Path
-    names: list[str]
-    frames: dict[str, list[np.ndarray]]  # modality -> raw BGR/grey frames
+    dataset: PairedDataset  # the raw frames, read again from disk when needed (never all held in memory)
     tensors: dict[str, np.ndarray]  # modality -> (N, C, H, W) float32, the team's
 
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.dataset.samples]
 
-def load_conformance_set(root: str | Path, bundle: Bundle) -> ConformanceSet:
+    def frames(self, modality: str) -> Iterator[np.ndarray]:
+        k = MODALITIES.index(modality)
+        for i in range(len(self.dataset)):
+            yield self.dataset.load(i)[k]
+
+
+def conformance_layout(root: str | Path) -> PairedDataset:
+    """Check DIR's layout before any work: the paired layout, tensors/, one .npz per pair, >= MIN_PAIRS pairs."""
     root = Path(root)
+    if not root.is_dir():
+        raise InvalidArgument(f"--check-preprocessing: {root} does not exist (raw pairs beside your pipeline's "
+                              f"tensors; see export/preprocessing_check.py)")
     ds = PairedDataset(root)
     tensor_dir = root / TENSORS_DIR
     if not tensor_dir.is_dir():
         raise InvalidArgument(f"{tensor_dir} does not exist: put your pipeline's tensors beside the raw pairs, one "
                               f"<sample>.npz per pair (see export/preprocessing_check.py)")
+    missing = [str(tensor_dir / f"{s.name}.npz") for s in ds.samples if not (tensor_dir / f"{s.name}.npz").is_file()]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise InvalidArgument(f"every pair in {root} needs its tensors; missing: {', '.join(missing[:5])}{more}")
+    if len(ds) < MIN_PAIRS:
+        raise InvalidArgument(f"{root} has {len(ds)} pairs; the preprocessing check needs >= {MIN_PAIRS}")
+    return ds
+
+
+def _read_tensors(npz: Path, keys: dict[str, tuple[str, ...]], shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
+    out = {}
+    try:
+        with np.load(npz, allow_pickle=False) as arrays:
+            files = arrays.files
+            for m in MODALITIES:
+                key = next((k for k in keys[m] if k in files), None)
+                if key is None:
+                    raise InvalidArgument(f"{npz} has no array named {' or '.join(map(repr, keys[m]))} "
+                                          f"(it has {files})")
+                t = np.asarray(arrays[key], np.float32)
+                t = t[0] if t.ndim == 4 and t.shape[0] == 1 else t
+                if t.shape != shapes[m]:
+                    raise InvalidArgument(f"{npz}: {key} has shape {t.shape}, the model takes {shapes[m]} (C, H, W)")
+                if not np.isfinite(t).all():
+                    raise InvalidArgument(f"{npz}: {key} has {int((~np.isfinite(t)).sum())} non-finite values")
+                out[m] = t
+    except InvalidArgument:
+        raise
+    except (OSError, ValueError, TypeError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise InvalidArgument(f"{npz} is not a readable .npz of float arrays ({type(exc).__name__}: {exc})") from None
+    return out
+
+
+def load_conformance_set(root: str | Path, bundle: Bundle) -> ConformanceSet:
+    ds = conformance_layout(root)
     # the arrays are named by modality, or by the model's own input names (from the spec in the manifest)
     spec_inputs = (bundle.manifest.get("spec") or {}).get("inputs", {})
-    keys = {m: (m, spec_inputs.get(m, {}).get("name", m)) for m in MODALITIES}
-    names, frames, tensors = [], {m: [] for m in MODALITIES}, {m: [] for m in MODALITIES}
-    for i, sample in enumerate(ds.samples):
-        npz = tensor_dir / f"{sample.name}.npz"
-        if not npz.is_file():
-            raise InvalidArgument(f"{npz} is missing: every pair in {root} needs its tensors")
-        try:
-            with np.load(npz, allow_pickle=False) as arrays:
-                got = {m: next((arrays[k] for k in keys[m] if k in arrays.files), None) for m in MODALITIES}
-                files = arrays.files
-        except (OSError, ValueError) as exc:
-            raise InvalidArgument(f"{npz} is not a readable .npz ({exc})") from None
-        white, fluo, _ = ds.load(i)
-        for m, frame in zip(MODALITIES, (white, fluo)):
-            t = got[m]
-            if t is None:
-                raise InvalidArgument(f"{npz} has no array {keys[m][0]!r} or {keys[m][1]!r} (it has {files})")
-            want = bundle.preprocessing[m].input_shape
-            t = np.asarray(t, np.float32)
-            t = t[0] if t.ndim == 4 and t.shape[0] == 1 else t
-            if t.shape != want:
-                raise InvalidArgument(f"{npz}: {keys[m][0]} has shape {t.shape}, the model takes {want} (C, H, W)")
-            frames[m].append(frame)
+    keys = {m: tuple(dict.fromkeys((m, spec_inputs.get(m, {}).get("name", m)))) for m in MODALITIES}
+    shapes = {m: bundle.preprocessing[m].input_shape for m in MODALITIES}
+    tensors: dict[str, list] = {m: [] for m in MODALITIES}
+    for s in ds.samples:
+        for m, t in _read_tensors(Path(root) / TENSORS_DIR / f"{s.name}.npz", keys, shapes).items():
             tensors[m].append(t)
-        names.append(sample.name)
-    if len(names) < MIN_PAIRS:
-        raise InvalidArgument(f"{root} has {len(names)} pairs; the check needs >= {MIN_PAIRS}")
-    return ConformanceSet(root, names, frames, {m: np.stack(v) for m, v in tensors.items()})
+    return ConformanceSet(Path(root), ds, {m: np.stack(v) for m, v in tensors.items()})
 
 
 def grey_level_difference(ours: np.ndarray, theirs: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -95,7 +123,7 @@ def grey_level_difference(ours: np.ndarray, theirs: np.ndarray, spec: Preprocess
     return np.abs(ours - theirs) * (np.asarray(spec.std, np.float32) * 255.0).reshape(1, -1, 1, 1)
 
 
-def _ours(frames: list[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
+def _ours(frames: Iterable[np.ndarray], spec: PreprocessSpec) -> np.ndarray:
     return np.stack([preprocess(f, spec) for f in frames])
 
 
@@ -112,6 +140,9 @@ def _candidates(spec: PreprocessSpec) -> list[tuple[str, object, PreprocessSpec]
     add("interpolation", "INTER_LINEAR" if spec.interpolation == "INTER_AREA" else "INTER_AREA")
     if spec.resize == "center_crop":
         add("resize", "stretch")
+        if spec.crop_pct != 1.0:  # stretch takes no crop_pct: both fields change together
+            with contextlib.suppress(ValueError):
+                out.append(("resize", "stretch", dataclasses.replace(spec, resize="stretch", crop_pct=1.0)))
         for pct in (0.875, 0.9, 0.95, 1.0):
             if pct != spec.crop_pct:
                 add("crop_pct", pct)
@@ -120,7 +151,7 @@ def _candidates(spec: PreprocessSpec) -> list[tuple[str, object, PreprocessSpec]
     return out
 
 
-def _fit_normalisation(frames: list[np.ndarray], theirs: np.ndarray, spec: PreprocessSpec) -> tuple[list, list]:
+def _fit_normalisation(frames: Iterable[np.ndarray], theirs: np.ndarray, spec: PreprocessSpec) -> tuple[list, list]:
     """The mean/std that best turn our [0, 1] pixels into their tensors, per channel (least squares)."""
     unit = dataclasses.replace(spec, mean=(0.0,) * spec.channels, std=(1.0,) * spec.channels)
     pixels = _ours(frames, unit)  # pixel / 255
@@ -134,25 +165,31 @@ def _fit_normalisation(frames: list[np.ndarray], theirs: np.ndarray, spec: Prepr
     return mean, std
 
 
-def _advice(modality: str, frames: list[np.ndarray], theirs: np.ndarray, spec: PreprocessSpec,
-            now: float) -> str | None:
-    """The one spec field whose change brings the difference within the bound, said as an instruction."""
+def _advice(modality: str, frames: Callable[[], Iterable[np.ndarray]], theirs: np.ndarray, spec: PreprocessSpec,
+            now: float, has_spec: bool) -> str | None:
+    """The one spec field whose change brings the difference within the bound, said as an instruction. A native
+    checkpoint has no spec: its preprocessing is what it was trained with, so the team's pipeline is what changes."""
+    def say(change: str, d: float) -> str:
+        if has_spec:
+            return f"set {change} in the spec: the mean difference falls from {now:.2f} to {d:.2f} grey levels"
+        return (f"your pipeline matches edge_pfm.preprocess with {change} ({d:.2f} grey levels, not {now:.2f}), but "
+                "this checkpoint was trained and is deployed with the manifest's preprocessing: make your pipeline "
+                "match it, or retrain with yours")
+
     best = None
     for name, value, cand in _candidates(spec):
-        d = float(grey_level_difference(_ours(frames, cand), theirs, cand).mean())
+        d = float(grey_level_difference(_ours(frames(), cand), theirs, cand).mean())
         if best is None or d < best[0]:
             best = (d, name, value, cand)
     bound = PREPROCESSING_BOUND["mean_abs_grey_levels"]
     if best and best[0] <= bound:
-        return (f"set inputs.{modality}.{best[1]} to {best[2]!r} in the spec: the mean difference falls from "
-                f"{now:.2f} to {best[0]:.2f} grey levels")
-    mean, std = _fit_normalisation(frames, theirs, spec)
+        return say(f"inputs.{modality}.{best[1]} to {best[2]!r}", best[0])
+    mean, std = _fit_normalisation(frames(), theirs, spec)
     fitted = dataclasses.replace(spec, mean=tuple(mean), std=tuple(std)) if min(std) > 0 else None
     if fitted is not None:
-        d = float(grey_level_difference(_ours(frames, fitted), theirs, fitted).mean())
+        d = float(grey_level_difference(_ours(frames(), fitted), theirs, fitted).mean())
         if d <= bound:
-            return (f"set inputs.{modality}.mean to {mean} and inputs.{modality}.std to {std} in the spec: the mean "
-                    f"difference falls from {now:.2f} to {d:.2f} grey levels")
+            return say(f"inputs.{modality}.mean to {mean} and inputs.{modality}.std to {std}", d)
     return None
 
 
@@ -192,7 +229,8 @@ def check_preprocessing(bundle: str | Path | Bundle, conformance_dir: str | Path
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     cs = load_conformance_set(conformance_dir, bundle)
     specs = bundle.preprocessing
-    ours = {m: _ours(cs.frames[m], specs[m]) for m in MODALITIES}
+    ours = {m: _ours(cs.frames(m), specs[m]) for m in MODALITIES}
+    has_spec = bool(bundle.manifest.get("spec"))
     modalities, problems, advice = {}, [], []
     bound = PREPROCESSING_BOUND
     for m in MODALITIES:
@@ -203,17 +241,17 @@ def check_preprocessing(bundle: str | Path | Bundle, conformance_dir: str | Path
         if stats["mean_abs_grey_levels"] > bound["mean_abs_grey_levels"]:
             problems.append(f"{m}: edge_pfm.preprocess differs from your tensors by {stats['mean_abs_grey_levels']:.2f}"
                             f" grey levels on average (bound {bound['mean_abs_grey_levels']})")
-            tip = _advice(m, cs.frames[m], cs.tensors[m], specs[m], stats["mean_abs_grey_levels"])
+            tip = _advice(m, lambda m=m: cs.frames(m), cs.tensors[m], specs[m], stats["mean_abs_grey_levels"],
+                          has_spec)
             advice.append(tip or f"no single field of inputs.{m} explains it: compare your pipeline's colour order, "
                                  "crop, resize and mean/std with the spec's (export/model_spec.py)")
     sess = ort.InferenceSession(str(bundle.model_path("fp32")), providers=["CPUExecutionProvider"])
-    names = bundle.input_names
+    names, cs_n = bundle.input_names, len(cs.names)
 
     def top1(feed: dict[str, np.ndarray]) -> np.ndarray:
-        out = [sess.run(None, {names[m]: feed[m][i:i + 16] for m in MODALITIES})[0] for i in range(0, cs_n, 16)]
+        out = [sess.run(["logits"], {names[m]: feed[m][i:i + 16] for m in MODALITIES})[0] for i in range(0, cs_n, 16)]
         return np.concatenate(out).argmax(1)
 
-    cs_n = len(cs.names)
     a, b = top1(ours), top1(cs.tensors)
     agree = int((a == b).sum())
     rate = agree / cs_n
@@ -239,8 +277,9 @@ def export_checked(out: str | Path, conformance_dir: str | Path,
                    build: Callable[[Path], object]) -> PreprocessingCheck:
     """Run a door (`build(path)` writes a bundle at path), then the conformance check on what it wrote; the bundle
     reaches `out`, with the check in its manifest, only if the check passes."""
+    conformance_layout(conformance_dir)  # a mistyped folder fails now, not after the export's work
     with atomic_directory(out) as staging:
-        inner = staging / "bundle"
+        inner = staging / ".door"
         build(inner)
         log(f"[check] preprocessing conformance against {conformance_dir}")
         check = require_conformance(inner, conformance_dir)
@@ -251,4 +290,5 @@ def export_checked(out: str | Path, conformance_dir: str | Path,
         for entry in inner.iterdir():
             os.replace(entry, staging / entry.name)
         inner.rmdir()
+    log(f"wrote bundle {out}, its preprocessing checked against {conformance_dir}")
     return check

@@ -2,8 +2,8 @@
 fake-quantizes (export.qat) read it here, so the two can never drift apart. ONNX-only, no torch.
 
 - Conv, MatMul and Gemm inputs and weights are quantized (int8 symmetric; weights per output channel), except
-  each input's first conv (a branch's stem: it sees raw pixels), found from the graph, so a team's model needs
-  no naming rule. MatMul/Gemm are the attention and MLP layers, which TensorRT runs in Int8 when both inputs
+  each input's first such layer (a branch's stem: it sees raw pixels), found from the graph, so a team's model
+  needs no naming rule. MatMul/Gemm are the attention and MLP layers, which TensorRT runs in Int8 when both inputs
   come through Q/DQ;
 - the Adds that close a FasterNet block or a channel gate are quantized (both inputs), so TensorRT fuses them;
 - Softmax, LayerNormalization, Sigmoid and Erf (GELU) stay float: INT8 there costs accuracy and saves nothing;
@@ -21,7 +21,7 @@ DEFAULT_QUANTIZED_OPS = QUANTIZABLE_OPS
 # quantizes exactly what QAT trained, so the fine-tuned weights meet the grid they were trained on.
 QAT_QUANTIZED_OPS = ("Conv",)
 FLOAT_OPS = ("Softmax", "LayerNormalization", "Sigmoid", "Erf")
-# QAT works on our PyTorch modules, where the stems are named: the same convs input_convs finds in the graph
+# QAT works on our PyTorch modules, where the stems are named: the same convs input_layers finds in the graph
 KEEP_FLOAT_MODULES = (".stem.",)
 
 
@@ -38,9 +38,10 @@ def residual_adds(model) -> list[str]:
     return names
 
 
-def input_convs(model) -> list[str]:
-    """The first Conv reached from each graph input (through slicing, casts, elementwise ops): the convs that see
-    raw pixels, kept float. Node names as in the graph (unnamed nodes are named by quantize_qdq first)."""
+def input_layers(model) -> list[str]:
+    """The first Conv, MatMul or Gemm reached from each graph input (through slicing, casts, elementwise ops): the
+    layers that see raw pixels (a conv stem, or a linear patch embedding), kept float. Node names as in the graph
+    (unnamed nodes are named by quantize_qdq first)."""
     readers: dict[str, list] = {}
     for n in model.graph.node:
         for i in n.input:
@@ -54,7 +55,7 @@ def input_convs(model) -> list[str]:
                 if id(n) in seen:
                     continue
                 seen.add(id(n))
-                if n.op_type != "Conv":
+                if n.op_type not in QUANTIZABLE_OPS:
                     frontier.extend(n.output)
                 elif n.name not in found:
                     found.append(n.name)
@@ -63,5 +64,5 @@ def input_convs(model) -> list[str]:
 
 def quantized_conv_nodes(model) -> list:
     """The Conv nodes the scheme quantizes, in graph order."""
-    keep = set(input_convs(model))
+    keep = set(input_layers(model))
     return [n for n in model.graph.node if n.op_type == "Conv" and n.name not in keep]

@@ -319,10 +319,30 @@ def test_each_inputs_first_conv_is_found_from_the_graph(tiny_bundle):
     """The float stems come from the graph's structure, not our layer names: on PFM they are the two stem convs."""
     import onnx
 
-    from export.quant_scheme import input_convs, quantized_conv_nodes
+    from export.quant_scheme import input_layers, quantized_conv_nodes
 
     model = onnx.load(str(tiny_bundle / "model.onnx"))
-    first = input_convs(model)
+    first = input_layers(model)
     assert len(first) == 2 and all("/stem/" in n for n in first)
     convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
     assert [n.name for n in quantized_conv_nodes(model)] == [c for c in convs if c not in first]
+
+
+def test_a_linear_patch_embedding_is_the_input_layer_kept_float():
+    """A branch whose first learned layer is a MatMul (a ViT-style patch embedding): that MatMul sees raw pixels and
+    stays float; the conv after it is quantized."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.quant_scheme import input_layers, quantized_conv_nodes
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    k = numpy_helper.from_array(np.ones((2, 1, 1, 1), np.float32), "k")
+    graph = helper.make_graph([
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w"], ["m"], name="patch_embed"),
+        helper.make_node("Conv", ["m", "k"], ["y"], name="conv_after"),
+    ], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])], [w, k])
+    model = helper.make_model(graph)
+    assert input_layers(model) == ["patch_embed"]
+    assert [n.name for n in quantized_conv_nodes(model)] == ["conv_after"]

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 
@@ -89,3 +91,31 @@ def test_scratch_buffers_never_leak_into_results():
     np.testing.assert_array_equal(a_out, a_copy[0])
     np.testing.assert_array_equal(a_mid, a_copy[1])
     np.testing.assert_array_equal(preprocess(a_frame, spec), a_out)
+
+
+def test_crop_pct_keeps_what_torchvision_resize_then_center_crop_keeps():
+    """timm's eval transform, Resize(int(224 / 0.875)) = 256 then CenterCrop(224), keeps 224/256 of the short side."""
+    spec = PreprocessSpec(size=(224, 224), crop_pct=0.875)
+    y0, y1, x0, x1 = spec.field_of_view(720, 1280)
+    assert (y1 - y0, x1 - x0) == (630, 630) and (y0 + y1) // 2 == 360 and (x0 + x1) // 2 == 640
+    odd = PreprocessSpec(size=(96, 96), crop_pct=0.875)  # int(96 / 0.875) = 109: 96/109 kept, not 0.875
+    y0, y1, _, _ = odd.field_of_view(720, 1280)
+    assert y1 - y0 == round(720 * 96 / 109)
+    assert PreprocessSpec(size=(96, 96)).field_of_view(720, 1280) == (0, 720, 280, 1000)
+
+
+@pytest.mark.parametrize("kwargs, says", [
+    ({"crop_pct": "0.9"}, "crop_pct must be a number"),
+    ({"crop_pct": 0.05}, "crop_pct must be in [0.1, 1]"),
+    ({"crop_pct": 0.9, "resize": "stretch"}, "goes with resize center_crop"),
+])
+def test_a_bad_crop_pct_is_named(kwargs, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        PreprocessSpec(size=(96, 96), **kwargs)
+
+
+def test_a_preprocessing_field_this_runtime_does_not_know_is_refused_not_ignored():
+    d = PreprocessSpec(size=(96, 96)).to_dict()
+    assert PreprocessSpec.from_dict(d) == PreprocessSpec(size=(96, 96))
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['gamma'\].*upgrade edge-pfm"):
+        PreprocessSpec.from_dict({**d, "gamma": 2.2})

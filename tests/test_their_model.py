@@ -89,13 +89,15 @@ def _run(module: str, *argv, block_torch: bool = False) -> subprocess.CompletedP
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
 def test_their_plain_onnx_calibrates_without_torch_with_matmuls_in_int8(their_pfm, their_weights, their_data,
-                                                                        tmp_path, dynamo):
+                                                                        their_tensors, tmp_path, dynamo):
     import onnx
 
     onnx_path = _plain_export(their_pfm, their_weights, tmp_path / "their.onnx", dynamo)
     bundle = tmp_path / "bundle"
-    r = _run("export", "--onnx", onnx_path, "--spec", SPEC, "--out", bundle, block_torch=True)
+    r = _run("export", "--onnx", onnx_path, "--spec", SPEC, "--check-preprocessing", their_tensors, "--out", bundle,
+             block_torch=True)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((bundle / "manifest.json").read_text())["preprocessing_check"]["passed"] is True
     data, heldout = their_data
     c = _run("calibration", "--bundle", bundle, "--data", data, "--eval", heldout, "--allow-degraded",
              block_torch=True)
@@ -103,14 +105,17 @@ def test_their_plain_onnx_calibrates_without_torch_with_matmuls_in_int8(their_pf
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["calibration"]["quantized_ops"] == ["Conv", "MatMul", "Gemm"]
     q = onnx.load(str(bundle / "model.int8.onnx"))
-    inits = {i.name for i in q.graph.initializer}
+    inits = {i.name: i for i in q.graph.initializer}
     producers = {o: n for n in q.graph.node for o in n.output}
     matmuls = [n for n in q.graph.node if n.op_type in ("MatMul", "Gemm")]
     dequantized = [n for n in matmuls if all(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
-                                             for i in n.input[:2] if i not in inits)]
+                                             for i in n.input[:2])]  # weights too: an int8 initializer through a DQ
     assert len(matmuls) >= 6 and len(dequantized) == len(matmuls)  # attention, MLP and head layers take int8 inputs
-    census = m["build_checks"]["model.int8.onnx"]["tensorrt"]["compute_by_datatype"]
-    assert census.get("Int8", 0) >= 0.7 * sum(census.values()), census  # the floor for conv + matmul layers
+    assert not any(inits.get(n.input[1]) is not None for n in matmuls)
+    build = m["build_checks"]["model.int8.onnx"]["tensorrt"]
+    if build.get("checked"):  # TensorRT-RTX is installed (x86_64): the engine's own census
+        census = build["compute_by_datatype"]
+        assert census.get("Int8", 0) >= 0.7 * sum(census.values()), census  # the floor, conv + matmul layers
     report = json.loads((bundle / "accuracy.json").read_text())
     assert report["eval"]["samples"] == 48 and "int8" in report["results"]
 
@@ -198,6 +203,22 @@ def test_a_mismatch_beyond_the_bound_exits_2_and_writes_nothing(their_weights, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.json"]
 
 
+def test_a_refused_check_leaves_the_bundle_already_there(their_bundle, their_weights, their_tensors, tmp_path):
+    import shutil
+
+    out = tmp_path / "b"
+    shutil.copytree(their_bundle, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    spec = json.loads(SPEC.read_text())
+    spec["inputs"]["fluorescence"]["resize"] = "stretch"
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    r = _run("export", "--model", f"{ROOT}/examples/their_pfm.py:make_model", "--weights", their_weights,
+             "--spec", tmp_path / "spec.json", "--check-preprocessing", their_tensors, "--out", out)
+    assert r.returncode == 2 and "inputs.fluorescence.resize to 'center_crop'" in r.stderr, r.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial directory left
+
+
 def test_a_conformance_set_without_tensors_names_the_file(their_bundle, their_tensors, tmp_path):
     import shutil
 
@@ -208,5 +229,19 @@ def test_a_conformance_set_without_tensors_names_the_file(their_bundle, their_te
     shutil.copytree(their_tensors, partial)
     victim = sorted((partial / "tensors").iterdir())[3]
     victim.unlink()
-    with pytest.raises(InvalidArgument, match=f"{victim.name} is missing"):
+    with pytest.raises(InvalidArgument, match=f"needs its tensors; missing: .*{victim.name}"):
         check_preprocessing(their_bundle, partial)
+
+
+def test_a_crop_pct_bundle_is_schema_2_so_an_older_runtime_refuses_it(their_weights, tmp_path):
+    from edge_pfm.bundle import Bundle
+
+    spec = json.loads(SPEC.read_text())
+    spec["inputs"]["white_light"]["crop_pct"] = 0.875
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    r = _run("export", "--model", f"{ROOT}/examples/their_pfm.py:make_model", "--weights", their_weights, "--spec",
+             tmp_path / "spec.json", "--out", tmp_path / "b")
+    assert r.returncode == 0, r.stderr[-3000:]
+    b = Bundle.load(tmp_path / "b")
+    assert b.manifest["schema_version"] == 2 and b.preprocessing["white_light"].crop_pct == 0.875
+    assert b.preprocessing["fluorescence"].crop_pct == 1.0
