@@ -8,7 +8,10 @@ ONNX passes onnx.checker's full check and a TensorRT-RTX build before it is writ
 parser's node and message otherwise). INT8 and FP16 accuracy are measured against FP32 by running
 them on ONNX Runtime CPU, on a held-out labelled set,
 and a gate refuses an INT8 model that loses agreement or high-grade recall (exit 3; the bundle stays
-FP32 and the refused report goes to BUNDLE.int8-rejected/). The bundle is updated atomically: on any
+FP32 and the refused report goes to BUNDLE.int8-rejected/). A labelled --data without --eval is split
+(export/splits.py: its split column, else grouped and stratified): its train split calibrates and its test
+split, the trainer's own when the model was trained on it, gates. Pairs are read from disk in chunks.
+The bundle is updated atomically: on any
 failure it is left exactly as it was (exit 2 for bad input). No PyTorch needed.
 
 The library under it: calibration.calibrate.calibrate(bundle, CalibrationPlan(...)) -> CalibrationReport.
@@ -38,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--samples", type=int, default=512, help="at most this many calibration pairs")
     ev = ap.add_mutually_exclusive_group()
     ev.add_argument("--eval", help="held-out labelled dataset directory for the accuracy report")
-    ev.add_argument("--eval-synthetic", type=int, default=2000, metavar="N",
-                    help="held-out synthetic pairs (default 2000: enough for the gate's intervals to be narrow)")
+    ev.add_argument("--eval-synthetic", type=int, default=None, metavar="N",
+                    help="held-out synthetic pairs (default 2000 when no --eval is given and --data has no labels: "
+                         "enough for the gate's intervals to be narrow; a labelled --data is split instead, "
+                         "its test split gating)")
     ap.add_argument("--eval-resolution", type=parse_size, default=None,
                     help="synthetic held-out camera resolution WxH (default: --resolution)")
     ap.add_argument("--ranges", choices=RANGES, default="auto",

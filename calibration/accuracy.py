@@ -58,14 +58,17 @@ def evaluate_stream(models: dict[str, object], chunks: Iterable[list[Pair]], spe
                 if len(outs) > 1:
                     maps[name].append(outs[1])
         labels += [p[2] for p in chunk]
-        if lesion is not None:
-            targets += [lesion_target(p[3], specs["white_light"]) for p in chunk if len(p) > 3]
+        if lesion is not None:  # None: a lesion pair without an outline, unscored
+            targets += [lesion_target(p[3], specs["white_light"]) if len(p) > 3 and p[3] is not None else None
+                        for p in chunk]
         bar.update(len(chunk))
     bar.close()
     if lesion is not None and all(maps.values()):
         lesion["maps"] = {name: np.concatenate(v) for name, v in maps.items()}
-        if len(targets) == len(labels):
-            lesion["targets"] = np.stack(targets)
+        known = np.array([t is not None for t in targets], bool)
+        if known.any():
+            lesion["targets"] = np.stack([t for t in targets if t is not None])
+            lesion["known"] = known
     return {name: np.concatenate(v) for name, v in logits.items()}, np.array(labels)
 
 
@@ -260,6 +263,8 @@ def lesion_report(lesion: dict, labels: np.ndarray, classes: tuple[str, ...], ma
            "agreement": {name: map_agreement(maps["fp32"], m, labels, classes, threshold, map_classes)
                          for name, m in maps.items() if name != "fp32"}}
     if "targets" in lesion:
-        out["scores"] = {name: lesion_scores(m, lesion["targets"], labels, classes, threshold, map_classes, roles)
-                         for name, m in maps.items()}
+        known = lesion.get("known", np.ones(len(labels), bool))
+        out["scored_pairs"] = int(known.sum())
+        out["scores"] = {name: lesion_scores(m[known], lesion["targets"], labels[known], classes, threshold,
+                                             map_classes, roles) for name, m in maps.items()}
     return out

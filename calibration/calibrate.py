@@ -37,6 +37,7 @@ from calibration.fp16 import fp16_model
 from calibration.qdq import quantize_qdq
 from calibration.ranges import METHODS, compute_ranges
 from edge_pfm.bundle import Bundle, write_manifest
+from edge_pfm.dataset import PairedDataset
 from edge_pfm.errors import EdgePfmError, ExitCode
 from edge_pfm.fileio import atomic_directory, atomic_write_json, atomic_write_text
 from edge_pfm.lesion import check_map_classes, map_measurement, map_verdict
@@ -48,6 +49,7 @@ from export.quant_scheme import DEFAULT_QUANTIZED_OPS, QAT_QUANTIZED_OPS
 FP16_METHOD = ("model.fp16.onnx run on ONNX Runtime CPU (FP16-typed graph, float32 I/O, LayerNormalization in "
                "float32; ORT computes FP16 ops without a CPU kernel in float32 between FP16 tensors)")
 RANGES = ("auto", "ptq", "qat")
+EVAL_SYNTHETIC = 2000  # synthetic held-out pairs by default: the gate's 99 % needs >= ~380, a narrow interval 2000
 
 
 class CalibrationError(EdgePfmError, RuntimeError):
@@ -68,8 +70,8 @@ class CalibrationPlan:
     synthetic: int = 512  # synthetic calibration pairs when data is None
     samples: int = 512  # at most this many calibration pairs
     method: str = "percentile"
-    eval: str | Path | None = None  # held-out labelled dataset; None: synthetic held-out pairs
-    eval_synthetic: int = 2000
+    eval: str | Path | None = None  # held-out labelled dataset; None: data's test split, or synthetic pairs
+    eval_synthetic: int | None = None  # synthetic held-out pairs (None: 2000 when synthetic ones are used)
     resolution: tuple[int, int] = (1280, 720)  # synthetic camera resolution
     eval_resolution: tuple[int, int] | None = None  # default: resolution
     ranges: str = "auto"  # auto | ptq | qat
@@ -133,6 +135,25 @@ def require_synthetic_training(bundle: Bundle, what: str) -> None:
             "(--eval DIR)")
 
 
+def _training_splits(bundle: Bundle, plan: CalibrationPlan):
+    """The dataset's train/val/test (export.splits). When the bundle was trained on this dataset, the split the
+    trainer made (its seed), checked by the test set's content digest: the gate must not see a training pair."""
+    from export.splits import dataset_splits
+
+    ds = PairedDataset(plan.data, bundle.classes)
+    training = bundle.manifest.get("provenance", {}).get("training", {})
+    recorded = training.get("splits", {})
+    same_data = bool(training.get("data")) and Path(str(training["data"])).resolve() == Path(plan.data).resolve()
+    splits = dataset_splits(ds, seed=int(recorded.get("seed", 0)) if same_data else plan.seed)
+    if same_data and recorded.get("test_sha256") and recorded["test_sha256"] != splits.digests["test"]:
+        raise CalibrationError(f"{plan.data} is the dataset {bundle.root} was trained on, but its test split is not "
+                               "the one the trainer held out (the files or labels.csv changed since): the gate could "
+                               "see training pairs. Give a held-out set the model never saw (--eval DIR)")
+    _log(f"      {plan.data}: {splits.source}; train {len(splits.train)}, val {len(splits.val)}, test "
+         f"{len(splits.test)} pairs")
+    return splits
+
+
 def lesion_map_entry(entry: dict, map_classes: tuple[str, ...], report: dict | None, eval_source: str) -> dict:
     """The manifest's lesion_map output after calibration: the classes that show it, and the held-out
     measurement of each precision's map where the held-out pairs had masks (else the earlier measurements stay;
@@ -166,33 +187,44 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
         raise CalibrationError(f"--map-classes: {bundle.root} has no lesion-map output (its model was trained "
                                "without lesion masks)")
     fp32 = bundle.model_path("fp32")
-    if plan.data is None or plan.eval is None:
+    lesion_classes = tuple(bundle.roles.lesion)
+    splits = None
+    if (plan.data is not None and plan.eval is None and plan.eval_synthetic is None
+            and PairedDataset(plan.data, classes).labelled):
+        splits = _training_splits(bundle, plan)  # one labelled dataset: train calibrates, test gates
+    if plan.data is None or (plan.eval is None and splits is None):
         require_synthetic_training(bundle, "calibration (--synthetic)" if plan.data is None else
                                    "the held-out set (--eval-synthetic)")
-    _log(f"[1/5] calibration data ({plan.data or 'synthetic'})")
+    _log(f"[1/5] calibration data ({plan.data or 'synthetic'}{', its train split' if splits else ''})")
     if plan.data is None:
         calib = synthetic_pairs(min(plan.synthetic, plan.samples), plan.seed, plan.resolution, classes)
         calib_source = f"synthetic:{len(calib)}:seed={plan.seed}:{plan.resolution[0]}x{plan.resolution[1]}"
     else:
-        calib, _ = dataset_pairs(plan.data, classes)
+        calib, _ = dataset_pairs(plan.data, classes, lesion_classes)
+        held_from_data = calib.subset(splits.test) if splits else None
+        if splits:
+            calib = calib.subset(splits.train)
         if len(calib) > plan.samples:
             idx = np.random.default_rng(plan.seed).choice(len(calib), plan.samples, replace=False)
-            calib = [calib[i] for i in sorted(idx)]
-        calib_source = str(plan.data)
+            calib = calib.subset(sorted(idx))
+        calib_source = str(plan.data) + (" (train split)" if splits else "")
     warn_if_few(len(calib))
-    data_hash = hashlib.sha256("".join(pair_digest(p) for p in calib).encode()).hexdigest()
+    calib_digest_list = [pair_digest(p) for p in calib]  # one streamed pass
+    data_hash = hashlib.sha256("".join(calib_digest_list).encode()).hexdigest()
 
-    if plan.eval is not None:
-        held, _ = dataset_pairs(plan.eval, classes)
-        if any(p[2] is None for p in held):
+    if splits is not None:
+        eval_source, eval_chunks, n_eval = f"{plan.data} (test split)", held_from_data.chunks(), len(held_from_data)
+    elif plan.eval is not None:
+        held, held_ds = dataset_pairs(plan.eval, classes, lesion_classes)
+        if not held_ds.labelled:
             raise CalibrationError(f"the held-out set {plan.eval} needs a label for every pair (labels.csv)")
-        eval_source, eval_chunks, n_eval = str(plan.eval), [held], len(held)
+        eval_source, eval_chunks, n_eval = str(plan.eval), held.chunks(), len(held)
     else:
         size = plan.eval_resolution or plan.resolution
-        eval_source = f"synthetic:{plan.eval_synthetic}:seed={plan.seed + 10_000}:{size[0]}x{size[1]}"
-        eval_chunks = synthetic_pair_chunks(plan.eval_synthetic, plan.seed + 10_000, size, classes=classes)
-        n_eval = plan.eval_synthetic
-    calib_digests = {pair_digest(p) for p in calib}
+        n_eval = plan.eval_synthetic or EVAL_SYNTHETIC
+        eval_source = f"synthetic:{n_eval}:seed={plan.seed + 10_000}:{size[0]}x{size[1]}"
+        eval_chunks = synthetic_pair_chunks(n_eval, plan.seed + 10_000, size, classes=classes)
+    calib_digests = set(calib_digest_list)
 
     def never_calibrated(pair) -> None:
         if pair_digest(pair) in calib_digests:

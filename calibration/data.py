@@ -7,7 +7,7 @@ None; also iterable), so the same object feeds onnxruntime's calibrators, polygr
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +22,53 @@ Pair = tuple
 MIN_RECOMMENDED_SAMPLES = 300
 
 
-def dataset_pairs(root: str | Path, classes: tuple[str, ...] | None = None) -> tuple[list[Pair], PairedDataset]:
-    """Load and validate every pair of a dataset directory; one error lists all bad files."""
+class DatasetPairs(Sequence):
+    """Pairs of a dataset on disk, read when indexed: calibration and evaluation stream them in chunks, so memory
+    does not grow with the dataset. With masks/, each pair carries its mask: its own, an empty one for a class
+    outside `lesion_classes`, None (unknown) for a lesion class without one."""
+
+    def __init__(self, ds: PairedDataset, indices: Sequence[int] | None = None, lesion_classes: tuple[str, ...] = ()):
+        self.ds, self.lesion_classes = ds, tuple(lesion_classes)
+        self.indices = list(range(len(ds))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return DatasetPairs(self.ds, self.indices[k], self.lesion_classes)
+        i = self.indices[k]
+        wl, fl, label = self.ds.load(i)
+        if not self.ds.has_masks:
+            return wl, fl, label
+        mask = self.ds.load_mask(i)
+        if mask is None and (label is None or self.ds.classes[label] not in self.lesion_classes):
+            mask = np.zeros(wl.shape[:2], bool)
+        return wl, fl, label, mask
+
+    def subset(self, indices: Iterable[int]) -> DatasetPairs:
+        return DatasetPairs(self.ds, [self.indices[k] for k in indices], self.lesion_classes)
+
+    def chunks(self, size: int = 64) -> Iterator[list[Pair]]:
+        for i in range(0, len(self), size):
+            yield list(self[i:i + size])
+
+
+def dataset_pairs(root: str | Path, classes: tuple[str, ...] | None = None,
+                  lesion_classes: tuple[str, ...] = ()) -> tuple[DatasetPairs, PairedDataset]:
+    """A dataset directory's pairs, read on demand (DatasetPairs), after one streamed pass that decodes every image
+    and mask: one error lists all bad files before any work starts."""
     ds = PairedDataset(root, classes)
-    pairs: list[Pair] = []
     bad: list[str] = []
-    for i in range(len(ds)):
+    for i in progress_bar(range(len(ds)), desc=f"checking {root}", enabled=len(ds) >= 500):
         try:
-            wl, fl, label = ds.load(i)
+            ds.load(i)
+            ds.load_mask(i)
         except DatasetError as exc:
             bad.append(str(exc))
-            continue
-        pairs.append((wl, fl, label))
     if bad:
         raise DatasetError(f"{len(bad)} bad image file(s) in {root}:\n  " + "\n  ".join(bad))
-    return pairs, ds
+    return DatasetPairs(ds, None, lesion_classes), ds
 
 
 def synthetic_pair_chunks(n: int, seed: int, size: tuple[int, int] = (1280, 720), chunk: int = 64,
@@ -86,7 +118,7 @@ class PairReader:
 
     def __init__(self, pairs: Iterable[Pair], specs: dict[str, PreprocessSpec], input_names: dict[str, str],
                  progress: str | None = None, total: int | None = None):
-        self.pairs = list(pairs)
+        self.pairs = pairs if isinstance(pairs, Sequence) else list(pairs)  # a DatasetPairs stays lazy
         self.specs = specs
         self.input_names = input_names
         self.progress = progress

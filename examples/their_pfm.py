@@ -106,26 +106,24 @@ def write_conformance(data: str, out: str, n: int = 32) -> int:
     """What their pipeline makes of `n` raw pairs, beside the raw pairs (edge-pfm's --check-preprocessing layout:
     white/, fluorescence/, tensors/<sample>.npz). -> pairs written."""
     import shutil
-    from pathlib import Path
 
     import numpy as np
 
     from edge_pfm.dataset import PairedDataset
+    from edge_pfm.fileio import atomic_directory
 
     ds = PairedDataset(data)
-    root = Path(out)
-    if root.exists() and any(root.iterdir()):
-        raise SystemExit(f"{root} is not empty: choose a new folder for the conformance set")
-    for sub in ("white", "fluorescence", "tensors"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
     count = min(n, len(ds))
-    for i in range(count):
-        s = ds.samples[i]
-        wl, fl, _ = ds.load(i)
-        shutil.copyfile(s.white, root / "white" / s.white.name)
-        shutil.copyfile(s.fluorescence, root / "fluorescence" / s.fluorescence.name)
-        np.savez(root / "tensors" / f"{s.name}.npz", white=their_preprocess(wl, MEANS["white"], STDS["white"]),
-                 fluo=their_preprocess(fl, MEANS["fluo"], STDS["fluo"]))
+    with atomic_directory(out) as root:  # replaces an earlier set whole
+        for sub in ("white", "fluorescence", "tensors"):
+            (root / sub).mkdir()
+        for i in range(count):
+            s = ds.samples[i]
+            wl, fl, _ = ds.load(i)
+            shutil.copyfile(s.white, root / "white" / s.white.name)
+            shutil.copyfile(s.fluorescence, root / "fluorescence" / s.fluorescence.name)
+            np.savez(root / "tensors" / f"{s.name}.npz", white=their_preprocess(wl, MEANS["white"], STDS["white"]),
+                     fluo=their_preprocess(fl, MEANS["fluo"], STDS["fluo"]))
     return count
 
 

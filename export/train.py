@@ -18,6 +18,7 @@ import copy
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from edge_pfm.bundle import MODALITIES
+from edge_pfm.dataset import SPLITS, DatasetError, PairedDataset
 from edge_pfm.errors import EdgePfmError
 from edge_pfm.preprocess import PreprocessSpec, preprocess
 from export.checkpoint import library_versions, save_checkpoint
@@ -49,6 +51,76 @@ class PairTensors:
         i = torch.as_tensor(idx)
         return PairTensors(self.white_light[i], self.fluorescence[i], self.labels[i], self.classes,
                            None if self.masks is None else self.masks[i])
+
+    @property
+    def has_masks(self) -> bool:
+        return self.masks is not None
+
+    def batches(self, batch_size: int) -> Iterator[tuple]:
+        """(white, fluorescence, labels, lesion targets or None) in order, unaugmented."""
+        for i in range(0, len(self), batch_size):
+            yield (self.white_light[i:i + batch_size], self.fluorescence[i:i + batch_size],
+                   self.labels[i:i + batch_size], None if self.masks is None else self.masks[i:i + batch_size])
+
+    def train_batches(self, batch_size: int, gen: torch.Generator, epoch: int, seed: int) -> Iterator[tuple]:
+        """One epoch, shuffled by `gen`, with the same flips for both modalities and the mask per batch."""
+        order = torch.randperm(len(self), generator=gen)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            w, f, y = self.white_light[idx], self.fluorescence[idx], self.labels[idx]
+            m = self.masks[idx] if self.masks is not None else None
+            # the same flips for both modalities (and the lesion mask): they image the same tissue
+            if torch.rand(1, generator=gen) < 0.5:
+                w, f, m = w.flip(3), f.flip(3), None if m is None else m.flip(3)
+            if torch.rand(1, generator=gen) < 0.5:
+                w, f, m = w.flip(2), f.flip(2), None if m is None else m.flip(2)
+            yield w, f, y, m
+
+
+class StreamedPairs:
+    """A split of a dataset on disk, read through DataLoader workers (export.data): the same interface as
+    PairTensors for training and evaluation, without holding the pairs in memory."""
+
+    def __init__(self, samples, workers: int | None = None):
+        self.samples, self.workers = samples, workers
+        self.classes = samples.ds.classes
+        self.labels = torch.from_numpy(samples.labels)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def has_masks(self) -> bool:
+        return self.samples.with_masks
+
+    @staticmethod
+    def _batch(b: tuple) -> tuple:
+        w, f, y, t = b
+        return w, f, y, (t if t.numel() else None)
+
+    def batches(self, batch_size: int) -> Iterator[tuple]:
+        from export.data import pair_loader
+
+        augment, self.samples.augment = self.samples.augment, False
+        try:
+            for b in pair_loader(self.samples, batch_size, shuffle=False, workers=self.workers):
+                yield self._batch(b)
+        finally:
+            self.samples.augment = augment
+
+    def train_batches(self, batch_size: int, gen: torch.Generator, epoch: int, seed: int) -> Iterator[tuple]:
+        from export.data import pair_loader
+
+        for b in pair_loader(self.samples, batch_size, shuffle=True, seed=seed, epoch=epoch, workers=self.workers):
+            yield self._batch(b)
+
+    def materialise(self) -> PairTensors:
+        """All of it in memory (QAT's fine-tuning indexes tensors)."""
+        parts = list(self.batches(64))
+        masks = [p[3] for p in parts]
+        return PairTensors(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                           torch.cat([p[2] for p in parts]), self.classes,
+                           torch.cat(masks) if masks and masks[0] is not None else None)
 
 
 def default_preprocessing(variant: str, **overrides) -> dict[str, PreprocessSpec]:
@@ -100,19 +172,34 @@ def synthetic_tensors(n: int, specs: dict[str, PreprocessSpec], seed: int = 0,
                        torch.tensor(labels), tuple(classes), torch.from_numpy(np.stack([r[2] for r in rows])))
 
 
-def dataset_tensors(root: str | Path, specs: dict[str, PreprocessSpec], progress: bool = True) -> PairTensors:
-    from edge_pfm.dataset import DatasetError, PairedDataset
+def dataset_tensors(root: str | Path, specs: dict[str, PreprocessSpec], progress: bool = True
+                    ) -> tuple[PairTensors, PairedDataset]:
+    """A labelled paired dataset, preprocessed, with lesion-map targets when it has masks/: a sample's mask gives
+    its target; without one, a class outside the lesion role (edge_pfm.roles) has an empty map and a lesion-class
+    sample an unknown one (NaN: its map loss is masked). -> (tensors, the dataset index)."""
+    from edge_pfm.roles import ClassRoles
+    from evaluation.lesion_metrics import lesion_target
 
     ds = PairedDataset(root)
     if not ds.labelled:
         raise DatasetError(f"{root}: every sample needs a label in labels.csv to train on it")
-    w, f, y = [], [], []
+    lesion = set(ClassRoles.default_for(ds.classes).lesion)
+    w, f, y, m = [], [], [], []
     for i in progress_bar(range(len(ds)), desc=f"loading {root}", enabled=progress):
         wl, fl, label = ds.load(i)
         w.append(preprocess(wl, specs["white_light"]))
         f.append(preprocess(fl, specs["fluorescence"]))
         y.append(label)
-    return PairTensors(torch.from_numpy(np.stack(w)), torch.from_numpy(np.stack(f)), torch.tensor(y), ds.classes)
+        if ds.has_masks:
+            mask = ds.load_mask(i)
+            target = (lesion_target(mask, specs["white_light"]) if mask is not None else
+                      lesion_target(np.zeros(wl.shape[:2], bool), specs["white_light"]))
+            if mask is None and ds.classes[label] in lesion:
+                target = np.full_like(target, np.nan)  # a lesion we have no outline of: unknown, not empty
+            m.append(target)
+    masks = torch.from_numpy(np.stack(m)) if m else None
+    return PairTensors(torch.from_numpy(np.stack(w)), torch.from_numpy(np.stack(f)), torch.tensor(y), ds.classes,
+                       masks), ds
 
 
 def split(data: PairTensors, val_fraction: float = 0.2, seed: int = 0) -> tuple[PairTensors, PairTensors]:
@@ -129,47 +216,64 @@ def split(data: PairTensors, val_fraction: float = 0.2, seed: int = 0) -> tuple[
 
 
 @torch.inference_mode()
-def predict(model: PFM, data: PairTensors, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray | None]:
-    """-> (logits (N, classes), lesion-map probabilities (N, 1, h, w) or None without the head)."""
+def predict(model: PFM, data: PairTensors | StreamedPairs, batch_size: int = 64
+            ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """-> (logits (N, classes), lesion-map probabilities (N, 1, h, w) or None without the head, the lesion
+    targets (N, 1, h, w) or None without masks)."""
     model.eval()
-    logits, maps = [], []
-    for i in range(0, len(data), batch_size):
-        out, lesion_logits = model.forward_multitask(data.white_light[i:i + batch_size],
-                                                     data.fluorescence[i:i + batch_size])
+    logits, maps, targets = [], [], []
+    for w, f, _, m in data.batches(batch_size):
+        out, lesion_logits = model.forward_multitask(w, f)
         logits.append(out)
         if lesion_logits is not None:
             maps.append(lesion_logits.sigmoid())
-    return torch.cat(logits).numpy(), (torch.cat(maps).numpy() if maps else None)
+        if m is not None:
+            targets.append(m)
+    return (torch.cat(logits).numpy(), torch.cat(maps).numpy() if maps else None,
+            torch.cat(targets).numpy() if targets else None)
 
 
-def evaluate(model: PFM, data: PairTensors) -> dict:
+def evaluate(model: PFM, data: PairTensors | StreamedPairs) -> dict:
     """Accuracy and recall; with the lesion head and masks, the map's Dice and pointing over the map classes
     (the lesion role, edge_pfm.roles) with their intervals, as `lesion_classes`."""
     from evaluation.lesion_metrics import lesion_scores
 
-    logits, maps = predict(model, data)
+    logits, maps, targets = predict(model, data)
     pred = logits.argmax(1)
     y = data.labels.numpy()
     recall = {c: float((pred[y == i] == i).mean()) if (y == i).any() else float("nan")
               for i, c in enumerate(data.classes)}
     out = {"accuracy": float((pred == y).mean()), "recall": recall}
-    if maps is not None and data.masks is not None:
-        scores = lesion_scores(maps, data.masks.numpy(), y, data.classes)
+    known = None if targets is None else known_masks(torch.from_numpy(targets)).numpy()
+    if maps is not None and known is not None and known.any():  # a lesion without an outline cannot be scored
+        scores = lesion_scores(maps[known], targets[known], y[known], data.classes)
         out["lesion_dice"] = scores["lesion_classes"]["dice"]
         out["lesion_pointing"] = scores["lesion_classes"]["pointing"]
         out["lesion_classes"] = scores["lesion_classes"]
     return out
 
 
+def known_masks(target: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: the samples whose lesion target is known (an unknown one is NaN)."""
+    return ~torch.isnan(target).flatten(1).any(1)
+
+
 def lesion_loss(lesion_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE per cell + soft Dice over the batch (empty `normal` masks only push probabilities down)."""
+    """BCE per cell + soft Dice over the batch's known masks (empty `normal` masks only push probabilities
+    down; a lesion sample without a mask adds nothing)."""
+    known = known_masks(target)
+    if not bool(known.all()):
+        if not bool(known.any()):
+            return lesion_logits.sum() * 0.0
+        lesion_logits, target = lesion_logits[known], target[known]
     bce = F.binary_cross_entropy_with_logits(lesion_logits, target)
     p = lesion_logits.sigmoid()
     dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
     return bce + dice
 
 
-def train(model: PFM, train_set: PairTensors, val_set: PairTensors, epochs: int = 12, batch_size: int = 32,
+def train(model: PFM, train_set: PairTensors | StreamedPairs, val_set: PairTensors | StreamedPairs, epochs: int = 12,
+          batch_size: int = 32,
           lr: float = 3e-3, seed: int = 0, progress: bool = True, label: str = "", lesion_weight: float = 1.0) -> dict:
     """Train in place; keeps the weights of the best validation epoch. -> history dict."""
     torch.manual_seed(seed)
@@ -183,21 +287,12 @@ def train(model: PFM, train_set: PairTensors, val_set: PairTensors, epochs: int 
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
         model.train()
-        order = torch.randperm(len(train_set), generator=gen)
         total, seen = 0.0, 0
-        batches = range(0, len(order), batch_size)
         # a terminal gets a live bar per epoch; a log gets only the epoch's summary line below
-        bar = progress_bar(batches, desc=f"{label}epoch {epoch}/{epochs}", unit="batches", leave=False,
-                           enabled=progress and sys.stderr.isatty())
-        for i in bar:
-            idx = order[i:i + batch_size]
-            w, f, y = train_set.white_light[idx], train_set.fluorescence[idx], train_set.labels[idx]
-            m = train_set.masks[idx] if train_set.masks is not None else None
-            # the same flips for both modalities (and the lesion mask): they image the same tissue
-            if torch.rand(1, generator=gen) < 0.5:
-                w, f, m = w.flip(3), f.flip(3), None if m is None else m.flip(3)
-            if torch.rand(1, generator=gen) < 0.5:
-                w, f, m = w.flip(2), f.flip(2), None if m is None else m.flip(2)
+        bar = progress_bar(train_set.train_batches(batch_size, gen, epoch, seed),
+                           total=(len(train_set) + batch_size - 1) // batch_size, desc=f"{label}epoch {epoch}/{epochs}",
+                           unit="batches", leave=False, enabled=progress and sys.stderr.isatty())
+        for w, f, y, m in bar:
             logits, lesion_logits = model.forward_multitask(w, f)
             loss = F.cross_entropy(logits, y, label_smoothing=0.05)
             if lesion_logits is not None and m is not None:  # multi-task: the lesion map learns beside the class
@@ -206,8 +301,8 @@ def train(model: PFM, train_set: PairTensors, val_set: PairTensors, epochs: int 
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
+            total += loss.item() * len(y)
+            seen += len(y)
             bar.set_postfix(loss=f"{total / seen:.3f}", refresh=False)
         metrics = evaluate(model, val_set)
         history.append({"epoch": epoch, "loss": total / seen, **metrics, "elapsed_s": time.perf_counter() - t0})
@@ -225,13 +320,13 @@ def train(model: PFM, train_set: PairTensors, val_set: PairTensors, epochs: int 
     return {"best": best, "history": history, "train_s": time.perf_counter() - t0}
 
 
-def ablation(data: PairTensors, variant: str, epochs: int, seed: int = 0, progress: bool = True) -> dict:
+def ablation(train_set: PairTensors, val_set: PairTensors, variant: str, epochs: int, seed: int = 0,
+             progress: bool = True) -> dict:
     """Fusion vs white-light-only vs fluorescence-only on the same split."""
-    train_set, val_set = split(data, seed=seed)
     rows = {}
     for name, source in (("fusion", None), ("white_light only", "white_light"),
                          ("fluorescence only", "fluorescence")):
-        model = create_model(variant, num_classes=len(data.classes), single_source=source)
+        model = create_model(variant, num_classes=len(train_set.classes), single_source=source)
         result = train(model, train_set, val_set, epochs=epochs, seed=seed, progress=progress, label=f"[{name}] ")
         rows[name] = result["best"]
     return rows
@@ -272,19 +367,29 @@ def quantization_aware(model: PFM, train_set: PairTensors, val_set: PairTensors,
             "val_agreement": best["val_agreement"], "val_accuracy_float_after": float_after["accuracy"]}
 
 
-def lesion_map_validation(model: PFM, val_set: PairTensors, quiet: bool = False) -> dict | None:
-    """The final weights' lesion map measured on the validation split (never trained on) -> the measurement the
-    bundle carries (edge_pfm.lesion.map_measurement), or None without masks. Says whether the runtime will show it."""
+def lesion_map_measurement(model: PFM, data: PairTensors, source: str, quiet: bool = False) -> dict | None:
+    """The final weights' lesion map measured on `data` (never trained on) -> the measurement the bundle carries
+    (edge_pfm.lesion.map_measurement), or None without masks. Says whether the runtime will show it."""
     from edge_pfm.lesion import judge_map, map_measurement
 
-    scores = evaluate(model, val_set).get("lesion_classes")
+    scores = evaluate(model, data).get("lesion_classes")
     if scores is None:
         return None
-    m = map_measurement(scores, f"trainer validation split ({len(val_set)} pairs, not trained on)")
+    m = map_measurement(scores, source)
     if not quiet:  # the verdict a bundle exported from this checkpoint gets, until calibration re-measures it
         print(judge_map({"shown_for": m["classes"], "measurements": {"fp32": m}}, tuple(m["classes"]), "fp32").describe(),
               file=sys.stderr)
     return m
+
+
+def test_report(model: PFM, test_set: PairTensors) -> dict:
+    """Accuracy (with its 95 % Wilson interval) and recall on the test split."""
+    from evaluation.stats import wilson
+
+    metrics = evaluate(model, test_set)
+    k = round(metrics["accuracy"] * len(test_set))
+    return {"samples": len(test_set), "accuracy": metrics["accuracy"], "accuracy_ci95": list(wilson(k, len(test_set))),
+            "recall": metrics["recall"]}
 
 
 @dataclass(frozen=True)
@@ -304,17 +409,37 @@ class TrainPlan:
     qat_from: str | Path | None = None  # skip float training: fine-tune this checkpoint with QAT
     resolution: tuple[int, int] = (320, 240)  # synthetic frame size before preprocessing
     progress: bool = True
+    cache_dir: str | Path | None = None  # --data: preprocessed tensors kept here (keyed by content and spec)
+    workers: int | None = None  # --data: DataLoader workers (None: export.data.default_workers)
 
 
 class TrainingError(EdgePfmError, ValueError):
     """A training request cannot run (a variant, an option); the message says what to change."""
 
 
-def load_data(plan: TrainPlan, specs: dict[str, PreprocessSpec], classes: tuple[str, ...] = DEFAULT_CLASSES
-              ) -> PairTensors:
-    """The plan's dataset (its classes.txt names the classes), or synthetic pairs of `classes`."""
-    return (dataset_tensors(plan.data, specs, plan.progress) if plan.data is not None else
-            synthetic_tensors(plan.synthetic, specs, plan.seed, plan.resolution, plan.progress, classes))
+def load_sets(plan: TrainPlan, specs: dict[str, PreprocessSpec], classes: tuple[str, ...] = DEFAULT_CLASSES
+              ) -> tuple[PairTensors, PairTensors, PairTensors | None, dict]:
+    """(train, val, test or None, how they were made). A dataset (its classes.txt names the classes) gives three
+    sets (export.splits: its split column, else grouped and stratified); synthetic pairs of `classes` give train
+    and val, since a synthetic held-out set is rendered afresh by calibration."""
+    if plan.data is None:
+        data = synthetic_tensors(plan.synthetic, specs, plan.seed, plan.resolution, plan.progress, classes)
+        train_set, val_set = split(data, seed=plan.seed)
+        return train_set, val_set, None, {"source": "stratified 80/20 of the synthetic pairs"}
+    from edge_pfm.roles import ClassRoles
+    from export.data import PairSamples
+    from export.splits import dataset_splits
+
+    ds = PairedDataset(plan.data)
+    sets = dataset_splits(ds, seed=plan.seed)
+    lesion = ClassRoles.default_for(ds.classes).lesion
+    train_set, val_set, test_set = (
+        StreamedPairs(PairSamples(ds, sets.indices(k), specs, lesion, augment=k == "train", seed=plan.seed,
+                                  cache_dir=plan.cache_dir), plan.workers) for k in SPLITS)
+    if plan.progress:
+        print(f"{plan.data}: {sets.source}; train {len(train_set)}, val {len(val_set)}, test {len(test_set)} pairs, "
+              f"read from disk{f' through the cache {plan.cache_dir}' if plan.cache_dir else ''}", file=sys.stderr)
+    return train_set, val_set, test_set, sets.to_dict()
 
 
 def train_checkpoint(out: str | Path, plan: TrainPlan | None = None) -> dict:
@@ -336,10 +461,10 @@ def train_checkpoint(out: str | Path, plan: TrainPlan | None = None) -> dict:
         except ValueError as exc:
             raise TrainingError(str(exc)) from None
         classes = variant_classes(variant)
-    data = load_data(plan, specs, classes)
-    train_set, val_set = split(data, seed=plan.seed)
+    train_set, val_set, test_set, splits = load_sets(plan, specs, classes)
+    data_classes = train_set.classes
     extra = {"seed": plan.seed, "threads": plan.threads, "versions": library_versions(),
-             "train_samples": len(train_set), "val_samples": len(val_set),
+             "train_samples": len(train_set), "val_samples": len(val_set), "splits": splits,
              "data": str(plan.data) if plan.data is not None else f"synthetic:{plan.synthetic}:seed={plan.seed}"}
     if plan.qat_from:
         extra.update({k: meta["extra"][k] for k in ("val_accuracy", "val_recall", "epoch") if k in meta["extra"]})
@@ -347,23 +472,33 @@ def train_checkpoint(out: str | Path, plan: TrainPlan | None = None) -> dict:
         seconds = 0.0
     else:
         # a lesion head learns only from masks: without them it would ship its initial weights
-        head = variant_config(variant).lesion_map and data.masks is not None
+        head = variant_config(variant).lesion_map and train_set.has_masks
         if not head and variant_config(variant).lesion_map:
             print(f"no lesion masks in {plan.data or 'the data'}: training without the lesion-map head "
                   "(the bundle will have no lesion_map output)", file=sys.stderr)
         torch.manual_seed(plan.seed)  # initialisation
-        model = create_model(variant, num_classes=len(data.classes), lesion_map=head)
+        model = create_model(variant, num_classes=len(data_classes), lesion_map=head)
         result = train(model, train_set, val_set, plan.epochs, plan.batch_size, plan.lr, plan.seed, plan.progress)
         best = result["best"]
         extra.update({"val_accuracy": best["accuracy"], "val_recall": best["recall"], "epoch": best["epoch"]})
         seconds = result["train_s"]
-    if plan.qat_epochs:
-        extra["qat"] = quantization_aware(model, train_set, val_set, plan.qat_epochs, plan.qat_lr, plan.seed,
-                                          plan.progress)
+    if plan.qat_epochs:  # QAT's fine-tuning indexes tensors: a streamed split is loaded for it
+        extra["qat"] = quantization_aware(model, *(s.materialise() if isinstance(s, StreamedPairs) else s
+                                                   for s in (train_set, val_set)),
+                                          plan.qat_epochs, plan.qat_lr, plan.seed, plan.progress)
         extra["val_accuracy"] = extra["qat"]["val_accuracy_float_after"]
+    if test_set is not None:  # reported, never selected on
+        extra["test"] = test_report(model, test_set)
+        if plan.progress:
+            t = extra["test"]
+            print(f"test accuracy {t['accuracy']:.4f} [{t['accuracy_ci95'][0]:.4f}, {t['accuracy_ci95'][1]:.4f}] on "
+                  f"{t['samples']} pairs (never trained or selected on)", file=sys.stderr)
     if model.cfg.lesion_map:
-        extra["lesion_map"] = lesion_map_validation(model, val_set, not plan.progress)
-    save_checkpoint(out, model, variant, data.classes, specs, extra=extra)
+        held, source = ((test_set, f"trainer test split ({len(test_set)} pairs, never trained or selected on)")
+                        if test_set is not None else
+                        (val_set, f"trainer validation split ({len(val_set)} pairs, not trained on)"))
+        extra["lesion_map"] = lesion_map_measurement(model, held, source, not plan.progress)
+    save_checkpoint(out, model, variant, data_classes, specs, extra=extra)
     print(f"val accuracy {extra['val_accuracy']:.4f}{' after QAT' if plan.qat_epochs else ''}; trained in "
           f"{seconds + extra.get('qat', {}).get('seconds', 0):.0f}s; wrote {out}")
     return extra
@@ -377,7 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="paired dataset directory (see edge_pfm.dataset)")
+    src.add_argument("--data", help="paired dataset directory (edge_pfm.dataset: white/, fluorescence/, optional "
+                                    "masks/, classes.txt, labels.csv with optional group and split columns); "
+                                    "trains on its train split, picks the epoch on val, reports test")
     src.add_argument("--synthetic", type=int, metavar="N", help="train on N synthetic pairs")
     ap.add_argument("--variant", default=defaults.variant)
     ap.add_argument("--epochs", type=int, default=defaults.epochs)
@@ -393,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qat-from", metavar="CKPT", help="skip float training: fine-tune this checkpoint with QAT")
     ap.add_argument("--resolution", type=parse_size, default=defaults.resolution,
                     help="synthetic frame size WIDTHxHEIGHT before preprocessing (default 320x240)")
+    ap.add_argument("--cache-dir", metavar="DIR", help="--data: keep preprocessed tensors here, keyed by the files' "
+                                                        "content and the preprocessing (augmentation runs after it)")
+    ap.add_argument("--workers", type=int, metavar="N",
+                    help="--data: DataLoader workers reading from disk (default: cores - 1, at most 4)")
     ap.add_argument("--out", help="checkpoint path to write")
     ap.add_argument("--ablation", action="store_true", help="train fusion and both single-source models; print a table")
     ap.add_argument("--quiet", action="store_true")
@@ -402,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = TrainPlan(data=args.data, synthetic=args.synthetic or defaults.synthetic, variant=args.variant,
                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
                      qat_epochs=args.qat_epochs, qat_lr=args.qat_lr, qat_from=args.qat_from,
-                     resolution=args.resolution, progress=not args.quiet)
+                     resolution=args.resolution, progress=not args.quiet, cache_dir=args.cache_dir,
+                     workers=args.workers)
 
     def command() -> None:
         if not args.ablation:
@@ -413,8 +555,9 @@ def main(argv: list[str] | None = None) -> int:
             specs = default_preprocessing(plan.variant)
         except ValueError as exc:
             raise TrainingError(str(exc)) from None
-        data = load_data(plan, specs, variant_classes(plan.variant))
-        print(format_ablation(ablation(data, plan.variant, plan.epochs, plan.seed, plan.progress), data.classes))
+        train_set, val_set, _, _ = load_sets(plan, specs, variant_classes(plan.variant))
+        print(format_ablation(ablation(train_set, val_set, plan.variant, plan.epochs, plan.seed, plan.progress),
+                              train_set.classes))
 
     return run_command(command)
 

@@ -190,6 +190,8 @@ def test_bad_calibration_data_is_listed_and_bundle_untouched(tiny_bundle, tmp_pa
     ds = write_dataset(tmp_path / "ds", 6, seed=5, size=(96, 72))
     (ds / "white" / "s00002.png").unlink()
     (ds / "fluorescence" / "s00003.png").write_bytes(b"garbage")
+    labels = (ds / "labels.csv").read_text().splitlines()
+    (ds / "labels.csv").write_text("\n".join(r for r in labels if not r.startswith("s00002,")) + "\n")
     assert calibrate(["--bundle", str(b), "--data", str(ds), "--eval-synthetic", "8"]) == 2
     err = capsys.readouterr().err
     assert "unpaired" in err and "fluorescence/s00002.png" in err

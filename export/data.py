@@ -1,0 +1,132 @@
+"""Pairs streamed from disk for training: a torch Dataset over the torch-free reader (edge_pfm.dataset), feeding a
+DataLoader, so memory stays flat however large the dataset is.
+
+- Each item is read, preprocessed by edge_pfm.preprocess (what the device runs), and given its lesion-map target
+  (the mask's share of each map cell; empty for a class outside the lesion role; NaN, unknown, for a lesion
+  sample without a mask).
+- An optional cache (`cache_dir`) keeps the preprocessed tensors, keyed by the files' content and the
+  preprocessing spec; augmentation runs after it.
+- Augmentation is paired: one geometric transform (flips) for both modalities and the mask, photometric changes
+  (gain, offset) per modality. Its randomness comes from (seed, epoch, sample), never from the worker that
+  loads it, so a run reproduces at any worker count.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_pfm.dataset import PairedDataset
+from edge_pfm.fileio import atomic_write_bytes
+from edge_pfm.preprocess import PreprocessSpec, preprocess
+
+
+def default_workers() -> int:
+    """DataLoader workers: one core stays with the training step."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+class PairSamples(torch.utils.data.Dataset):
+    """Samples `indices` of `ds` -> (white (C,H,W), fluorescence (C,H,W), label, lesion target (1,h,w) or (0,))."""
+
+    def __init__(self, ds: PairedDataset, indices: Sequence[int], specs: dict[str, PreprocessSpec],
+                 lesion_classes: tuple[str, ...] = (), augment: bool = False, seed: int = 0,
+                 cache_dir: str | Path | None = None):
+        self.ds, self.indices, self.specs = ds, list(indices), specs
+        self.lesion_classes, self.augment, self.seed = tuple(lesion_classes), augment, seed
+        self.with_masks = ds.has_masks
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.epoch = 0
+        self._spec_key = json.dumps({m: s.to_dict() for m, s in sorted(specs.items())}, sort_keys=True)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentation differs per epoch (DataLoader workers are made afresh each epoch and see this)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([self.ds.samples[i].label for i in self.indices], np.int64)
+
+    def _compute(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from evaluation.lesion_metrics import lesion_target
+
+        wl, fl, label = self.ds.load(i)
+        w, f = preprocess(wl, self.specs["white_light"]), preprocess(fl, self.specs["fluorescence"])
+        target = np.zeros((0,), np.float32)
+        if self.with_masks:
+            mask = self.ds.load_mask(i)
+            target = lesion_target(mask if mask is not None else np.zeros(wl.shape[:2], bool), self.specs["white_light"])
+            if mask is None and self.ds.classes[label] in self.lesion_classes:
+                target = np.full_like(target, np.nan)  # a lesion without an outline: unknown, not empty
+        return w, f, target.astype(np.float32)
+
+    def _cache_path(self, i: int) -> Path:
+        s = self.ds.samples[i]
+        h = hashlib.sha256(self.ds.pair_hash(i).encode() + self._spec_key.encode())
+        h.update(repr((self.with_masks, s.label, self.lesion_classes)).encode())
+        if s.mask is not None:
+            h.update(hashlib.sha256(s.mask.read_bytes()).digest())
+        return self.cache_dir / f"{h.hexdigest()}.npz"
+
+    def preprocessed(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.cache_dir is None:
+            return self._compute(i)
+        path = self._cache_path(i)
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    return z["white"], z["fluo"], z["target"]
+            except (OSError, ValueError, KeyError, EOFError):
+                pass  # a torn or foreign file: recompute and replace it
+        w, f, t = self._compute(i)
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, white=w, fluo=f, target=t)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, buf.getvalue())
+        return w, f, t
+
+    def __getitem__(self, k: int):
+        i = self.indices[k]
+        w, f, t = self.preprocessed(i)
+        if self.augment:
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            for axis in (2, 1):  # horizontal, vertical: the same for both modalities and the mask
+                if rng.random() < 0.5:
+                    w, f = np.flip(w, axis), np.flip(f, axis)
+                    t = np.flip(t, axis) if t.size else t
+            gain, offset = rng.uniform(0.9, 1.1, 2), rng.uniform(-0.1, 0.1, 2)  # per modality
+            w, f = w * np.float32(gain[0]) + np.float32(offset[0]), f * np.float32(gain[1]) + np.float32(offset[1])
+        label = self.ds.samples[i].label
+        return (torch.from_numpy(np.ascontiguousarray(w, np.float32)), torch.from_numpy(np.ascontiguousarray(f, np.float32)),
+                torch.tensor(label, dtype=torch.int64), torch.from_numpy(np.ascontiguousarray(t, np.float32)))
+
+
+def pair_loader(samples: PairSamples, batch_size: int, shuffle: bool, seed: int = 0, epoch: int = 0,
+                workers: int | None = None, sampler: torch.utils.data.Sampler | None = None,
+                drop_last: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over `samples` for one epoch: a seeded order (or `sampler`, e.g. a DistributedSampler)."""
+    samples.set_epoch(epoch)
+    workers = default_workers() if workers is None else workers
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if sampler is None and shuffle:
+        sampler = torch.utils.data.RandomSampler(samples, generator=gen)
+    return torch.utils.data.DataLoader(samples, batch_size=batch_size, sampler=sampler, shuffle=False,
+                                       num_workers=workers, drop_last=drop_last,
+                                       worker_init_fn=_quiet_worker, persistent_workers=False)
+
+
+def _quiet_worker(_: int) -> None:
+    torch.set_num_threads(1)  # a loader worker decodes and resizes; the training step owns the cores
+    import cv2
+
+    cv2.setNumThreads(1)
