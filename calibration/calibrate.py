@@ -136,21 +136,29 @@ def require_synthetic_training(bundle: Bundle, what: str) -> None:
 
 
 def _training_splits(bundle: Bundle, plan: CalibrationPlan):
-    """The dataset's train/val/test (export.splits). When the bundle was trained on this dataset, the split the
-    trainer made (its seed), checked by the test set's content digest: the gate must not see a training pair."""
+    """The dataset's train/val/test (export.splits). When the bundle was trained on this dataset (the same path,
+    or the same split digests), the split the trainer made, with its seed, checked by the test set's content
+    digest: the gate must not see a training pair."""
     from export.splits import dataset_splits
 
     ds = PairedDataset(plan.data, bundle.classes)
     training = bundle.manifest.get("provenance", {}).get("training", {})
     recorded = training.get("splits", {})
-    same_data = bool(training.get("data")) and Path(str(training["data"])).resolve() == Path(plan.data).resolve()
-    splits = dataset_splits(ds, seed=int(recorded.get("seed", 0)) if same_data else plan.seed)
-    if same_data and recorded.get("test_sha256") and recorded["test_sha256"] != splits.digests["test"]:
+    trained_on = str(training.get("data", ""))
+    same_path = bool(trained_on) and not trained_on.startswith("synthetic:") and (
+        Path(trained_on).resolve() == Path(plan.data).resolve())
+    if same_path and "test_sha256" not in recorded:
+        raise CalibrationError(f"{bundle.root} was trained on {plan.data}, but its checkpoint does not record which "
+                               "pairs it held out (it predates train/val/test splits): give a held-out set the model "
+                               "never saw (--eval DIR)")
+    splits = dataset_splits(ds, seed=int(recorded.get("seed", plan.seed)))
+    same_data = same_path or any(recorded.get(f"{k}_sha256") == splits.digests[k] for k in ("train", "val", "test"))
+    if same_data and recorded.get("test_sha256") != splits.digests["test"]:
         raise CalibrationError(f"{plan.data} is the dataset {bundle.root} was trained on, but its test split is not "
                                "the one the trainer held out (the files or labels.csv changed since): the gate could "
                                "see training pairs. Give a held-out set the model never saw (--eval DIR)")
     _log(f"      {plan.data}: {splits.source}; train {len(splits.train)}, val {len(splits.val)}, test "
-         f"{len(splits.test)} pairs")
+         f"{len(splits.test)} pairs{' (the trainer' + chr(39) + 's split)' if same_data else ''}")
     return splits
 
 
@@ -221,7 +229,7 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
         eval_source, eval_chunks, n_eval = str(plan.eval), held.chunks(), len(held)
     else:
         size = plan.eval_resolution or plan.resolution
-        n_eval = plan.eval_synthetic or EVAL_SYNTHETIC
+        n_eval = EVAL_SYNTHETIC if plan.eval_synthetic is None else plan.eval_synthetic
         eval_source = f"synthetic:{n_eval}:seed={plan.seed + 10_000}:{size[0]}x{size[1]}"
         eval_chunks = synthetic_pair_chunks(n_eval, plan.seed + 10_000, size, classes=classes)
     calib_digests = set(calib_digest_list)

@@ -1,4 +1,5 @@
-"""The paired dataset layout that the trainer, calibration and evaluation all read (and `edge-pfm record` writes).
+"""The paired dataset layout that the trainer, calibration and evaluation all read (torch-free: the device will
+write it too).
 
     DATASET/
       classes.txt           one class name per line, in logit order (required when there are labels)
@@ -12,7 +13,8 @@
 
 A sample is a pair only if both frames exist. Every path is checked when the dataset is opened, and one error
 lists every problem: unpaired files, masks without a sample, JPEG or wrongly sized masks, unknown labels, labels
-without classes.txt, a partly empty group or split column, a class missing from a given split.
+without classes.txt, a partly empty group or split column. (A class missing from a given split is refused by
+export.splits, which makes the three sets.) An image that cannot be decoded is named when it is read.
 """
 from __future__ import annotations
 
@@ -55,6 +57,15 @@ def image_size(path: Path) -> tuple[int, int] | None:
     if head[:2] == b"BM" and len(head) >= 26:
         w, h = struct.unpack("<ii", head[18:26])
         return abs(h), w
+    return None
+
+
+def png_kind(path: Path) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG header (colour type 0 = greyscale); None for other formats."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) >= 26:
+        return head[24], head[25]
     return None
 
 
@@ -143,15 +154,8 @@ class PairedDataset:
             if bad:
                 problems.append(f"{labels_path}: split must be one of {list(SPLITS)}: "
                                 + _listing([f"{s}={rows[s]['split']!r}" for s in bad]))
-            elif self.classes and labelled:
-                for split in SPLITS:
-                    present = {labelled[s] for s, r in rows.items() if r.get("split") == split and s in labelled}
-                    absent = [c for c in self.classes if c not in present]
-                    if absent:
-                        problems.append(f"{labels_path}: split {split!r} has no sample of class(es) {absent}; every "
-                                        "class must be in train, val and test")
         names = sorted(set(w_files) & set(f_files))
-        if check_mask_sizes and not problems:
+        if check_mask_sizes:
             for s in names:
                 if s in m_files and m_files[s].suffix.lower() in MASK_SUFFIXES:
                     try:
@@ -159,6 +163,10 @@ class PairedDataset:
                     except DatasetError as exc:
                         problems.append(str(exc))
                         continue
+                    kind = png_kind(m_files[s])
+                    if kind is not None and kind != (8, 0):
+                        problems.append(f"{m_files[s]}: a mask is an 8-bit greyscale PNG (0 = background, > 0 = "
+                                        f"lesion), this one has bit depth {kind[0]}, colour type {kind[1]}; convert it")
                     if ms != ws:
                         problems.append(f"{m_files[s]} is {ms[1]}x{ms[0]}, its white-light frame {w_files[s]} is "
                                         f"{ws[1]}x{ws[0]}: a mask has the white-light frame's size")
@@ -179,7 +187,7 @@ class PairedDataset:
         if not path.is_file():
             return {}, set()
         rows: dict[str, dict] = {}
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: the BOM a spreadsheet writes
             reader = csv.DictReader(f)
             columns = set(reader.fieldnames or ())
             if not {"sample", "label"} <= columns:

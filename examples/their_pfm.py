@@ -106,6 +106,7 @@ def write_conformance(data: str, out: str, n: int = 32) -> int:
     """What their pipeline makes of `n` raw pairs, beside the raw pairs (edge-pfm's --check-preprocessing layout:
     white/, fluorescence/, tensors/<sample>.npz). -> pairs written."""
     import shutil
+    from pathlib import Path
 
     import numpy as np
 
@@ -114,7 +115,10 @@ def write_conformance(data: str, out: str, n: int = 32) -> int:
 
     ds = PairedDataset(data)
     count = min(n, len(ds))
-    with atomic_directory(out) as root:  # replaces an earlier set whole
+    target = Path(out)
+    if target.exists() and sorted(p.name for p in target.iterdir()) not in ([], ["fluorescence", "tensors", "white"]):
+        raise SystemExit(f"{target} holds something other than a conformance set: choose another --out")
+    with atomic_directory(target) as root:  # replaces an earlier conformance set whole
         for sub in ("white", "fluorescence", "tensors"):
             (root / sub).mkdir()
         for i in range(count):

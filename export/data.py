@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +25,18 @@ import torch
 from edge_pfm.dataset import PairedDataset
 from edge_pfm.fileio import atomic_write_bytes
 from edge_pfm.preprocess import PreprocessSpec, preprocess
+
+
+def _cache_salt() -> str:
+    """What else the cached tensors depend on: this code's version and OpenCV's (resize and decode)."""
+    import cv2
+
+    import edge_pfm
+
+    return f"v1:{edge_pfm.__version__}:{cv2.__version__}:{np.__version__}"
+
+
+CACHE_SALT = _cache_salt()
 
 
 def default_workers() -> int:
@@ -64,13 +77,13 @@ class PairSamples(torch.utils.data.Dataset):
         if self.with_masks:
             mask = self.ds.load_mask(i)
             target = lesion_target(mask if mask is not None else np.zeros(wl.shape[:2], bool), self.specs["white_light"])
-            if mask is None and self.ds.classes[label] in self.lesion_classes:
+            if mask is None and label is not None and self.ds.classes[label] in self.lesion_classes:
                 target = np.full_like(target, np.nan)  # a lesion without an outline: unknown, not empty
         return w, f, target.astype(np.float32)
 
     def _cache_path(self, i: int) -> Path:
         s = self.ds.samples[i]
-        h = hashlib.sha256(self.ds.pair_hash(i).encode() + self._spec_key.encode())
+        h = hashlib.sha256(self.ds.pair_hash(i).encode() + self._spec_key.encode() + CACHE_SALT.encode())
         h.update(repr((self.with_masks, s.label, self.lesion_classes)).encode())
         if s.mask is not None:
             h.update(hashlib.sha256(s.mask.read_bytes()).digest())
@@ -84,7 +97,7 @@ class PairSamples(torch.utils.data.Dataset):
             try:
                 with np.load(path, allow_pickle=False) as z:
                     return z["white"], z["fluo"], z["target"]
-            except (OSError, ValueError, KeyError, EOFError):
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
                 pass  # a torn or foreign file: recompute and replace it
         w, f, t = self._compute(i)
         import io

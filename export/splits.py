@@ -1,5 +1,5 @@
-"""Three sets kept apart: `train` trains (and calibrates the INT8 ranges), `val` picks the checkpoint (and tunes
-what the INT8 recipe tunes), `test` is only reported, and the INT8 gate decides on it. No torch.
+"""Three sets kept apart: `train` trains (and calibrates the INT8 ranges), `val` picks the checkpoint (and is
+where an INT8 recipe would be tuned), `test` is only reported, and the INT8 gate decides on it. No torch.
 
 A `split` column in labels.csv is used as given. Without one, a grouped, stratified split makes all three: a
 group (the `group` column, a patient or a visit; else each sample alone) never straddles two sets, every class
@@ -85,6 +85,11 @@ def dataset_splits(ds: PairedDataset, seed: int = 0) -> Splits:
                 raise DatasetError(f"{ds.root}: group(s) in more than one split: {_listing(straddle)}; a patient's "
                                    "images belong to one set")
         sets = {k: [i for i, s in enumerate(ds.samples) if s.split == k] for k in SPLITS}
+        for k in SPLITS:
+            absent = [c for i, c in enumerate(ds.classes) if i not in {ds.samples[j].label for j in sets[k]}]
+            if absent:
+                raise DatasetError(f"{ds.root / 'labels.csv'}: split {k!r} has no sample of class(es) {absent}; "
+                                   "every class must be in train, val and test")
         return Splits(sets["train"], sets["val"], sets["test"], source="labels.csv split column", seed=seed,
                       digests=_digests(sets, hashes))
     find, union = _union_find(len(ds))

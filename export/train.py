@@ -5,6 +5,8 @@
     python -m export.train --synthetic 1200 --ablation          # fusion vs white-only vs fluorescence-only
     python -m export.train --synthetic 1200 --epochs 20 --qat-epochs 3 --out ckpt.pt   # + quantization-aware
     python -m export.train --qat-from ckpt.pt --synthetic 1200 --qat-epochs 3 --out ckpt.qat.pt
+    torchrun --standalone --nproc_per_node=2 -m export.train --data DATASET --out ckpt.pt   # DDP (gloo on CPU)
+    python -m export.train --data DATASET --device cuda --amp --out ckpt.pt
 
 Inputs go through edge_pfm.preprocess, the same function the device runs. Training is reproducible: the
 same command, machine, thread count and library versions give bitwise-identical weights (seeded
@@ -31,6 +33,7 @@ from edge_pfm.dataset import SPLITS, DatasetError, PairedDataset
 from edge_pfm.errors import EdgePfmError
 from edge_pfm.preprocess import PreprocessSpec, preprocess
 from export.checkpoint import library_versions, save_checkpoint
+from export.distributed import DEVICES, Runtime, distributed_sampler, parallel, runtime
 from export.model import DEFAULT_CLASSES, PFM, create_model, variant_classes, variant_config
 from export.progress import progress as progress_bar
 
@@ -62,11 +65,17 @@ class PairTensors:
             yield (self.white_light[i:i + batch_size], self.fluorescence[i:i + batch_size],
                    self.labels[i:i + batch_size], None if self.masks is None else self.masks[i:i + batch_size])
 
-    def train_batches(self, batch_size: int, gen: torch.Generator, epoch: int, seed: int) -> Iterator[tuple]:
-        """One epoch, shuffled by `gen`, with the same flips for both modalities and the mask per batch."""
+    def train_batches(self, batch_size: int, gen: torch.Generator, epoch: int, seed: int, rank: int = 0,
+                      world: int = 1) -> Iterator[tuple]:
+        """One epoch, shuffled by `gen` (the same on every rank), with the same flips for both modalities and the
+        mask per batch; on several ranks each takes its interleaved share of every global batch."""
         order = torch.randperm(len(self), generator=gen)
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
+            if world > 1:
+                if len(idx) < world:  # a tail too short to share: every rank skips it alike
+                    break
+                idx = idx[rank::world]
             w, f, y = self.white_light[idx], self.fluorescence[idx], self.labels[idx]
             m = self.masks[idx] if self.masks is not None else None
             # the same flips for both modalities (and the lesion mask): they image the same tissue
@@ -108,10 +117,15 @@ class StreamedPairs:
         finally:
             self.samples.augment = augment
 
-    def train_batches(self, batch_size: int, gen: torch.Generator, epoch: int, seed: int) -> Iterator[tuple]:
+    def train_batches(self, batch_size: int, gen: torch.Generator, epoch: int, seed: int, rank: int = 0,
+                      world: int = 1) -> Iterator[tuple]:
+        """One epoch in a DistributedSampler's order (also on one rank): rank r's k-th batch is its interleaved
+        share of the k-th global batch of `batch_size`, so N ranks see what one rank sees."""
         from export.data import pair_loader
 
-        for b in pair_loader(self.samples, batch_size, shuffle=True, seed=seed, epoch=epoch, workers=self.workers):
+        sampler = distributed_sampler(self.samples, seed, epoch, rank, world)
+        for b in pair_loader(self.samples, max(1, batch_size // world), shuffle=False, seed=seed, epoch=epoch,
+                             workers=self.workers, sampler=sampler):
             yield self._batch(b)
 
     def materialise(self) -> PairTensors:
@@ -219,14 +233,15 @@ def split(data: PairTensors, val_fraction: float = 0.2, seed: int = 0) -> tuple[
 def predict(model: PFM, data: PairTensors | StreamedPairs, batch_size: int = 64
             ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """-> (logits (N, classes), lesion-map probabilities (N, 1, h, w) or None without the head, the lesion
-    targets (N, 1, h, w) or None without masks)."""
+    targets (N, 1, h, w) or None without masks). Runs on the model's device."""
     model.eval()
+    device = next(model.parameters()).device
     logits, maps, targets = [], [], []
     for w, f, _, m in data.batches(batch_size):
-        out, lesion_logits = model.forward_multitask(w, f)
-        logits.append(out)
+        out, lesion_logits = model.forward_multitask(w.to(device), f.to(device))
+        logits.append(out.float().cpu())
         if lesion_logits is not None:
-            maps.append(lesion_logits.sigmoid())
+            maps.append(lesion_logits.float().sigmoid().cpu())
         if m is not None:
             targets.append(m)
     return (torch.cat(logits).numpy(), torch.cat(maps).numpy() if maps else None,
@@ -273,11 +288,19 @@ def lesion_loss(lesion_logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 
 def train(model: PFM, train_set: PairTensors | StreamedPairs, val_set: PairTensors | StreamedPairs, epochs: int = 12,
-          batch_size: int = 32,
-          lr: float = 3e-3, seed: int = 0, progress: bool = True, label: str = "", lesion_weight: float = 1.0) -> dict:
-    """Train in place; keeps the weights of the best validation epoch. -> history dict."""
+          batch_size: int = 32, lr: float = 3e-3, seed: int = 0, progress: bool = True, label: str = "",
+          lesion_weight: float = 1.0, rt: Runtime | None = None) -> dict:
+    """Train in place on `rt` (default: this CPU, one rank); keeps the weights of the best validation epoch, which
+    rank 0 measures. `batch_size` is the global batch: each of N ranks takes 1/N of it. -> history dict."""
+    rt = rt or Runtime(torch.device("cpu"))
+    if batch_size % rt.world:
+        raise TrainingError(f"--batch-size {batch_size} does not split over {rt.world} ranks: use a multiple of "
+                            f"{rt.world}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    model.to(rt.device)
+    step = parallel(model, rt)
+    scaler = torch.amp.GradScaler("cuda") if rt.amp else None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps = epochs * ((len(train_set) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps), pct_start=0.15)
@@ -289,22 +312,35 @@ def train(model: PFM, train_set: PairTensors | StreamedPairs, val_set: PairTenso
         model.train()
         total, seen = 0.0, 0
         # a terminal gets a live bar per epoch; a log gets only the epoch's summary line below
-        bar = progress_bar(train_set.train_batches(batch_size, gen, epoch, seed),
+        bar = progress_bar(train_set.train_batches(batch_size, gen, epoch, seed, rt.rank, rt.world),
                            total=(len(train_set) + batch_size - 1) // batch_size, desc=f"{label}epoch {epoch}/{epochs}",
-                           unit="batches", leave=False, enabled=progress and sys.stderr.isatty())
+                           unit="batches", leave=False, enabled=progress and rt.main and sys.stderr.isatty())
         for w, f, y, m in bar:
-            logits, lesion_logits = model.forward_multitask(w, f)
-            loss = F.cross_entropy(logits, y, label_smoothing=0.05)
+            w, f, y = w.to(rt.device, non_blocking=True), f.to(rt.device, non_blocking=True), y.to(rt.device)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=rt.amp):
+                logits, lesion_logits = step(w, f)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=0.05)
             if lesion_logits is not None and m is not None:  # multi-task: the lesion map learns beside the class
-                loss = loss + lesion_weight * lesion_loss(lesion_logits, m)
+                loss = loss + lesion_weight * lesion_loss(lesion_logits.float(), m.to(rt.device))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             sched.step()
             total += loss.item() * len(y)
             seen += len(y)
             bar.set_postfix(loss=f"{total / seen:.3f}", refresh=False)
+        total, seen = rt.all_sum(total, seen)  # the global batch's mean loss, on every rank
+        if not rt.main:  # rank 0 measures and keeps the best epoch; the others wait for it
+            history.append({"epoch": epoch, "loss": total / seen})
+            rt.barrier()
+            continue
         metrics = evaluate(model, val_set)
+        rt.barrier()
         history.append({"epoch": epoch, "loss": total / seen, **metrics, "elapsed_s": time.perf_counter() - t0})
         if progress:
             lesion_txt = (f"  val_dice {metrics['lesion_dice']:.3f}  pointing {metrics['lesion_pointing']:.3f}"
@@ -340,10 +376,12 @@ def format_ablation(rows: dict, classes: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def make_reproducible(seed: int, threads: int) -> None:
-    """Seeded RNGs, deterministic algorithms, a fixed thread count: the same command gives the same weights."""
+def make_reproducible(seed: int, threads: int, cuda: bool = False) -> None:
+    """Seeded RNGs, deterministic algorithms, a fixed thread count: the same command gives the same weights
+    (on CPU; CUDA kernels without a deterministic version warn instead of failing, and the run is not bitwise
+    reproducible: export.distributed)."""
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=cuda)
     torch.set_num_threads(threads)
 
 
@@ -411,14 +449,16 @@ class TrainPlan:
     progress: bool = True
     cache_dir: str | Path | None = None  # --data: preprocessed tensors kept here (keyed by content and spec)
     workers: int | None = None  # --data: DataLoader workers (None: export.data.default_workers)
+    device: str = "cpu"  # cpu | cuda | auto (export.distributed)
+    amp: bool = False  # CUDA mixed precision
 
 
 class TrainingError(EdgePfmError, ValueError):
     """A training request cannot run (a variant, an option); the message says what to change."""
 
 
-def load_sets(plan: TrainPlan, specs: dict[str, PreprocessSpec], classes: tuple[str, ...] = DEFAULT_CLASSES
-              ) -> tuple[PairTensors, PairTensors, PairTensors | None, dict]:
+def load_sets(plan: TrainPlan, specs: dict[str, PreprocessSpec], classes: tuple[str, ...] = DEFAULT_CLASSES,
+              split_seed: int | None = None) -> tuple[PairTensors, PairTensors, PairTensors | None, dict]:
     """(train, val, test or None, how they were made). A dataset (its classes.txt names the classes) gives three
     sets (export.splits: its split column, else grouped and stratified); synthetic pairs of `classes` give train
     and val, since a synthetic held-out set is rendered afresh by calibration."""
@@ -431,12 +471,12 @@ def load_sets(plan: TrainPlan, specs: dict[str, PreprocessSpec], classes: tuple[
     from export.splits import dataset_splits
 
     ds = PairedDataset(plan.data)
-    sets = dataset_splits(ds, seed=plan.seed)
+    sets = dataset_splits(ds, seed=plan.seed if split_seed is None else split_seed)
     lesion = ClassRoles.default_for(ds.classes).lesion
     train_set, val_set, test_set = (
         StreamedPairs(PairSamples(ds, sets.indices(k), specs, lesion, augment=k == "train", seed=plan.seed,
                                   cache_dir=plan.cache_dir), plan.workers) for k in SPLITS)
-    if plan.progress:
+    if plan.progress and os.environ.get("RANK", "0") == "0":
         print(f"{plan.data}: {sets.source}; train {len(train_set)}, val {len(val_set)}, test {len(test_set)} pairs, "
               f"read from disk{f' through the cache {plan.cache_dir}' if plan.cache_dir else ''}", file=sys.stderr)
     return train_set, val_set, test_set, sets.to_dict()
@@ -448,7 +488,18 @@ def train_checkpoint(out: str | Path, plan: TrainPlan | None = None) -> dict:
     plan = plan or TrainPlan()
     if plan.qat_from and plan.qat_epochs < 1:
         raise TrainingError("qat_from needs qat_epochs >= 1 (--qat-epochs N)")
-    make_reproducible(plan.seed, plan.threads)
+    rt = runtime(plan.device, plan.amp)
+    try:
+        return _train_checkpoint(out, plan, rt)
+    finally:
+        rt.close()
+
+
+def _train_checkpoint(out: str | Path, plan: TrainPlan, rt: Runtime) -> dict:
+    if rt.world > 1 and plan.qat_epochs:
+        raise TrainingError("QAT fine-tuning runs on one process: drop torchrun for --qat-epochs / --qat-from")
+    make_reproducible(plan.seed, plan.threads, rt.device.type == "cuda")
+    say = plan.progress and rt.main
     variant = plan.variant
     if plan.qat_from:
         from export.checkpoint import load_checkpoint
@@ -461,11 +512,18 @@ def train_checkpoint(out: str | Path, plan: TrainPlan | None = None) -> dict:
         except ValueError as exc:
             raise TrainingError(str(exc)) from None
         classes = variant_classes(variant)
-    train_set, val_set, test_set, splits = load_sets(plan, specs, classes)
+    # fine-tuning keeps the float run's split: its test pairs stay unseen
+    split_seed = meta["extra"].get("splits", {}).get("seed") if plan.qat_from else None
+    train_set, val_set, test_set, splits = load_sets(plan, specs, classes, split_seed)
+    if plan.qat_from and meta["extra"].get("splits", {}).get("test_sha256") not in (None, splits.get("test_sha256")):
+        raise TrainingError(f"{plan.data}'s test split is not the one {plan.qat_from} held out (the data changed): "
+                            "fine-tuning on it would train on the float model's test pairs")
     data_classes = train_set.classes
     extra = {"seed": plan.seed, "threads": plan.threads, "versions": library_versions(),
              "train_samples": len(train_set), "val_samples": len(val_set), "splits": splits,
-             "data": str(plan.data) if plan.data is not None else f"synthetic:{plan.synthetic}:seed={plan.seed}"}
+             "data": str(Path(plan.data).resolve()) if plan.data is not None else
+             f"synthetic:{plan.synthetic}:seed={plan.seed}",
+             **({"runtime": rt.to_dict()} if rt.to_dict() != Runtime(torch.device("cpu")).to_dict() else {})}
     if plan.qat_from:
         extra.update({k: meta["extra"][k] for k in ("val_accuracy", "val_recall", "epoch") if k in meta["extra"]})
         extra["qat_from"] = meta["sha256"]
@@ -473,14 +531,19 @@ def train_checkpoint(out: str | Path, plan: TrainPlan | None = None) -> dict:
     else:
         # a lesion head learns only from masks: without them it would ship its initial weights
         head = variant_config(variant).lesion_map and train_set.has_masks
-        if not head and variant_config(variant).lesion_map:
+        if not head and variant_config(variant).lesion_map and rt.main:
             print(f"no lesion masks in {plan.data or 'the data'}: training without the lesion-map head "
                   "(the bundle will have no lesion_map output)", file=sys.stderr)
         torch.manual_seed(plan.seed)  # initialisation
         model = create_model(variant, num_classes=len(data_classes), lesion_map=head)
-        result = train(model, train_set, val_set, plan.epochs, plan.batch_size, plan.lr, plan.seed, plan.progress)
+        result = train(model, train_set, val_set, plan.epochs, plan.batch_size, plan.lr, plan.seed, say, rt=rt)
+        model.cpu()
+        if not rt.main:  # rank 0 reports and writes the checkpoint
+            rt.barrier()
+            return {"rank": rt.rank, "history": result["history"]}
         best = result["best"]
-        extra.update({"val_accuracy": best["accuracy"], "val_recall": best["recall"], "epoch": best["epoch"]})
+        extra.update({"val_accuracy": best["accuracy"], "val_recall": best["recall"], "epoch": best["epoch"],
+                      "loss_curve": [round(h["loss"], 6) for h in result["history"]]})
         seconds = result["train_s"]
     if plan.qat_epochs:  # QAT's fine-tuning indexes tensors: a streamed split is loaded for it
         extra["qat"] = quantization_aware(model, *(s.materialise() if isinstance(s, StreamedPairs) else s
@@ -499,6 +562,7 @@ def train_checkpoint(out: str | Path, plan: TrainPlan | None = None) -> dict:
                         (val_set, f"trainer validation split ({len(val_set)} pairs, not trained on)"))
         extra["lesion_map"] = lesion_map_measurement(model, held, source, not plan.progress)
     save_checkpoint(out, model, variant, data_classes, specs, extra=extra)
+    rt.barrier()  # the checkpoint is whole before any rank exits
     print(f"val accuracy {extra['val_accuracy']:.4f}{' after QAT' if plan.qat_epochs else ''}; trained in "
           f"{seconds + extra.get('qat', {}).get('seconds', 0):.0f}s; wrote {out}")
     return extra
@@ -534,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
                                                         "content and the preprocessing (augmentation runs after it)")
     ap.add_argument("--workers", type=int, metavar="N",
                     help="--data: DataLoader workers reading from disk (default: cores - 1, at most 4)")
+    ap.add_argument("--device", choices=DEVICES, default=defaults.device,
+                    help="cpu (default: bitwise reproducible), cuda, or auto (cuda when there is one)")
+    ap.add_argument("--amp", action="store_true", help="with --device cuda: float16 mixed precision")
     ap.add_argument("--out", help="checkpoint path to write")
     ap.add_argument("--ablation", action="store_true", help="train fusion and both single-source models; print a table")
     ap.add_argument("--quiet", action="store_true")
@@ -544,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
                      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
                      qat_epochs=args.qat_epochs, qat_lr=args.qat_lr, qat_from=args.qat_from,
                      resolution=args.resolution, progress=not args.quiet, cache_dir=args.cache_dir,
-                     workers=args.workers)
+                     workers=args.workers, device=args.device, amp=args.amp)
 
     def command() -> None:
         if not args.ablation:

@@ -34,14 +34,14 @@ def _rewrite_labels(root, edit):
 
 
 def _jpeg_mask(root):
-    m = next((root / "masks").iterdir())
+    m = sorted((root / "masks").glob("p*.png"))[0]
     cv2.imwrite(str(m.with_suffix(".jpg")), cv2.imread(str(m), cv2.IMREAD_UNCHANGED))
     m.unlink()
     return m.with_suffix(".jpg").name
 
 
 def _wrong_size_mask(root):
-    m = next((root / "masks").iterdir())
+    m = sorted((root / "masks").glob("p*.png"))[1]
     cv2.imwrite(str(m), np.zeros((100, 100), np.uint8))
     return m.name
 
@@ -86,7 +86,7 @@ def test_bad_datasets_exit_2_list_the_files_and_write_nothing(patients, tmp_path
 def test_one_error_lists_every_problem(patients, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(patients, data)
-    found = [_orphan_mask(data), _unknown_label(data), _jpeg_mask(data)]
+    found = [_orphan_mask(data), _unknown_label(data), _jpeg_mask(data), _wrong_size_mask(data)]
     (data / "fluorescence" / "p000_v0.png").unlink()
     with pytest.raises(DatasetError) as err:
         PairedDataset(data)
@@ -134,7 +134,7 @@ def test_a_class_missing_from_a_given_split_is_named(tmp_path):
     split.update({p: "train" for p in range(12) if p % 4 == 3 and p != 3})  # hsil only in test, not in val
     data = write_patients(tmp_path / "data", patients=12, visits=1, seed=3, split_column=split)
     with pytest.raises(DatasetError, match=r"split 'val' has no sample of class\(es\) \['hsil'\]"):
-        PairedDataset(data)
+        dataset_splits(PairedDataset(data))
 
 
 def test_their_masks_train_a_lesion_map_measured_on_the_test_split_and_shown(tmp_path):
