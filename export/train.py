@@ -188,32 +188,19 @@ def synthetic_tensors(n: int, specs: dict[str, PreprocessSpec], seed: int = 0,
 
 def dataset_tensors(root: str | Path, specs: dict[str, PreprocessSpec], progress: bool = True
                     ) -> tuple[PairTensors, PairedDataset]:
-    """A labelled paired dataset, preprocessed, with lesion-map targets when it has masks/: a sample's mask gives
-    its target; without one, a class outside the lesion role (edge_pfm.roles) has an empty map and a lesion-class
-    sample an unknown one (NaN: its map loss is masked). -> (tensors, the dataset index)."""
+    """A labelled paired dataset, preprocessed and held in memory (the pre-streaming path, kept for comparison),
+    with the same lesion-map targets the streamed path gives (export.data.PairSamples). -> (tensors, the index)."""
     from edge_pfm.roles import ClassRoles
-    from evaluation.lesion_metrics import lesion_target
+    from export.data import PairSamples
 
     ds = PairedDataset(root)
     if not ds.labelled:
         raise DatasetError(f"{root}: every sample needs a label in labels.csv to train on it")
-    lesion = set(ClassRoles.default_for(ds.classes).lesion)
-    w, f, y, m = [], [], [], []
-    for i in progress_bar(range(len(ds)), desc=f"loading {root}", enabled=progress):
-        wl, fl, label = ds.load(i)
-        w.append(preprocess(wl, specs["white_light"]))
-        f.append(preprocess(fl, specs["fluorescence"]))
-        y.append(label)
-        if ds.has_masks:
-            mask = ds.load_mask(i)
-            target = (lesion_target(mask, specs["white_light"]) if mask is not None else
-                      lesion_target(np.zeros(wl.shape[:2], bool), specs["white_light"]))
-            if mask is None and ds.classes[label] in lesion:
-                target = np.full_like(target, np.nan)  # a lesion we have no outline of: unknown, not empty
-            m.append(target)
-    masks = torch.from_numpy(np.stack(m)) if m else None
-    return PairTensors(torch.from_numpy(np.stack(w)), torch.from_numpy(np.stack(f)), torch.tensor(y), ds.classes,
-                       masks), ds
+    samples = PairSamples(ds, range(len(ds)), specs, ClassRoles.default_for(ds.classes).lesion)
+    rows = [samples.preprocessed(i) for i in progress_bar(range(len(ds)), desc=f"loading {root}", enabled=progress)]
+    masks = torch.from_numpy(np.stack([r[2] for r in rows])) if ds.has_masks else None
+    return PairTensors(torch.from_numpy(np.stack([r[0] for r in rows])), torch.from_numpy(np.stack([r[1] for r in rows])),
+                       torch.from_numpy(samples.labels), ds.classes, masks), ds
 
 
 def split(data: PairTensors, val_fraction: float = 0.2, seed: int = 0) -> tuple[PairTensors, PairTensors]:
