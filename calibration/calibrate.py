@@ -157,8 +157,9 @@ def _training_splits(bundle: Bundle, plan: CalibrationPlan):
         raise CalibrationError(f"{plan.data} is the dataset {bundle.root} was trained on, but its test split is not "
                                "the one the trainer held out (the files or labels.csv changed since): the gate could "
                                "see training pairs. Give a held-out set the model never saw (--eval DIR)")
+    whose = " (the trainer's split)" if same_data else ""
     _log(f"      {plan.data}: {splits.source}; train {len(splits.train)}, val {len(splits.val)}, test "
-         f"{len(splits.test)} pairs{' (the trainer' + chr(39) + 's split)' if same_data else ''}")
+         f"{len(splits.test)} pairs{whose}")
     return splits
 
 

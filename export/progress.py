@@ -1,5 +1,6 @@
 """Progress on the build machine: a tqdm bar on a terminal; plain lines (one every 15 s, and the last) when the
-output is a file or a CI log, where carriage returns would pile up into one unreadable line. No torch."""
+output is a file or a CI log, where carriage returns would pile up into one unreadable line; work shorter than
+15 s then prints no bar at all. No torch."""
 from __future__ import annotations
 
 import sys
@@ -35,4 +36,4 @@ def progress(iterable: Iterable | None = None, total: int | None = None, desc: s
     tty = sys.stderr.isatty()
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=leave,
                 file=sys.stderr if tty else _Lines(sys.stderr), mininterval=0.2 if tty else 15.0, ascii=not tty,
-                dynamic_ncols=tty)
+                dynamic_ncols=tty, delay=0 if tty else 15.0)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge_pfm.dataset import SPLITS, DatasetError, PairedDataset, _listing
+from export.progress import progress
 
 FRACTIONS = {"val": 0.15, "test": 0.15}  # the rest trains
 MIN_GROUPS_PER_CLASS = 3  # one for each set
@@ -67,7 +68,7 @@ def dataset_splits(ds: PairedDataset, seed: int = 0) -> Splits:
         unlabelled = [s.name for s in ds.samples if s.label is None]
         raise DatasetError(f"{ds.root}: {len(unlabelled)} sample(s) without a label in labels.csv: "
                            f"{_listing(unlabelled)}")
-    hashes = [ds.pair_hash(i) for i in range(len(ds))]
+    hashes = [ds.pair_hash(i) for i in progress(range(len(ds)), desc=f"hashing {ds.root}", enabled=len(ds) >= 500)]
     if ds.has_splits:
         where: dict[str, set[str]] = {}
         for s, h in zip(ds.samples, hashes):

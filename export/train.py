@@ -88,10 +88,14 @@ class PairTensors:
 
 class StreamedPairs:
     """A split of a dataset on disk, read through DataLoader workers (export.data): the same interface as
-    PairTensors for training and evaluation, without holding the pairs in memory."""
+    PairTensors for training and evaluation, without holding the pairs in memory. The splits of one run share
+    one PairPool (`pool`, serving this split as `split`); without one, this split gets its own."""
 
-    def __init__(self, samples, workers: int | None = None):
-        self.samples, self.workers = samples, workers
+    def __init__(self, samples, workers: int | None = None, pool=None, split: str = "data"):
+        from export.data import PairPool
+
+        self.samples, self.split = samples, split
+        self.pool = pool if pool is not None else PairPool({split: samples}, workers)
         self.classes = samples.ds.classes
         self.labels = torch.from_numpy(samples.labels)
 
@@ -108,24 +112,15 @@ class StreamedPairs:
         return w, f, y, (t if t.numel() else None)
 
     def batches(self, batch_size: int) -> Iterator[tuple]:
-        from export.data import pair_loader
-
-        augment, self.samples.augment = self.samples.augment, False
-        try:
-            for b in pair_loader(self.samples, batch_size, shuffle=False, workers=self.workers):
-                yield self._batch(b)
-        finally:
-            self.samples.augment = augment
+        for b in self.pool.batches(self.split, range(len(self)), batch_size):
+            yield self._batch(b)
 
     def train_batches(self, batch_size: int, gen: torch.Generator, epoch: int, seed: int, rank: int = 0,
                       world: int = 1) -> Iterator[tuple]:
         """One epoch in a DistributedSampler's order (also on one rank): rank r's k-th batch is its interleaved
         share of the k-th global batch of `batch_size`, so N ranks see what one rank sees."""
-        from export.data import pair_loader
-
-        sampler = distributed_sampler(self.samples, seed, epoch, rank, world)
-        for b in pair_loader(self.samples, max(1, batch_size // world), shuffle=False, seed=seed, epoch=epoch,
-                             workers=self.workers, sampler=sampler):
+        order = list(distributed_sampler(self.samples, seed, epoch, rank, world))
+        for b in self.pool.batches(self.split, order, max(1, batch_size // world), epoch, self.samples.augment):
             yield self._batch(b)
 
     def materialise(self) -> PairTensors:
@@ -217,30 +212,33 @@ def split(data: PairTensors, val_fraction: float = 0.2, seed: int = 0) -> tuple[
 
 
 @torch.inference_mode()
-def predict(model: PFM, data: PairTensors | StreamedPairs, batch_size: int = 64
+def predict(model: PFM, data: PairTensors | StreamedPairs, batch_size: int = 64, progress: str | None = None
             ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """-> (logits (N, classes), lesion-map probabilities (N, 1, h, w) or None without the head, the lesion
-    targets (N, 1, h, w) or None without masks). Runs on the model's device."""
+    targets (N, 1, h, w) or None without masks). Runs on the model's device; `progress`: a bar's label."""
     model.eval()
     device = next(model.parameters()).device
     logits, maps, targets = [], [], []
+    bar = progress_bar(total=len(data), desc=progress or "", enabled=bool(progress), leave=False)
     for w, f, _, m in data.batches(batch_size):
+        bar.update(len(w))
         out, lesion_logits = model.forward_multitask(w.to(device), f.to(device))
         logits.append(out.float().cpu())
         if lesion_logits is not None:
             maps.append(lesion_logits.float().sigmoid().cpu())
         if m is not None:
             targets.append(m)
+    bar.close()
     return (torch.cat(logits).numpy(), torch.cat(maps).numpy() if maps else None,
             torch.cat(targets).numpy() if targets else None)
 
 
-def evaluate(model: PFM, data: PairTensors | StreamedPairs) -> dict:
+def evaluate(model: PFM, data: PairTensors | StreamedPairs, progress: str | None = None) -> dict:
     """Accuracy and recall; with the lesion head and masks, the map's Dice and pointing over the map classes
     (the lesion role, edge_pfm.roles) with their intervals, as `lesion_classes`."""
     from evaluation.lesion_metrics import lesion_scores
 
-    logits, maps, targets = predict(model, data)
+    logits, maps, targets = predict(model, data, progress=progress)
     pred = logits.argmax(1)
     y = data.labels.numpy()
     recall = {c: float((pred[y == i] == i).mean()) if (y == i).any() else float("nan")
@@ -298,10 +296,10 @@ def train(model: PFM, train_set: PairTensors | StreamedPairs, val_set: PairTenso
     for epoch in range(1, epochs + 1):
         model.train()
         total, seen = 0.0, 0
-        # a terminal gets a live bar per epoch; a log gets only the epoch's summary line below
+        # a live bar per epoch on a terminal; in a log, a line every 15 s of a long epoch, then its summary line
         bar = progress_bar(train_set.train_batches(batch_size, gen, epoch, seed, rt.rank, rt.world),
                            total=(len(train_set) + batch_size - 1) // batch_size, desc=f"{label}epoch {epoch}/{epochs}",
-                           unit="batches", leave=False, enabled=progress and rt.main and sys.stderr.isatty())
+                           unit="batches", leave=False, enabled=progress and rt.main)
         for w, f, y, m in bar:
             w, f, y = w.to(rt.device, non_blocking=True), f.to(rt.device, non_blocking=True), y.to(rt.device)
             with torch.autocast("cuda", dtype=torch.float16, enabled=rt.amp):
@@ -326,7 +324,7 @@ def train(model: PFM, train_set: PairTensors | StreamedPairs, val_set: PairTenso
             history.append({"epoch": epoch, "loss": total / seen})
             rt.barrier()
             continue
-        metrics = evaluate(model, val_set)
+        metrics = evaluate(model, val_set, progress=f"{label}validating" if progress else None)
         rt.barrier()
         history.append({"epoch": epoch, "loss": total / seen, **metrics, "elapsed_s": time.perf_counter() - t0})
         if progress:
@@ -392,12 +390,12 @@ def quantization_aware(model: PFM, train_set: PairTensors, val_set: PairTensors,
             "val_agreement": best["val_agreement"], "val_accuracy_float_after": float_after["accuracy"]}
 
 
-def lesion_map_measurement(model: PFM, data: PairTensors, source: str, quiet: bool = False) -> dict | None:
-    """The final weights' lesion map measured on `data` (never trained on) -> the measurement the bundle carries
-    (edge_pfm.lesion.map_measurement), or None without masks. Says whether the runtime will show it."""
+def lesion_map_measurement(metrics: dict, source: str, quiet: bool = False) -> dict | None:
+    """The final weights' lesion map, from `evaluate` on held-out pairs (never trained on) -> the measurement the
+    bundle carries (edge_pfm.lesion.map_measurement), or None without masks. Says whether the runtime will show it."""
     from edge_pfm.lesion import judge_map, map_measurement
 
-    scores = evaluate(model, data).get("lesion_classes")
+    scores = metrics.get("lesion_classes")
     if scores is None:
         return None
     m = map_measurement(scores, source)
@@ -407,13 +405,12 @@ def lesion_map_measurement(model: PFM, data: PairTensors, source: str, quiet: bo
     return m
 
 
-def test_report(model: PFM, test_set: PairTensors) -> dict:
-    """Accuracy (with its 95 % Wilson interval) and recall on the test split."""
+def test_report(metrics: dict, samples: int) -> dict:
+    """Accuracy (with its 95 % Wilson interval) and recall, from `evaluate` on the test split's `samples` pairs."""
     from evaluation.stats import wilson
 
-    metrics = evaluate(model, test_set)
-    k = round(metrics["accuracy"] * len(test_set))
-    return {"samples": len(test_set), "accuracy": metrics["accuracy"], "accuracy_ci95": list(wilson(k, len(test_set))),
+    k = round(metrics["accuracy"] * samples)
+    return {"samples": samples, "accuracy": metrics["accuracy"], "accuracy_ci95": list(wilson(k, samples)),
             "recall": metrics["recall"]}
 
 
@@ -454,15 +451,16 @@ def load_sets(plan: TrainPlan, specs: dict[str, PreprocessSpec], classes: tuple[
         train_set, val_set = split(data, seed=plan.seed)
         return train_set, val_set, None, {"source": "stratified 80/20 of the synthetic pairs"}
     from edge_pfm.roles import ClassRoles
-    from export.data import PairSamples
+    from export.data import PairPool, PairSamples
     from export.splits import dataset_splits
 
     ds = PairedDataset(plan.data)
     sets = dataset_splits(ds, seed=plan.seed if split_seed is None else split_seed)
     lesion = ClassRoles.default_for(ds.classes).lesion
-    train_set, val_set, test_set = (
-        StreamedPairs(PairSamples(ds, sets.indices(k), specs, lesion, augment=k == "train", seed=plan.seed,
-                                  cache_dir=plan.cache_dir), plan.workers) for k in SPLITS)
+    samples = {k: PairSamples(ds, sets.indices(k), specs, lesion, augment=k == "train", seed=plan.seed,
+                              cache_dir=plan.cache_dir) for k in SPLITS}
+    pool = PairPool(samples, plan.workers)  # one set of workers for the three sets
+    train_set, val_set, test_set = (StreamedPairs(samples[k], pool=pool, split=k) for k in SPLITS)
     if plan.progress and os.environ.get("RANK", "0") == "0":
         print(f"{plan.data}: {sets.source}; train {len(train_set)}, val {len(val_set)}, test {len(test_set)} pairs, "
               f"read from disk{f' through the cache {plan.cache_dir}' if plan.cache_dir else ''}", file=sys.stderr)
@@ -537,17 +535,20 @@ def _train_checkpoint(out: str | Path, plan: TrainPlan, rt: Runtime) -> dict:
                                                    for s in (train_set, val_set)),
                                           plan.qat_epochs, plan.qat_lr, plan.seed, plan.progress)
         extra["val_accuracy"] = extra["qat"]["val_accuracy_float_after"]
+    held_metrics = None
     if test_set is not None:  # reported, never selected on
-        extra["test"] = test_report(model, test_set)
+        held_metrics = evaluate(model, test_set, progress="testing" if plan.progress else None)
+        extra["test"] = t = test_report(held_metrics, len(test_set))
         if plan.progress:
-            t = extra["test"]
             print(f"test accuracy {t['accuracy']:.4f} [{t['accuracy_ci95'][0]:.4f}, {t['accuracy_ci95'][1]:.4f}] on "
                   f"{t['samples']} pairs (never trained or selected on)", file=sys.stderr)
     if model.cfg.lesion_map:
-        held, source = ((test_set, f"trainer test split ({len(test_set)} pairs, never trained or selected on)")
-                        if test_set is not None else
-                        (val_set, f"trainer validation split ({len(val_set)} pairs, not trained on)"))
-        extra["lesion_map"] = lesion_map_measurement(model, held, source, not plan.progress)
+        if held_metrics is not None:
+            source = f"trainer test split ({len(test_set)} pairs, never trained or selected on)"
+        else:
+            held_metrics = evaluate(model, val_set)
+            source = f"trainer validation split ({len(val_set)} pairs, not trained on)"
+        extra["lesion_map"] = lesion_map_measurement(held_metrics, source, not plan.progress)
     save_checkpoint(out, model, variant, data_classes, specs, extra=extra)
     rt.barrier()  # the checkpoint is whole before any rank exits
     print(f"val accuracy {extra['val_accuracy']:.4f}{' after QAT' if plan.qat_epochs else ''}; trained in "
