@@ -1,4 +1,5 @@
-"""PTQ (ours) vs QAT (ours) vs NVIDIA ModelOpt `max` PTQ, on one float checkpoint and one held-out set.
+"""PTQ (ours) vs mixed-precision PTQ (ours) vs QAT (ours) vs NVIDIA ModelOpt `max` PTQ, on one float checkpoint and
+one held-out set.
 
     python benchmarks/int8_methods.py --checkpoint build/demo/float.pt --out build/int8_methods \
         [--modelopt-python /path/to/modelopt-venv/bin/python] [--json build/int8_methods.json]
@@ -6,7 +7,10 @@
 Every INT8 model is compared with its own FP32 model (QAT fine-tunes the weights, so its FP32 is the
 fine-tuned model) on the same held-out pairs, in one pass. ModelOpt pulls a CUDA build of torch, so it
 runs from a separate venv (`pip install "nvidia-modelopt[onnx]"` there), on the same calibration pairs,
-preprocessed by edge_pfm; without --modelopt-python its row is left out.
+preprocessed by edge_pfm; without --modelopt-python its row is left out. PTQ is every scheme layer in INT8 with
+percentile ranges; mixed PTQ is calibration's default recipe (range method and float layers chosen on 2000
+synthetic val pairs, calibration/mixed.py); QAT's FP32 accuracy is the fine-tuned model's (after), the others'
+the trained model's (before).
 """
 from __future__ import annotations
 
@@ -69,10 +73,20 @@ def main(argv: list[str] | None = None) -> int:
 
     ptq = out / "ptq"
     assert export(["--checkpoint", args.checkpoint, "--out", str(ptq)]) == 0
-    rc, seconds = _timed(calibrate, ["--bundle", str(ptq), "--ranges", "ptq", *calib_args])
+    mixed = out / "mixed"
+    shutil.rmtree(mixed, ignore_errors=True)
+    shutil.copytree(ptq, mixed)
+    rc, seconds = _timed(calibrate, ["--bundle", str(ptq), "--ranges", "ptq", "--method", "percentile",
+                                     "--val-synthetic", "0", *calib_args])
     assert rc == 0
     rows["PTQ (ours: percentile, stems float)"] = {"seconds": seconds, "fp32": "ptq", "int8": "ptq_int8"}
     models.update({"ptq": ptq / "model.onnx", "ptq_int8": ptq / "model.int8.onnx"})
+    rc, seconds = _timed(calibrate, ["--bundle", str(mixed), "--ranges", "ptq", *calib_args])
+    assert rc == 0
+    recipe = json.loads((mixed / "accuracy.json").read_text())["recipe"]
+    rows[f"mixed PTQ (ours: {recipe['kind']}, {recipe['method']}, {len(recipe['float_layers'])} nodes float)"] = {
+        "seconds": seconds, "fp32": "ptq", "int8": "mixed_int8", "recipe": recipe}
+    models["mixed_int8"] = mixed / "model.int8.onnx"
     # the same ranges and placement with int32 biases: the Q/DQ this project wrote before TensorRT checked it
     amax = json.loads((ptq / "calibration.json").read_text())["amax"]
     quantize_qdq(ptq / "model.onnx", amax, out / "ptq_int32_bias.onnx", int32_biases=True)
@@ -83,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     rc, train_s = _timed(train.main, ["--qat-from", args.checkpoint, "--synthetic", str(args.synthetic),
                                       "--qat-epochs", str(args.qat_epochs), "--out", str(qat_ckpt), "--quiet"])
     assert rc == 0 and export(["--checkpoint", str(qat_ckpt), "--out", str(qat)]) == 0
-    rc, seconds = _timed(calibrate, ["--bundle", str(qat), *calib_args])
+    rc, seconds = _timed(calibrate, ["--bundle", str(qat), "--val-synthetic", "0", *calib_args])
     assert rc == 0
     rows[f"QAT (ours: {args.qat_epochs} epochs)"] = {"seconds": train_s + seconds, "fp32": "qat", "int8": "qat_int8"}
     models.update({"qat": qat / "model.onnx", "qat_int8": qat / "model.int8.onnx"})

@@ -1,18 +1,23 @@
-"""python -m calibration --bundle BUNDLE [--data DIR | --synthetic N] [--method percentile|entropy|minmax]
+"""python -m calibration --bundle BUNDLE [--data DIR | --synthetic N] [--method auto|percentile|entropy|minmax]
        [--samples 512] [--eval DIR | --eval-synthetic N] [--trt-version 10.3] [--allow-degraded]
 
 One pass over paired calibration data (through edge_pfm's own preprocessing) gives symmetric
-activation ranges; from them: model.int8.onnx (explicit Q/DQ) and calibration.cache (TensorRT
-text format). model.fp16.onnx is the FP16-typed model strongly typed TensorRT builds for FP16. Each
-ONNX passes onnx.checker's full check and a TensorRT-RTX build before it is written (exit 2 with the
-parser's node and message otherwise). INT8 and FP16 accuracy are measured against FP32 by running
-them on ONNX Runtime CPU, on a held-out labelled set,
-and a gate refuses an INT8 model that loses agreement or high-grade recall (exit 3; the bundle stays
-FP32 and the refused report goes to BUNDLE.int8-rejected/). A labelled --data without --eval is split
-(export/splits.py: its split column, else grouped and stratified): its train split calibrates and its test
-split, the trainer's own when the model was trained on it, gates. Pairs are read from disk in chunks.
-The bundle is updated atomically: on any
-failure it is left exactly as it was (exit 2 for bad input). No PyTorch needed.
+activation ranges by each method; the INT8 recipe is chosen on val pairs (calibration/mixed.py): the range
+method, and, when full INT8 misses the margin (val agreement lower bound >= 99.3 %), the most sensitive layers
+kept float, as long as >= 80 % of the conv/matmul layers stay Int8. From the recipe: model.int8.onnx (explicit
+Q/DQ) and calibration.cache (TensorRT text format). model.fp16.onnx is the FP16-typed model strongly typed
+TensorRT builds for FP16. Each ONNX passes onnx.checker's full check and a TensorRT-RTX build before it is
+written (exit 2 with the parser's node and message otherwise). INT8 and FP16 accuracy are measured against FP32
+by running them on ONNX Runtime CPU, on a held-out labelled set that nothing was tuned on, and a gate refuses an
+INT8 model that loses agreement or high-grade recall (exit 3; the bundle stays FP32 and the refused report goes
+to BUNDLE.int8-rejected/).
+
+Three disjoint sets, checked by content hash: a labelled --data without --eval is split (export/splits.py: its
+split column, else grouped and stratified; the trainer's own when the model was trained on it): train
+calibrates, val tunes the recipe, test gates. A --data with --eval (or unlabelled) keeps 20 % of its pairs back
+as val (at least 100 pairs in all, at most 1000 val); --synthetic renders its own val pairs. Pairs are read from
+disk in chunks. The bundle is updated atomically: on any failure it is left exactly as it was (exit 2 for bad
+input). No PyTorch needed.
 
 The library under it: calibration.calibrate.calibrate(bundle, CalibrationPlan(...)) -> CalibrationReport.
 """
@@ -36,8 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="paired dataset directory (edge_pfm.dataset layout) for calibration")
     src.add_argument("--synthetic", type=int, metavar="N", help="calibrate on N synthetic pairs")
-    ap.add_argument("--method", choices=METHODS, default="percentile",
-                    help=f"activation range method (default percentile: the {PERCENTILE}th |x|, best INT8 agreement on PFM)")
+    ap.add_argument("--method", choices=("auto", *METHODS), default="auto",
+                    help=f"activation range method (default auto: the best INT8 agreement on the val pairs among "
+                         f"{', '.join(METHODS)}; percentile is the {PERCENTILE}th |x|)")
+    ap.add_argument("--val-synthetic", type=int, default=CalibrationPlan.val_synthetic, metavar="N",
+                    help="with --synthetic: N synthetic val pairs that choose the recipe (range method, layers kept "
+                         "float); never the held-out pairs")
     ap.add_argument("--samples", type=int, default=512, help="at most this many calibration pairs")
     ev = ap.add_mutually_exclusive_group()
     ev.add_argument("--eval", help="held-out labelled dataset directory for the accuracy report")
@@ -64,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def plan_from_args(args: argparse.Namespace) -> CalibrationPlan:
     return CalibrationPlan(
         data=args.data, synthetic=args.synthetic or CalibrationPlan.synthetic, samples=args.samples, method=args.method, eval=args.eval,
-        eval_synthetic=args.eval_synthetic, resolution=args.resolution, eval_resolution=args.eval_resolution,
+        eval_synthetic=args.eval_synthetic, val_synthetic=args.val_synthetic, resolution=args.resolution, eval_resolution=args.eval_resolution,
         ranges=args.ranges, trt_version=args.trt_version, keep_float=tuple(args.keep_float), seed=args.seed,
         allow_degraded=args.allow_degraded,
         map_classes=None if args.map_classes is None else parse_map_classes(args.map_classes))

@@ -149,6 +149,19 @@ def gate_rule(protected: tuple[str, ...]) -> str:
             f"entirely below -{GATE['top_class_recall_drop']:.0%} and -{GATE['accuracy_drop']:.0%}")
 
 
+def _recipe_lines(recipe: dict | None) -> list[str]:
+    if not recipe:
+        return []
+    val = recipe.get("val")
+    evidence = (f"val agreement {val['agreement']:.2%} ({val['disagreements']} of {val['samples']} differ, 95 % CI "
+                f"{val['agreement_ci95'][0]:.2%}-{val['agreement_ci95'][1]:.2%}); target: {recipe['target']}"
+                if val else recipe["target"])
+    floats = ", ".join(f"`{n}`" for n in recipe["float_layers"]) or "none"
+    return [f"- INT8 recipe: {recipe['kind']}, {recipe['method']} ranges; layers kept float beyond the inputs' first: "
+            f"{floats}; {evidence}; Int8: {recipe['int8_share']['counted']}"
+            + (f"; {recipe['reason']}" if recipe.get("reason") else "")]
+
+
 def _pct_ci(ci: list) -> str:
     return "-" if ci[0] is None else f"[{ci[0]:+.2%}, {ci[1]:+.2%}]"
 
@@ -161,6 +174,7 @@ def markdown(report: dict, classes: tuple[str, ...], protected: tuple[str, ...])
              f"disjoint from the {report['calibration']['samples']} calibration pairs",
              f"- calibration: {report['calibration']['method']}, ranges: {report['calibration'].get('ranges', 'ptq')}, "
              f"data sha256 `{report['calibration']['data_sha256'][:16]}`",
+             *_recipe_lines(report.get("recipe")),
              f"- FP16: {report['fp16_method']}",
              "- intervals are 95 %: Wilson for agreement, paired bootstrap for changes (with exact McNemar p of a loss)",
              "",

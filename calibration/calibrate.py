@@ -34,8 +34,9 @@ from calibration.accuracy import (
 from calibration.calib_cache import CalibrationCache, trt_version_int
 from calibration.data import PairReader, dataset_pairs, synthetic_pair_chunks, synthetic_pairs, warn_if_few
 from calibration.fp16 import fp16_model
+from calibration.mixed import MARGIN, MIN_INT8_SHARE, Recipe, ValSet, choose_recipe
 from calibration.qdq import quantize_qdq
-from calibration.ranges import METHODS, compute_ranges
+from calibration.ranges import METHODS, compute_all_ranges
 from edge_pfm.bundle import Bundle, write_manifest
 from edge_pfm.dataset import PairedDataset
 from edge_pfm.errors import EdgePfmError, ExitCode
@@ -50,6 +51,10 @@ FP16_METHOD = ("model.fp16.onnx run on ONNX Runtime CPU (FP16-typed graph, float
                "float32; ORT computes FP16 ops without a CPU kernel in float32 between FP16 tensors)")
 RANGES = ("auto", "ptq", "qat")
 EVAL_SYNTHETIC = 2000  # synthetic held-out pairs by default: the gate's 99 % needs >= ~380, a narrow interval 2000
+# synthetic val pairs: the margin's 99.3 % lower bound needs >= 545 at full agreement, and at 2000 allows 7
+# disagreements; rendered at the trainer's 320x240 (they tune; the held-out pairs at camera resolution gate)
+VAL_SYNTHETIC, VAL_RESOLUTION = 2000, (320, 240)
+VAL_SHARE, VAL_MAX, VAL_MIN_DATA = 0.2, 1000, 100  # val held back from a --data without a split column
 
 
 class CalibrationError(EdgePfmError, RuntimeError):
@@ -69,9 +74,11 @@ class CalibrationPlan:
     data: str | Path | None = None  # paired dataset for the ranges; None: synthetic pairs
     synthetic: int = 512  # synthetic calibration pairs when data is None
     samples: int = 512  # at most this many calibration pairs
-    method: str = "percentile"
+    method: str = "auto"  # auto: chosen on val among METHODS (percentile without a val set)
     eval: str | Path | None = None  # held-out labelled dataset; None: data's test split, or synthetic pairs
     eval_synthetic: int | None = None  # synthetic held-out pairs (None: 2000 when synthetic ones are used)
+    val_synthetic: int = VAL_SYNTHETIC  # synthetic val pairs (recipe tuning) with synthetic calibration; 0: none
+    margin: float = MARGIN  # the val agreement lower bound the recipe must show (calibration.mixed)
     resolution: tuple[int, int] = (1280, 720)  # synthetic camera resolution
     eval_resolution: tuple[int, int] | None = None  # default: resolution
     ranges: str = "auto"  # auto | ptq | qat
@@ -82,8 +89,8 @@ class CalibrationPlan:
     map_classes: tuple[str, ...] | None = None  # default: the bundle's, else lsil, hsil
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise CalibrationError(f"unknown range method {self.method!r}; choose one of {METHODS}")
+        if self.method not in ("auto", *METHODS):
+            raise CalibrationError(f"unknown range method {self.method!r}; choose auto or one of {METHODS}")
         if self.ranges not in RANGES:
             raise CalibrationError(f"unknown ranges {self.ranges!r}; choose one of {RANGES}")
         self.trt_version_int  # noqa: B018 - validates the version early
@@ -163,6 +170,50 @@ def _training_splits(bundle: Bundle, plan: CalibrationPlan):
     return splits
 
 
+def _recipe(fp32: Path, all_ranges: dict, qat: dict | None, val: ValSet | None, plan: CalibrationPlan) -> Recipe:
+    """The range method and float layers (calibration.mixed), or the fixed recipe where nothing is chosen: QAT
+    ranges (trained for the whole scheme) or no val set."""
+    import onnx
+
+    from calibration.mixed import quantizable_layers
+    from export.quant_scheme import QUANTIZABLE_OPS, name_nodes
+
+    method = plan.method if plan.method != "auto" else "percentile"
+    if qat is None and val is not None:
+        return choose_recipe(fp32, all_ranges, DEFAULT_QUANTIZED_OPS, val,
+                             methods=None if plan.method == "auto" else [plan.method], margin=plan.margin, log=_log)
+    graph = name_nodes(onnx.load(str(fp32)))
+    ops = QAT_QUANTIZED_OPS if qat is not None else DEFAULT_QUANTIZED_OPS
+    total = sum(n.op_type in QUANTIZABLE_OPS for n in graph.graph.node)
+    why = "QAT ranges: the scheme QAT trained, unchanged" if qat is not None else "no val set: nothing tuned"
+    _log(f"[3/6] the INT8 recipe: {why} ({method})")
+    return Recipe("qat" if qat is not None else "ptq", method, [], None, why, total,
+                  len(quantizable_layers(graph, ops)))
+
+
+def _recipe_verdict(recipe: Recipe, int8_check: dict) -> tuple[dict, list[str]]:
+    """The recipe's record with the engine census' Int8 share of conv/matmul layers; -> (record, reasons INT8 must
+    not ship: a refused recipe, or too little left in Int8 to be worth it)."""
+    record, reasons = recipe.to_dict(), []
+    t = int8_check.get("tensorrt", {})
+    by_type = t.get("compute_by_datatype") or {}
+    if t.get("checked") and by_type:
+        int8, total = int(by_type.get("Int8", 0)), sum(int(v) for v in by_type.values())
+        record["engine_conv_matmul"] = {"int8": int8, "layers": total, "share": round(int8 / total, 4),
+                                        "census": f"{t.get('flavour')} {t.get('version')}"}
+        share, where = int8 / total, f"{int8} of {total} conv/matmul engine layers ({t.get('flavour')} census)"
+    else:
+        share, where = recipe.onnx_int8_share, (f"{recipe.quantized} of {recipe.layers} conv/matmul ONNX nodes (no "
+                                                "engine census: TensorRT-RTX not usable here)")
+    record["int8_share"] = {"share": round(share, 4), "counted": where, "minimum": MIN_INT8_SHARE}
+    _log(f"      recipe {recipe.kind} ({recipe.method}), {len(recipe.float_layers)} layer(s) kept float; Int8: {where}")
+    if recipe.kind == "refused":
+        reasons.append(f"no INT8 recipe meets the val margin: {recipe.reason}")
+    elif share < MIN_INT8_SHARE - 1e-9:
+        reasons.append(f"only {where} run in Int8 (< {MIN_INT8_SHARE:.0%}): not worth shipping INT8")
+    return record, reasons
+
+
 def lesion_map_entry(entry: dict, map_classes: tuple[str, ...], report: dict | None, eval_source: str) -> dict:
     """The manifest's lesion_map output after calibration: the classes that show it, and the held-out
     measurement of each precision's map where the held-out pairs had masks (else the earlier measurements stay;
@@ -204,15 +255,30 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
     if plan.data is None or (plan.eval is None and splits is None):
         require_synthetic_training(bundle, "calibration (--synthetic)" if plan.data is None else
                                    "the held-out set (--eval-synthetic)")
-    _log(f"[1/5] calibration data ({plan.data or 'synthetic'}{', its train split' if splits else ''})")
+    _log(f"[1/6] calibration data ({plan.data or 'synthetic'}{', its train split' if splits else ''})")
+    val_pairs = None  # (chunks factory, n, source)
     if plan.data is None:
         calib = synthetic_pairs(min(plan.synthetic, plan.samples), plan.seed, plan.resolution, classes)
         calib_source = f"synthetic:{len(calib)}:seed={plan.seed}:{plan.resolution[0]}x{plan.resolution[1]}"
+        size = VAL_RESOLUTION
+        if plan.val_synthetic:
+            val_pairs = (lambda: synthetic_pair_chunks(plan.val_synthetic, plan.seed + 20_000, size, classes=classes),
+                         plan.val_synthetic, f"synthetic:{plan.val_synthetic}:seed={plan.seed + 20_000}:{size[0]}x{size[1]}")
     else:
-        calib, _ = dataset_pairs(plan.data, classes, lesion_classes)
-        held_from_data = calib.subset(splits.test) if splits else None
+        everything, _ = dataset_pairs(plan.data, classes, lesion_classes)
+        held_from_data = everything.subset(splits.test) if splits else None
         if splits:
-            calib = calib.subset(splits.train)
+            calib, val = everything.subset(splits.train), everything.subset(splits.val)
+            val_pairs = (val.chunks, len(val), f"{plan.data} (val split)")
+        elif len(everything) >= VAL_MIN_DATA:  # ranges from the rest; val tunes the recipe; the held-out set gates
+            rng = np.random.default_rng(plan.seed)
+            n_val = min(VAL_MAX, round(VAL_SHARE * len(everything)))
+            picked = set(rng.choice(len(everything), n_val, replace=False).tolist())
+            val = everything.subset(sorted(picked))
+            calib = everything.subset([i for i in range(len(everything)) if i not in picked])
+            val_pairs = (val.chunks, len(val), f"{plan.data} ({n_val} pairs held back from calibration, seed {plan.seed})")
+        else:
+            calib = everything
         if len(calib) > plan.samples:
             idx = np.random.default_rng(plan.seed).choice(len(calib), plan.samples, replace=False)
             calib = calib.subset(sorted(idx))
@@ -235,56 +301,75 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
         eval_chunks = synthetic_pair_chunks(n_eval, plan.seed + 10_000, size, classes=classes)
     calib_digests = set(calib_digest_list)
 
-    def never_calibrated(pair) -> None:
-        if pair_digest(pair) in calib_digests:
-            raise CalibrationError("a pair appears in both the calibration and the held-out set; accuracy must be "
-                                   "measured on pairs calibration never saw (use another --eval)")
-
     specs, names = bundle.preprocessing, bundle.input_names
-    _log(f"[2/5] activation ranges ({plan.method}, symmetric) over {len(calib)} pairs on the FP32 graph")
-    amax = compute_ranges(fp32, PairReader(calib, specs, names, progress="calibrating"), plan.method)
-    ranges_used, quantized_ops = "ptq", DEFAULT_QUANTIZED_OPS
+    _log(f"[2/6] activation ranges ({', '.join(METHODS)}: one histogram pass, symmetric) over {len(calib)} pairs on "
+         "the FP32 graph")
+    all_ranges = compute_all_ranges(fp32, PairReader(calib, specs, names, progress="calibrating"))
+    qat = None
     if plan.ranges == "qat" and not bundle.has("qat_ranges.json"):
         raise CalibrationError(f"--ranges qat: {bundle.root} has no qat_ranges.json; export a checkpoint trained with "
                                "--qat-epochs (python -m export.train ... --qat-epochs 3)")
     if plan.ranges != "ptq" and bundle.has("qat_ranges.json"):
         qat = json.loads((bundle.root / "qat_ranges.json").read_text())["amax"]
-        unknown = sorted(set(qat) - set(amax))
+        unknown = sorted(set(qat) - set(all_ranges["percentile"]))
         if unknown:
             raise CalibrationError(f"qat_ranges.json names tensors the graph does not have, e.g. {unknown[:3]}; "
                                    "re-export the QAT checkpoint")
+    val_set = None
+    if val_pairs is not None:
+        chunks, n_val, val_source = val_pairs
+        _log(f"[3/6] the INT8 recipe, chosen on {n_val} val pairs ({val_source})")
+        val_set = ValSet(chunks, n_val, specs, names, fp32, val_source, digest=pair_digest)
+        if val_set.digests & calib_digests:
+            raise CalibrationError(f"{len(val_set.digests & calib_digests)} val pair(s) ({val_source}) are also "
+                                   "calibration pairs: the sets must be disjoint (checked by content hash)")
+    recipe = _recipe(fp32, all_ranges, qat, val_set, plan)
+    amax = dict(all_ranges[recipe.method])
+    ranges_used, quantized_ops = f"ptq ({recipe.method})", DEFAULT_QUANTIZED_OPS
+    if qat is not None:
         amax.update(qat)  # the quantized tensors take the ranges QAT trained under
-        ranges_used = f"qat ({len(qat)} quantized tensors) + {plan.method} (the rest, for the cache)"
+        ranges_used = f"qat ({len(qat)} quantized tensors) + {recipe.method} (the rest, for the cache)"
         quantized_ops = QAT_QUANTIZED_OPS  # what QAT trained on the int8 grid (export.quant_scheme)
         _log(f"      {ranges_used}")
+    held_out_of_tuning = calib_digests | (val_set.digests if val_set is not None else set())
+
+    def never_calibrated(pair) -> None:
+        if pair_digest(pair) in held_out_of_tuning:
+            raise CalibrationError("a pair appears in both the calibration and the held-out set (or in val and the "
+                                   "held-out set); accuracy must be measured on pairs calibration never saw and the "
+                                   "recipe was not tuned on (use another --eval)")
+
     cache = CalibrationCache(trt_int, "EntropyCalibration2", amax)
 
     try:
         with atomic_directory(bundle.root) as tmp:
             shutil.copytree(bundle.root, tmp, dirs_exist_ok=True)
-            _log("[3/5] INT8 Q/DQ model and TensorRT calibration cache from the same ranges; FP16-typed model")
+            _log("[4/6] INT8 Q/DQ model and TensorRT calibration cache from the same ranges; FP16-typed model")
             quantize_qdq(fp32, amax, tmp / "model.int8.onnx", op_types=quantized_ops,
-                         keep_float=tuple(plan.keep_float))
+                         keep_float=tuple(plan.keep_float), float_nodes=tuple(recipe.float_layers))
             save_onnx(fp16_model(fp32), tmp / "model.fp16.onnx")
             atomic_write_text(tmp / "calibration.cache", cache.to_text())
-            atomic_write_json(tmp / "calibration.json", {"method": plan.method, "ranges": ranges_used, "symmetric": True,
+            atomic_write_json(tmp / "calibration.json", {"method": recipe.method, "ranges": ranges_used,
+                                                         "symmetric": True, "float_layers": recipe.float_layers,
                                                          "amax": amax})
             build_checks = {}
             for name in ("model.int8.onnx", "model.fp16.onnx"):
                 build_checks[name] = check_artifact(tmp / name, max_batch=bundle.max_batch)
                 _log(f"      {summary_line(name, build_checks[name])}")
 
-            _log(f"[4/5] accuracy on {n_eval} held-out pairs: FP32 vs INT8 vs FP16, ONNX Runtime CPU")
+            recipe_record, recipe_reasons = _recipe_verdict(recipe, build_checks["model.int8.onnx"])
+            _log(f"[5/6] accuracy on {n_eval} held-out pairs: FP32 vs INT8 vs FP16, ONNX Runtime CPU")
             lesion: dict = {}
             logits, labels = evaluate_stream({"fp32": fp32, "int8": tmp / "model.int8.onnx",
                                               "fp16": tmp / "model.fp16.onnx"}, eval_chunks, specs, names, never_calibrated,
                                              lesion=lesion)
             results = evaluate(logits, labels, classes)
-            reasons = gate(results, protected)
+            reasons = gate(results, protected) + recipe_reasons
             report = {
                 "eval": {"samples": int(len(labels)), "source": eval_source},
-                "calibration": {"method": plan.method, "ranges": ranges_used, "samples": len(calib),
+                "calibration": {"method": recipe.method, "ranges": ranges_used, "samples": len(calib),
                                 "data_sha256": data_hash, "source": calib_source},
+                "recipe": recipe_record,
                 "fp16_method": FP16_METHOD, "results": results,
                 "gate": {"passed": not reasons, "reasons": reasons, "thresholds": GATE, "rule": gate_rule(protected)},
             }
@@ -304,14 +389,15 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
             if reasons:
                 warnings.warn("INT8 gate failed but --allow-degraded was given: " + "; ".join(reasons), stacklevel=1)
 
-            _log("[5/5] updating the manifest")
+            _log("[6/6] updating the manifest")
             manifest = dict(bundle.manifest)
             manifest["calibration"] = {
-                "method": plan.method, "ranges": ranges_used, "symmetric": True, "samples": len(calib),
+                "method": recipe.method, "ranges": ranges_used, "symmetric": True, "samples": len(calib),
                 "data_sha256": data_hash,
                 "source": calib_source, "trt_version": plan.trt_version, "trt_version_int": trt_int,
                 "cache_header": f"TRT-{trt_int}-EntropyCalibration2", "tensors": len(amax),
                 "quantized_ops": list(quantized_ops), "keep_float": list(plan.keep_float),
+                "recipe": {k: v for k, v in recipe_record.items() if k not in ("sensitivity", "methods")},
                 "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             }
             manifest["accuracy"] = {name: {k: results[name][k] for k in (

@@ -14,14 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from export.onnx_graph import topological_sort
-from export.quant_scheme import DEFAULT_QUANTIZED_OPS, input_layers, residual_adds
+from export.quant_scheme import DEFAULT_QUANTIZED_OPS, input_layers, name_nodes, residual_adds
 
 
-def quantize_qdq(onnx_path: str | Path, amax: dict[str, float], out_path: str | Path,
+def quantize_qdq(onnx_path: str | Path, amax: dict[str, float], out_path: str | Path | None,
                  op_types: tuple[str, ...] = DEFAULT_QUANTIZED_OPS, keep_float: tuple[str, ...] = (),
-                 int32_biases: bool = False):
-    """Write the Q/DQ model quantizing `op_types` (+ residual adds), each input's first layer and the nodes whose
-    names contain a `keep_float` substring left float; -> onnx.ModelProto.
+                 int32_biases: bool = False, float_nodes: tuple[str, ...] = ()):
+    """Write the Q/DQ model quantizing `op_types` (+ residual adds), each input's first layer, the nodes named in
+    `float_nodes` and those whose names contain a `keep_float` substring left float; -> onnx.ModelProto (also
+    when `out_path` is None: nothing written).
     `int32_biases` writes what this project wrote before TensorRT checked it (biases quantized to int32,
     which TensorRT refuses): for accuracy comparisons only, never a bundle artifact."""
     import onnx
@@ -29,17 +30,16 @@ def quantize_qdq(onnx_path: str | Path, amax: dict[str, float], out_path: str | 
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
     from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 
-    model = onnx.load(str(onnx_path))
-    # name every node: the quantizer and our placement rules refer to nodes by name
-    for i, n in enumerate(model.graph.node):
-        if not n.name:
-            n.name = f"{n.op_type}_{i}"
+    model = name_nodes(onnx.load(str(onnx_path)))
     ranges = TensorsData(CalibrationMethod.MinMax, {
         name: TensorData(lowest=np.array(-a, np.float32), highest=np.array(a, np.float32)) for name, a in amax.items()
     })
     nodes = [n.name for n in model.graph.node if n.op_type in op_types] + residual_adds(model)
     first = set(input_layers(model))  # each input's first layer sees raw pixels: float (export.quant_scheme)
-    nodes = [n for n in nodes if n not in first and not any(k in n for k in keep_float)]
+    exact = set(float_nodes)
+    nodes = [n for n in nodes if n not in first and n not in exact and not any(k in n for k in keep_float)]
+    if not nodes:  # onnxruntime's quantizer reads an empty list as "every node"
+        raise ValueError("every quantizable node is kept float: there is nothing to quantize")
     quantizer = QDQQuantizer(
         model, per_channel=True, reduce_range=False, weight_qType=QuantType.QInt8, activation_qType=QuantType.QInt8,
         tensors_range=ranges, nodes_to_quantize=nodes, nodes_to_exclude=[], op_types_to_quantize=[*op_types, "Add"],
@@ -53,8 +53,53 @@ def quantize_qdq(onnx_path: str | Path, amax: dict[str, float], out_path: str | 
     problems = [] if int32_biases else tensorrt_qdq_problems(qmodel)
     if problems:
         raise ValueError("the Q/DQ model is not what TensorRT accepts:\n  - " + "\n  - ".join(problems[:10]))
-    onnx.save_model(qmodel, str(out_path))
+    if out_path is not None:
+        onnx.save_model(qmodel, str(out_path))
     return qmodel
+
+
+def unquantize(qmodel, fp32_model, names) -> object:
+    """A copy of the Q/DQ model in which the nodes `names` read float inputs again, as quantize_qdq would have left
+    them: an input that comes through DequantizeLinear reads what its QuantizeLinear read (an activation), or the
+    FP32 model's own initializer (a weight); Q/DQ nodes and initializers left without readers are dropped.
+    Milliseconds, where quantize_qdq takes most of a second: the recipe search tries many such models."""
+    import onnx
+
+    q = onnx.ModelProto()
+    q.CopyFrom(qmodel)
+    producers = {o: n for n in q.graph.node for o in n.output}
+    originals = {n.name: n for n in fp32_model.graph.node}
+    float_inits = {i.name: i for i in fp32_model.graph.initializer}
+    have = {i.name for i in q.graph.initializer}
+    targets = set(names)
+    for n in q.graph.node:
+        if n.name not in targets:
+            continue
+        for k, tensor in enumerate(n.input):
+            dq = producers.get(tensor)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            qn = producers.get(dq.input[0])
+            if qn is not None and qn.op_type == "QuantizeLinear":
+                n.input[k] = qn.input[0]
+            else:
+                weight = originals[n.name].input[k]
+                if weight not in have:
+                    q.graph.initializer.append(float_inits[weight])
+                    have.add(weight)
+                n.input[k] = weight
+    while True:  # drop what nothing reads any more
+        read = {i for n in q.graph.node for i in n.input} | {o.name for o in q.graph.output}
+        dead = [n for n in q.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            q.graph.node.remove(n)
+    read = {i for n in q.graph.node for i in n.input}
+    for init in [i for i in q.graph.initializer if i.name not in read]:
+        q.graph.initializer.remove(init)
+    return q
 
 
 def tensorrt_qdq_problems(model) -> list[str]:

@@ -1,10 +1,14 @@
 """`make demo`: the main job end to end on a machine with no GPU, cameras or data.
 
-train pfm_tiny on synthetic pairs (reproducible) -> export the bundle (parity gate, TensorRT-RTX build
-check) -> calibrate (INT8 Q/DQ + FP16 ONNX + TensorRT cache + accuracy gate on 2000 held-out pairs; if
-the gate refuses the PTQ model: quantization-aware fine-tuning, export and calibrate again) -> stream two synthetic cameras through the runtime with the best
-backend available -> summary + decision log, annotated video, latency histogram, confusion matrices
-in build/demo/.
+train pfm_tiny on synthetic pairs (reproducible for a given --seed and --threads; another machine, seed or
+thread count gives another model) -> export the bundle (parity gate, TensorRT-RTX build check) -> calibrate
+(ranges by three methods in one pass; the INT8 recipe chosen on 1000 synthetic val pairs: the range method and,
+when full INT8 misses the margin, the most sensitive layers kept float; INT8 Q/DQ + FP16 ONNX + TensorRT cache;
+the accuracy gate on 2000 held-out pairs nothing was tuned on; if the gate still refuses: quantization-aware
+fine-tuning distilled from the trained model, kept only if its FP32 accuracy holds, then export and calibrate
+again; after a last refusal the bundle is the trained FP32 model) -> stream two synthetic cameras through the
+runtime with the best backend available -> summary + decision log, annotated video, latency histogram,
+confusion matrices in build/demo/.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import numpy as np
 
 from edge_pfm.config import parse_size
 from edge_pfm.errors import run_command
+from export.train import TrainPlan, train_checkpoint
 
 
 def _step(n: int, total: int, text: str) -> None:
@@ -100,11 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="build/demo")
     ap.add_argument("--pairs", type=int, default=1200, help="synthetic training pairs")
     ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0, help="training seed (another seed: another model)")
+    ap.add_argument("--threads", type=int, default=TrainPlan.threads,
+                    help="training threads (another count: another model, as on another machine)")
     ap.add_argument("--qat-epochs", type=int, default=3,
                     help="quantization-aware fine-tuning epochs if the gate refuses the PTQ model (0: never)")
     ap.add_argument("--seconds", type=float, default=20.0, help="how long the cameras stream")
     ap.add_argument("--calib-pairs", type=int, default=512)
     ap.add_argument("--eval-pairs", type=int, default=2000)
+    ap.add_argument("--val-pairs", type=int, default=2000, help="synthetic val pairs that choose the INT8 recipe")
     ap.add_argument("--eval-resolution", type=parse_size, default=(640, 360),
                     help="held-out synthetic camera resolution")
     args = ap.parse_args(argv)
@@ -124,26 +133,32 @@ def run_demo(args: argparse.Namespace) -> int:
     from edge_pfm.record import read_log
     from edge_pfm.sources import SceneBank, SyntheticSource
     from export.bundle_export import export_bundle
-    from export.train import TrainPlan, train_checkpoint
 
     total = 4
-    _step(1, total, f"train pfm_tiny on {args.pairs} synthetic pairs ({args.epochs} epochs)")
-    train_checkpoint(ckpt, TrainPlan(synthetic=args.pairs, epochs=args.epochs))
+    _step(1, total, f"train pfm_tiny on {args.pairs} synthetic pairs ({args.epochs} epochs, seed {args.seed}, "
+                    f"{args.threads} threads)")
+    train_checkpoint(ckpt, TrainPlan(synthetic=args.pairs, epochs=args.epochs, seed=args.seed, threads=args.threads))
     _step(2, total, "export the ONNX bundle (parity gate: PyTorch vs ONNX Runtime CPU)")
     export_bundle(ckpt, bundle)
-    _step(3, total, "calibrate: INT8 Q/DQ + FP16 ONNX + TensorRT calibration cache + accuracy gate")
-    plan = CalibrationPlan(synthetic=args.calib_pairs, eval_synthetic=args.eval_pairs,
-                           eval_resolution=args.eval_resolution)
+    _step(3, total, "calibrate: INT8 recipe on val + Q/DQ + FP16 ONNX + TensorRT calibration cache + accuracy gate")
+    plan = CalibrationPlan(synthetic=args.calib_pairs, eval_synthetic=args.eval_pairs, val_synthetic=args.val_pairs,
+                           resolution=args.eval_resolution, eval_resolution=args.eval_resolution)
     result = calibrate(bundle, plan)
     print(result.markdown)
     if not result.gate_passed and args.qat_epochs:  # PTQ missed the gate: fine-tune under the Q/DQ scheme, retry
         qat_ckpt = out / "pfm_tiny.qat.pt"
-        print(f"\n!! the gate refused the PTQ model: {args.qat_epochs} epochs of quantization-aware fine-tuning",
-              flush=True)
-        train_checkpoint(qat_ckpt, TrainPlan(qat_from=ckpt, synthetic=args.pairs, qat_epochs=args.qat_epochs))
-        export_bundle(qat_ckpt, bundle)
-        result = calibrate(bundle, plan)
-        print(result.markdown)
+        print(f"\n!! the gate refused the PTQ model: {args.qat_epochs} epochs of quantization-aware fine-tuning, "
+              "distilled from the trained model", flush=True)
+        facts = train_checkpoint(qat_ckpt, TrainPlan(qat_from=ckpt, synthetic=args.pairs, qat_epochs=args.qat_epochs,
+                                                     seed=args.seed, threads=args.threads))
+        if facts["qat"]["kept"]:
+            export_bundle(qat_ckpt, bundle)
+            result = calibrate(bundle, plan)
+            print(result.markdown)
+        if not result.gate_passed:  # the bundle keeps the model the user trained, never a fine-tune of it
+            print(f"\n!! {'INT8 refused after QAT' if facts['qat']['kept'] else facts['qat']['discarded']}: the "
+                  f"bundle is {ckpt.name}'s FP32 model", flush=True)
+            export_bundle(ckpt, bundle)
     rejected = bundle.with_name(bundle.name + ".int8-rejected")
     if not result.gate_passed:  # the gate refused INT8: the device would run FP32, and so does the demo
         print("\n!! the INT8 accuracy gate refused this model (report above and in "

@@ -178,6 +178,14 @@ def preprocess_keep_intermediate(frame: np.ndarray, spec: PreprocessSpec,
                                  out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """preprocess(), also returning the cropped, box-averaged BGR/grey image it resized from
     (1x..2x the model size), on which the quality gates measure without a second downsample."""
+    chw, mid = model_pixels(frame, spec)
+    return normalise(chw, spec, out), mid
+
+
+def model_pixels(frame: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The first half of preprocess(): the frame cropped, resized and in channel order -> ((C, h, w) uint8, the
+    box-averaged image it was resized from). normalise() of it is exactly preprocess(); the uint8 pixels are a
+    quarter of the float32 input's size, so a set that is run many times can be kept as them."""
     import cv2
 
     if not isinstance(frame, np.ndarray):
@@ -200,18 +208,22 @@ def preprocess_keep_intermediate(frame: np.ndarray, spec: PreprocessSpec,
     if spec.channels == 1:
         if small.ndim == 3:
             small = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY)
-        chw = small[None]
-    else:
-        if small.ndim == 2:
-            small = cv2.cvtColor(small, cv2.COLOR_GRAY2BGR)
-        if spec.colour_order == "RGB":
-            small = small[:, :, ::-1]
-        chw = small.transpose(2, 0, 1)
+        return small[None], mid
+    if small.ndim == 2:
+        small = cv2.cvtColor(small, cv2.COLOR_GRAY2BGR)
+    if spec.colour_order == "RGB":
+        small = small[:, :, ::-1]
+    return small.transpose(2, 0, 1), mid
+
+
+def normalise(chw: np.ndarray, spec: PreprocessSpec, out: np.ndarray | None = None) -> np.ndarray:
+    """The second half of preprocess(): (..., C, h, w) uint8 model pixels -> float32, (pixel/255 - mean)/std per
+    channel. `out`, if given, is written in place."""
     if out is None:
-        out = np.empty((spec.channels, out_h, out_w), np.float32)
+        out = np.empty(chw.shape, np.float32)
     np.multiply(chw, spec._scale, out=out, dtype=np.float32)
     np.subtract(out, spec._offset, out=out)
-    return out, mid
+    return out
 
 
 def preprocess_pair(

@@ -72,7 +72,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opset: int = 17, max_
         feeds = parity_feeds(specs, parity_random, parity_scenes)
         parity = run_parity(model, onnx_path, feeds, reference_dir=tmp / "parity")
         qat = meta["extra"].get("qat")
-        if qat:  # QAT ranges, by ONNX tensor name, for calibration's Q/DQ and cache writers
+        # QAT ranges by ONNX tensor name, for calibration's Q/DQ and cache writers (none: a losing QAT was discarded)
+        if qat and "ranges" in qat:
             from export.qat import onnx_tensor_ranges
 
             amax = onnx_tensor_ranges(model, proto, qat["ranges"])
@@ -124,7 +125,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opset: int = 17, max_
         manifest = write_manifest(tmp, manifest, {
             "model.onnx": "fp32 onnx", "report.json": "export report", "report.md": "export report",
             "parity/inputs.json": "polygraphy reference inputs", "parity/outputs.json": "polygraphy reference outputs",
-            **({"qat_ranges.json": "activation ranges from quantization-aware fine-tuning"} if qat else {}),
+            **({"qat_ranges.json": "activation ranges from quantization-aware fine-tuning"}
+               if qat and "ranges" in qat else {}),
         })
     _log(f"wrote bundle {out} ({MANIFEST}, model.onnx, report.md)")
     return manifest

@@ -240,21 +240,35 @@ def onnx_tensor_ranges(model: PFM, proto, ranges: dict) -> dict[str, float]:
     return out
 
 
-def finetune(model: PFM, train_set, val_set, ranges: dict, epochs: int = 3, batch_size: int = 32, lr: float = 3e-4,
+def finetune(model: PFM, train_set, val_set, ranges: dict, epochs: int = 3, batch_size: int = 32, lr: float = 1e-4,
              seed: int = 0, progress: bool = True) -> dict:
-    """QAT in place. Each batch runs the same weights twice, quantized and float: cross-entropy on both keeps
-    both accurate, and a symmetric KL term makes them agree (the INT8 gate measures agreement with the
-    bundle's FP32 model, which is these same weights). Keeps the epoch with the best validation agreement."""
+    """QAT in place, distilled from the FP32 model as it was (a frozen copy, the teacher): each batch runs the
+    same weights quantized and float, and both are pulled towards the teacher's class probabilities (KL) and,
+    with a lesion head, its map (squared error of the probabilities). BatchNorm stays frozen and the learning
+    rate small, so the float weights stay where the trained model was: the INT8 gate compares INT8 with the
+    bundle's FP32 model, which is these same weights. Keeps the epoch with the best validation agreement between
+    the quantized and the float model."""
     import copy
     import sys
     import time
 
     import torch.nn.functional as F
 
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     best, best_state, best_epoch, history = (-1.0, -1.0), None, {}, []
     t0 = time.perf_counter()
+
+    def distil(student: tuple, target: tuple) -> torch.Tensor:
+        loss = F.kl_div(F.log_softmax(student[0], 1), F.log_softmax(target[0], 1), log_target=True,
+                        reduction="batchmean")
+        if student[1] is not None and target[1] is not None:
+            loss = loss + F.mse_loss(student[1].sigmoid(), target[1].sigmoid())
+        return loss
+
     with fake_quantized(model, ranges) as switch:
         for epoch in range(1, epochs + 1):
             model.train()
@@ -263,33 +277,27 @@ def finetune(model: PFM, train_set, val_set, ranges: dict, epochs: int = 3, batc
             total = 0.0
             for i in range(0, len(order), batch_size):
                 idx = order[i:i + batch_size]
-                w, f, y = train_set.white_light[idx], train_set.fluorescence[idx], train_set.labels[idx]
+                w, f = train_set.white_light[idx], train_set.fluorescence[idx]
                 if torch.rand(1, generator=gen) < 0.5:  # the trainer's augmentation
                     w, f = w.flip(3), f.flip(3)
+                with torch.no_grad():
+                    target = teacher.forward_multitask(w, f)
                 switch.enabled = True
-                q = model(w, f)
+                loss = distil(model.forward_multitask(w, f), target)
                 switch.enabled = False
-                fl = model(w, f)
-                lq, lf = F.log_softmax(q, 1), F.log_softmax(fl, 1)
-                agree = (F.kl_div(lq, lf.detach(), log_target=True, reduction="batchmean")
-                         + F.kl_div(lf, lq.detach(), log_target=True, reduction="batchmean"))
-                loss = F.cross_entropy(q, y) + F.cross_entropy(fl, y) + agree
+                loss = loss + distil(model.forward_multitask(w, f), target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss) * len(idx)
+                total += float(loss.detach()) * len(idx)
             model.eval()
-            with torch.no_grad():
-                switch.enabled = False
-                fl = model(val_set.white_light, val_set.fluorescence).argmax(1)
-                switch.enabled = True
-                q = model(val_set.white_light, val_set.fluorescence).argmax(1)
+            fl, q = (_predict(model, switch, val_set, quantized) for quantized in (False, True))
             score = (float((q == fl).float().mean()), float((q == val_set.labels).float().mean()))
             history.append({"epoch": epoch, "loss": total / len(order), "val_agreement": score[0],
                             "val_accuracy_quant": score[1], "val_accuracy_float": float((fl == val_set.labels).float().mean())})
             if progress:
-                print(f"[qat] epoch {epoch}/{epochs}  loss {total / len(order):.4f}  val agreement {score[0]:.4f}  "
-                      f"val acc quant {score[1]:.4f} float {history[-1]['val_accuracy_float']:.4f}  "
+                print(f"[qat] epoch {epoch}/{epochs}  distillation loss {total / len(order):.4f}  val agreement "
+                      f"{score[0]:.4f}  val acc quant {score[1]:.4f} float {history[-1]['val_accuracy_float']:.4f}  "
                       f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
             if score > best:
                 best, best_state, best_epoch = score, copy.deepcopy(model.state_dict()), history[-1]
@@ -297,3 +305,10 @@ def finetune(model: PFM, train_set, val_set, ranges: dict, epochs: int = 3, batc
             model.load_state_dict(best_state)
     model.eval()
     return {"history": history, "best": best_epoch, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+@torch.no_grad()
+def _predict(model: PFM, switch: QuantSwitch, data, quantized: bool, batch_size: int = 64) -> torch.Tensor:
+    switch.enabled = quantized
+    return torch.cat([model(data.white_light[i:i + batch_size], data.fluorescence[i:i + batch_size]).argmax(1)
+                      for i in range(0, len(data), batch_size)])

@@ -25,6 +25,15 @@ FLOAT_OPS = ("Softmax", "LayerNormalization", "Sigmoid", "Erf")
 KEEP_FLOAT_MODULES = (".stem.",)
 
 
+def name_nodes(model):
+    """Name every unnamed node `<op>_<index>` in place (the quantizer and these rules refer to nodes by name);
+    -> the model."""
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            n.name = f"{n.op_type}_{i}"
+    return model
+
+
 def residual_adds(model) -> list[str]:
     """Add nodes that close a FasterNet block: one input produced by a Conv, both 4-D feature maps."""
     producers = {o: n for n in model.graph.node for o in n.output}
@@ -41,7 +50,7 @@ def residual_adds(model) -> list[str]:
 def input_layers(model) -> list[str]:
     """The first Conv, MatMul or Gemm reached from each graph input (through slicing, casts, elementwise ops): the
     layers that see raw pixels (a conv stem, or a linear patch embedding), kept float. Node names as in the graph
-    (unnamed nodes are named by quantize_qdq first)."""
+    (unnamed nodes named by name_nodes first)."""
     readers: dict[str, list] = {}
     for n in model.graph.node:
         for i in n.input:

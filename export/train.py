@@ -372,9 +372,13 @@ def make_reproducible(seed: int, threads: int, cuda: bool = False) -> None:
 
 def quantization_aware(model: PFM, train_set: PairTensors, val_set: PairTensors, epochs: int, lr: float,
                        seed: int, progress: bool) -> dict:
-    """Fine-tune `model` in place under fake quantization (export.qat) -> the facts the checkpoint keeps."""
+    """Fine-tune `model` in place under fake quantization (export.qat), distilled from itself -> the facts the
+    checkpoint keeps. A fine-tuned model whose float val accuracy falls below the original's 95 % interval is
+    discarded: the original weights come back, and the checkpoint has no QAT ranges (calibration then uses PTQ)."""
+    from evaluation.stats import wilson
     from export.qat import finetune, observe_ranges
 
+    original = copy.deepcopy(model.state_dict())
     float_before = evaluate(model, val_set)
     n = min(len(train_set), 256)
     ranges = observe_ranges(model, ((train_set.white_light[i:i + 32], train_set.fluorescence[i:i + 32])
@@ -382,12 +386,24 @@ def quantization_aware(model: PFM, train_set: PairTensors, val_set: PairTensors,
     result = finetune(model, train_set, val_set, ranges, epochs, lr=lr, seed=seed + 1, progress=progress)
     float_after = evaluate(model, val_set)
     best = result["best"]
+    low, high = wilson(round(float_before["accuracy"] * len(val_set)), len(val_set))
+    kept = float_after["accuracy"] >= low - 1e-9
+    facts = {"epochs": epochs, "lr": lr, "seconds": result["seconds"], "kept": kept,
+             "val_accuracy_float_before": float_before["accuracy"], "val_accuracy_float_before_ci95": [low, high],
+             "val_accuracy_fake_quant": best["val_accuracy_quant"], "val_agreement": best["val_agreement"],
+             "val_accuracy_float_after": float_after["accuracy"]}
+    verdict = "kept" if kept else f"DISCARDED (below the original's 95 % interval {low:.4f}-{high:.4f})"
     if progress:
         print(f"[qat] val accuracy: float before {float_before['accuracy']:.4f}, after {float_after['accuracy']:.4f}; "
-              f"quantized {best['val_accuracy_quant']:.4f}, agreement {best['val_agreement']:.4f}", file=sys.stderr)
-    return {"epochs": epochs, "lr": lr, "ranges": ranges, "seconds": result["seconds"],
-            "val_accuracy_float_before": float_before["accuracy"], "val_accuracy_fake_quant": best["val_accuracy_quant"],
-            "val_agreement": best["val_agreement"], "val_accuracy_float_after": float_after["accuracy"]}
+              f"quantized {best['val_accuracy_quant']:.4f}, agreement {best['val_agreement']:.4f}: {verdict}",
+              file=sys.stderr)
+    if kept:
+        facts["ranges"] = ranges
+    else:  # never ship a fine-tuned model that scores lower than the one the user trained
+        model.load_state_dict(original)
+        facts["discarded"] = (f"float val accuracy {float_after['accuracy']:.4f} after QAT is below the original's "
+                              f"95 % interval {low:.4f}-{high:.4f}: the original weights are kept, without QAT ranges")
+    return facts
 
 
 def lesion_map_measurement(metrics: dict, source: str, quiet: bool = False) -> dict | None:
@@ -427,7 +443,7 @@ class TrainPlan:
     seed: int = 0
     threads: int = min(os.cpu_count() or 1, 8)
     qat_epochs: int = 0
-    qat_lr: float = 3e-4
+    qat_lr: float = 1e-4  # small: distillation keeps the float model where it was
     qat_from: str | Path | None = None  # skip float training: fine-tune this checkpoint with QAT
     resolution: tuple[int, int] = (320, 240)  # synthetic frame size before preprocessing
     progress: bool = True
@@ -534,7 +550,8 @@ def _train_checkpoint(out: str | Path, plan: TrainPlan, rt: Runtime) -> dict:
         extra["qat"] = quantization_aware(model, *(s.materialise() if isinstance(s, StreamedPairs) else s
                                                    for s in (train_set, val_set)),
                                           plan.qat_epochs, plan.qat_lr, plan.seed, plan.progress)
-        extra["val_accuracy"] = extra["qat"]["val_accuracy_float_after"]
+        if extra["qat"]["kept"]:
+            extra["val_accuracy"] = extra["qat"]["val_accuracy_float_after"]
     held_metrics = None
     if test_set is not None:  # reported, never selected on
         held_metrics = evaluate(model, test_set, progress="testing" if plan.progress else None)

@@ -49,5 +49,6 @@ def calibrated_bundle(tiny_bundle, tmp_path_factory) -> Path:
     from calibration.calibrate import CalibrationPlan, calibrate
 
     b = copy_bundle(tiny_bundle, tmp_path_factory.mktemp("calibrated") / "b")
-    calibrate(b, CalibrationPlan(synthetic=64, eval_synthetic=256, resolution=(320, 240), allow_degraded=True))
+    calibrate(b, CalibrationPlan(synthetic=64, eval_synthetic=256, val_synthetic=0, resolution=(320, 240),
+                                 allow_degraded=True))
     return b

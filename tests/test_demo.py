@@ -8,7 +8,7 @@ def test_demo_falls_back_to_fp32_when_int8_is_refused(tmp_path, monkeypatch, cap
     monkeypatch.setitem(GATE, "int8_top1_agreement", 1.01)  # force a refusal
     out = tmp_path / "demo"
     rc = demo(["--out", str(out), "--pairs", "96", "--epochs", "1", "--seconds", "3", "--calib-pairs", "24",
-               "--eval-pairs", "16"])
+               "--eval-pairs", "16", "--val-pairs", "16"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "refused this model" in text and "FP32" in text and "REFUSED" in text

@@ -45,7 +45,7 @@ def test_bad_input(argv, says):
 def test_gate_refused(tiny_bundle, tmp_path):
     """64 held-out pairs cannot show 99 % agreement: refused, the bundle stays FP32."""
     b = copy_bundle(tiny_bundle, tmp_path / "b")
-    r = _run("calibration", "--bundle", str(b), "--synthetic", "32", "--eval-synthetic", "64", "--resolution", "320x240")
+    r = _run("calibration", "--bundle", str(b), "--synthetic", "32", "--val-synthetic", "0", "--eval-synthetic", "64", "--resolution", "320x240")
     assert r.returncode == ExitCode.GATE_REFUSED
     assert "INT8 accuracy gate failed" in _one_line_error(r, "refused") and not (b / "model.int8.onnx").exists()
 
@@ -70,7 +70,7 @@ def test_interrupted_calibration_exits_130_and_leaves_the_bundle_as_it_was(tiny_
 
     b = copy_bundle(tiny_bundle, tmp_path / "b")
     before = sorted((p.name, p.read_bytes()) for p in b.iterdir() if p.is_file())
-    proc = subprocess.Popen([sys.executable, "-m", "calibration", "--bundle", str(b), "--synthetic", "32",
+    proc = subprocess.Popen([sys.executable, "-m", "calibration", "--bundle", str(b), "--synthetic", "32", "--val-synthetic", "0",
                              "--eval-synthetic", "64", "--resolution", "320x240", "--allow-degraded"], cwd=ROOT,
                             stderr=subprocess.PIPE, text=True)
     seen = []

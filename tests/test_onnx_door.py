@@ -118,7 +118,7 @@ def test_without_references_the_manifest_says_so_and_no_torch_is_needed(their_mo
     parity = json.loads((tmp_path / "b" / "manifest.json").read_text())["parity"]
     assert parity["reference"] is None and "max_abs_diff" not in parity and "not checked" in parity["note"]
     # nobody recorded what it was trained on: synthetic scenes may not calibrate or measure it
-    c = subprocess.run([sys.executable, "-m", "calibration", "--bundle", str(tmp_path / "b"), "--synthetic", "32"],
+    c = subprocess.run([sys.executable, "-m", "calibration", "--bundle", str(tmp_path / "b"), "--synthetic", "32", "--val-synthetic", "0"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert c.returncode == 2 and "trained on data its manifest does not record" in c.stderr, c.stderr[-2000:]
 

@@ -1,0 +1,284 @@
+"""The INT8 recipe, chosen on `val`: the range method, then, when full INT8 misses the margin, mixed precision from
+layer sensitivity. Nothing here sees the `test` pairs the gate decides on.
+
+- **The margin**: INT8 top-1 agreement with FP32 on val, Wilson lower bound >= MARGIN (99.3 %; the gate asks
+  99 % on test). A val set too small to show it even at 100 % (fewer than ~550 pairs) is asked for full
+  agreement instead, and the recipe says so.
+- **The range method**: each of calibration.ranges.METHODS, from the one histogram pass; the best val agreement
+  wins (ties: the lower KL divergence from FP32).
+- **Sensitivity**: each block of the network (a module: `/model/stages.3/...` in a torch export) quantized alone,
+  the rest float, ranked by its mean KL divergence from FP32 on val; within a block, each layer alone the same
+  way. The most sensitive layers stay float, one at a time, until the margin holds.
+- **Worth it**: at least MIN_INT8_SHARE of the conv/matmul layers still quantized, counted in the ONNX during the
+  search; calibration confirms it on the TensorRT-RTX engine census. Below that, no INT8.
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from calibration.data import Pair
+from calibration.qdq import quantize_qdq
+from edge_pfm.bundle import MODALITIES
+from edge_pfm.decision import softmax
+from edge_pfm.preprocess import model_pixels, normalise
+from evaluation.stats import wilson
+from export.quant_scheme import QUANTIZABLE_OPS, input_layers, name_nodes
+
+MARGIN = 0.993
+MIN_INT8_SHARE = 0.80
+SENSITIVITY_PAIRS = 256  # ranking needs a continuous score, not many pairs
+CACHE_MB = 256  # val feeds kept in memory up to this; a larger val set is re-read for every trial
+
+
+@dataclass(frozen=True)
+class ValScore:
+    """One model's agreement with FP32 on val."""
+
+    agree: int
+    n: int
+    kl: float  # mean KL(FP32 || model) of the class probabilities
+
+    @property
+    def agreement(self) -> float:
+        return self.agree / self.n if self.n else float("nan")
+
+    @property
+    def lower(self) -> float:
+        return wilson(self.agree, self.n)[0]
+
+    def to_dict(self) -> dict:
+        return {"samples": self.n, "agreement": self.agreement, "disagreements": self.n - self.agree,
+                "agreement_ci95": list(wilson(self.agree, self.n)), "mean_kl": self.kl}
+
+
+class ValSet:
+    """The val pairs as model pixels (edge_pfm.preprocess.model_pixels: uint8, a quarter of the float input), with
+    FP32's class probabilities computed once and each pair's content digest. `chunks()` yields the pairs in
+    chunks, the same ones each call (a lazy dataset, or seeded synthetic rendering). The pixels are kept in memory
+    when they fit CACHE_MB, else read again for every model run."""
+
+    def __init__(self, chunks: Callable[[], Iterable[list[Pair]]], n: int, specs: dict, input_names: dict,
+                 fp32: str | Path, source: str = "", digest: Callable[[Pair], str] | None = None):
+        self.chunks, self.n, self.specs, self.names, self.source = chunks, n, specs, input_names, source
+        self.digests: set[str] = set()
+        per_pair = sum(int(np.prod(s.input_shape)) for s in specs.values())
+        keep = per_pair * n <= CACHE_MB * 2**20
+        cached = []
+        for pair_chunk in chunks():
+            if digest is not None:
+                self.digests.update(digest(pair) for pair in pair_chunk)
+            if keep:
+                cached.append(self._pixels(pair_chunk))
+        self._cached = cached if keep else None
+        self.reference = np.concatenate([softmax(o) for o in self._run(str(fp32), n)])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _pixels(self, chunk: list[Pair]) -> dict[str, np.ndarray]:
+        return {self.names[m]: np.stack([model_pixels(p[k], self.specs[m])[0] for p in chunk])
+                for k, m in enumerate(MODALITIES)}
+
+    def _read(self):
+        if self._cached is not None:
+            yield from self._cached
+        else:
+            for pair_chunk in self.chunks():
+                yield self._pixels(pair_chunk)
+
+    def _run(self, model, n: int) -> list[np.ndarray]:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(model.SerializeToString() if hasattr(model, "SerializeToString") else model,
+                                    providers=["CPUExecutionProvider"])
+        output = sess.get_outputs()[0].name
+        inputs = {self.names[m]: m for m in MODALITIES}
+        out, seen = [], 0
+        for pixels in self._read():
+            if seen >= n:
+                break
+            feed = {name: normalise(px, self.specs[inputs[name]]) for name, px in pixels.items()}
+            out.append(sess.run([output], feed)[0])
+            seen += len(out[-1])
+        return out
+
+    def score(self, model, pairs: int | None = None) -> ValScore:
+        """`model` (an onnx.ModelProto or path) against FP32 on the first `pairs` val pairs (default all)."""
+        n = len(self) if pairs is None else min(pairs, len(self))
+        p = np.concatenate([softmax(o) for o in self._run(model, n)])[:n]
+        ref = self.reference[:n]
+        kl = float(np.mean(np.sum(ref * (np.log(np.clip(ref, 1e-12, None)) - np.log(np.clip(p, 1e-12, None))), 1)))
+        return ValScore(int((p.argmax(1) == ref.argmax(1)).sum()), n, kl)
+
+
+def quantizable_layers(model, op_types: tuple[str, ...]) -> list[str]:
+    """The conv/matmul/gemm nodes the Q/DQ model quantizes (each input's first layer stays float), graph order."""
+    first = set(input_layers(model))
+    return [n.name for n in model.graph.node if n.op_type in op_types and n.name not in first]
+
+
+def layer_block(name: str) -> str:
+    """A layer's block: the first two levels of its module path (`/model/stages.3/mlp/mlp.0_1/Conv` ->
+    `model/stages.3`; torch's `_1` suffix of a module's second call dropped, so a backbone shared by both
+    inputs is one block). A name without a module path is a block of its own."""
+    parts = [re.sub(r"_\d+$", "", p) for p in name.strip("/").split("/")[:-1]]
+    return "/".join(parts[:2]) if len(parts) >= 2 else name
+
+
+@dataclass
+class Recipe:
+    """What the INT8 model is made of, and the val evidence for it."""
+
+    kind: str  # "ptq" (every scheme node in INT8), "mixed" (float_layers kept float) or "refused"
+    method: str
+    float_layers: list[str]  # conv/matmul layers and residual Adds kept float, beyond each input's first layer
+    val: ValScore | None
+    target: str  # what val was asked to show
+    layers: int  # conv/matmul/gemm nodes in the graph
+    quantized: int  # of them quantized
+    reason: str = ""
+    methods: dict[str, dict] = field(default_factory=dict)
+    sensitivity: dict[str, float] = field(default_factory=dict)  # block or layer -> mean KL, quantized alone
+    trials: int = 0
+    seconds: float = 0.0
+
+    @property
+    def onnx_int8_share(self) -> float:
+        return self.quantized / self.layers if self.layers else 0.0
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "method": self.method, "float_layers": self.float_layers,
+                "val": self.val.to_dict() if self.val else None, "target": self.target, "reason": self.reason,
+                "onnx_conv_matmul": {"layers": self.layers, "quantized": self.quantized,
+                                     "share": round(self.onnx_int8_share, 4)},
+                "methods": self.methods, "sensitivity": self.sensitivity, "trials": self.trials,
+                "seconds": round(self.seconds, 1)}
+
+
+def margin_target(n: int, margin: float = MARGIN) -> tuple[Callable[[ValScore], bool], str]:
+    """(does a val score meet the target, the target in words) for a val set of n pairs."""
+    if wilson(n, n)[0] >= margin:
+        return (lambda s: s.lower >= margin), f"val agreement 95 % lower bound >= {margin:.1%} ({n} pairs)"
+    return (lambda s: s.agree == s.n), (f"every val pair agreeing: {n} val pairs cannot show a {margin:.1%} lower "
+                                        f"bound (that needs >= {_pairs_for(margin)})")
+
+
+def _pairs_for(margin: float) -> int:
+    n = 1
+    while wilson(n, n)[0] < margin:
+        n *= 2
+    lo, hi = n // 2, n
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if wilson(mid, mid)[0] < margin else (lo, mid)
+    return hi
+
+
+def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_types: tuple[str, ...], val: ValSet,
+                  methods: Sequence[str] | None = None, margin: float = MARGIN, min_share: float = MIN_INT8_SHARE,
+                  log: Callable[[str], None] = lambda m: None) -> Recipe:
+    """The range method and the nodes kept float (module docstring). `ranges`: {method: amax}; `methods`: the
+    ones to choose among (default all in `ranges`).
+
+    The search's units are each block's conv/matmul layers and each block's residual Adds (export.quant_scheme:
+    quantized for TensorRT's fusions; keeping them float costs no conv/matmul Int8). Units are ranked by their
+    KL divergence when quantized alone, on the first SENSITIVITY_PAIRS val pairs, and kept float in that order
+    until the target holds on all of val; the last block is then cut down to its most sensitive layers that
+    still hold it (a binary search over its layers, each ranked alone). The ranking's trial models are derived
+    from the full Q/DQ model (calibration.qdq.unquantize, milliseconds); every check of the target runs the
+    model quantize_qdq writes (measured: a derived model and the written one differed by 3 of 2000 flips)."""
+    import onnx
+
+    from calibration.qdq import unquantize
+    from export.quant_scheme import residual_adds
+
+    t0 = time.perf_counter()
+    graph = name_nodes(onnx.load(str(fp32)))
+    all_layers = [n.name for n in graph.graph.node if n.op_type in QUANTIZABLE_OPS]
+    layers = quantizable_layers(graph, op_types)
+    adds = residual_adds(graph)
+    meets, target = margin_target(len(val), margin)
+    trials = 0
+
+    def recipe(kind: str, method: str, float_nodes: list[str], s: ValScore | None, reason: str = "", **kw) -> Recipe:
+        floats = [n for n in float_nodes if n in set(layers)]
+        return Recipe(kind, method, float_nodes, s, target, len(all_layers), len(layers) - len(floats), reason,
+                      trials=trials, seconds=time.perf_counter() - t0, **kw)
+
+    methods = list(methods or ranges)
+    full = {m: quantize_qdq(fp32, ranges[m], None, op_types=op_types) for m in methods}
+    by_method = {m: val.score(q) for m, q in full.items()}
+    trials += len(methods)
+    method = max(methods, key=lambda m: (by_method[m].agree, -by_method[m].kl))
+    summary = {m: s.to_dict() for m, s in by_method.items()}
+    for m, s in by_method.items():
+        log(f"      {m:10s} full INT8: val agreement {s.agreement:.2%} ({s.n - s.agree} of {s.n} differ, lower "
+            f"bound {s.lower:.2%}), KL {s.kl:.2e}")
+    best = by_method[method]
+    if meets(best):
+        return recipe("ptq", method, [], best, methods=summary)
+    log(f"      {method} misses the target ({target}): layer sensitivity")
+    qmodel = full[method]
+    quantized = layers + adds
+    sub = min(SENSITIVITY_PAIRS, len(val))
+
+    def alone(group: Sequence[str]) -> float:  # `group` quantized, every other node float: a fast trial model
+        nonlocal trials
+        trials += 1
+        keep = set(group)
+        return val.score(unquantize(qmodel, graph, [n for n in quantized if n not in keep]), sub).kl
+
+    def score(float_nodes: Sequence[str]) -> ValScore:  # the model quantize_qdq writes, on all of val
+        nonlocal trials
+        trials += 1
+        return val.score(quantize_qdq(fp32, ranges[method], None, op_types=op_types, float_nodes=tuple(float_nodes)))
+
+    units: dict[str, list[str]] = {}
+    for name in layers:
+        units.setdefault(layer_block(name), []).append(name)
+    for name in adds:
+        units.setdefault(f"{layer_block(name)} residual adds", []).append(name)
+    sensitivity = {u: alone(members) for u, members in units.items()}
+    max_float = len(layers) - int(np.ceil(min_share * len(all_layers)))
+    layer_set = set(layers)
+    float_nodes: list[str] = []
+    s = best
+    for unit in sorted(units, key=lambda u: -sensitivity[u]):
+        members = units[unit]
+        room = max_float - sum(n in layer_set for n in float_nodes)
+        if any(n in layer_set for n in members) and len(members) > room:
+            if room <= 0:
+                continue  # no conv/matmul may stay float any more; residual adds still may
+            ranked = {n: alone([n]) for n in members}
+            sensitivity.update(ranked)
+            members = sorted(members, key=lambda n: -ranked[n])[:room]
+        s = score(float_nodes + members)
+        log(f"      + {unit} float ({len(members)} node(s)): val agreement {s.agreement:.2%} (lower bound {s.lower:.2%})")
+        if not meets(s):
+            float_nodes += members
+            continue
+        if len(members) > 1 and all(n in layer_set for n in members):  # the fewest of this block's layers
+            ranked = {n: alone([n]) for n in members}
+            sensitivity.update(ranked)
+            order = sorted(members, key=lambda n: -ranked[n])
+            lo, hi, best_s = 0, len(order), s  # the prefix of lo layers misses, of hi holds: the shortest that holds
+            while lo + 1 < hi:
+                mid = (lo + hi) // 2
+                t = score(float_nodes + order[:mid])
+                if meets(t):
+                    hi, best_s = mid, t
+                else:
+                    lo = mid
+            members, s = order[:hi], best_s
+        return recipe("mixed", method, float_nodes + members, s, methods=summary, sensitivity=sensitivity)
+    n_float = sum(n in layer_set for n in float_nodes)
+    return recipe("refused", method, float_nodes, s,
+                  f"{target} failed with {n_float} conv/matmul layers and {len(float_nodes) - n_float} residual Adds "
+                  f"float, the most that leaves {min_share:.0%} of the {len(all_layers)} conv/matmul layers in INT8 "
+                  f"(val agreement {s.agreement:.2%})", methods=summary, sensitivity=sensitivity)

@@ -1,0 +1,137 @@
+"""The INT8 recipe (calibration.mixed, calibration.ranges) and a QAT that does not lose (export.qat): a model with
+one deliberately fragile layer gets exactly that layer kept float; the three range methods come from one
+histogram pass; a fine-tune that scores below the trained model is discarded, and the bundle keeps the trained
+weights. Real ONNX Runtime, real training."""
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+
+from calibration.data import PairReader, synthetic_pair_chunks, synthetic_pairs
+from calibration.mixed import ValSet, choose_recipe, layer_block, margin_target, quantizable_layers
+from calibration.qdq import quantize_qdq
+from calibration.ranges import METHODS, compute_all_ranges, entropy_amax
+from edge_pfm.bundle import Bundle
+from export.quant_scheme import DEFAULT_QUANTIZED_OPS, name_nodes
+
+FRAGILE_SCALE = 3000.0
+
+
+def make_fragile(fp32, out, feeds: list[dict]) -> str:
+    """One backbone Conv of the graph made fragile under INT8 and unchanged in float: its busiest input channel is
+    scaled up by FRAGILE_SCALE (a Mul in front of it) and that channel's weights down by as much. Its per-tensor
+    input range then belongs to one channel, and the others round to a few levels. -> the Conv's name."""
+    import onnxruntime as ort
+
+    model = name_nodes(onnx.load(str(fp32)))
+    inits = {i.name: i for i in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    layers = quantizable_layers(model, DEFAULT_QUANTIZED_OPS)
+    nodes = {n.name: n for n in model.graph.node}
+    target = next(nodes[name] for name in layers
+                  if "/stages." in name and nodes[name].op_type == "Conv" and readers[nodes[name].input[0]] == 1
+                  and nodes[name].input[1] in inits and "stages.0/" not in name
+                  and all(a.i == 1 for a in nodes[name].attribute if a.name == "group"))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.ValueInfoProto(name=target.input[0]))
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.concatenate([sess.run([target.input[0]], f)[0] for f in feeds])
+    channel = int(np.abs(x).mean(axis=(0, 2, 3)).argmax())
+    w = numpy_helper.to_array(inits[target.input[1]]).copy()
+    w[:, channel] /= FRAGILE_SCALE
+    scale = np.ones((1, w.shape[1], 1, 1), np.float32)
+    scale[0, channel] = FRAGILE_SCALE
+    model.graph.initializer.extend([numpy_helper.from_array(w, "fragile_weight"),
+                                    numpy_helper.from_array(scale, "fragile_scale")])
+    mul = helper.make_node("Mul", [target.input[0], "fragile_scale"], ["fragile_input"], name="fragile_mul")
+    target.input[0], target.input[1] = "fragile_input", "fragile_weight"
+    index = list(model.graph.node).index(target)
+    model.graph.node.insert(index, mul)
+    onnx.save(model, str(out))
+    return target.name
+
+
+@pytest.fixture(scope="module")
+def fragile(tiny_bundle, tmp_path_factory):
+    b = Bundle.load(tiny_bundle)
+    path = tmp_path_factory.mktemp("fragile") / "fragile.onnx"
+    calib = synthetic_pairs(64, 1, (320, 240), b.classes)
+    name = make_fragile(b.model_path("fp32"), path, [PairReader(calib, b.preprocessing, b.input_names).feed(p)
+                                                     for p in calib[:16]])
+    ranges = compute_all_ranges(path, PairReader(calib, b.preprocessing, b.input_names))
+    val = ValSet(lambda: synthetic_pair_chunks(400, 7, (320, 240), classes=b.classes), 400, b.preprocessing,
+                 b.input_names, path)
+    return path, name, ranges, val
+
+
+def test_a_deliberately_fragile_layer_is_exactly_the_one_kept_float(fragile):
+    path, name, ranges, val = fragile
+    full = val.score(quantize_qdq(path, ranges["percentile"], None))
+    # margin 0.90: the session's briefly trained model is far from the product's agreement; the fragile layer
+    # takes full INT8 far below even that
+    recipe = choose_recipe(path, ranges, DEFAULT_QUANTIZED_OPS, val, methods=["percentile"], margin=0.90)
+    assert full.lower < 0.90, full
+    assert recipe.kind == "mixed", recipe.reason
+    assert recipe.float_layers == [name]
+    assert recipe.val.lower >= 0.90 and recipe.val.kl < full.kl
+    top_block = max((k for k in recipe.sensitivity if k == layer_block(k)), key=recipe.sensitivity.get)
+    assert top_block == layer_block(name)  # the ranking found its block first, then the layer in it
+    assert recipe.quantized == len(quantizable_layers(name_nodes(onnx.load(str(path))), DEFAULT_QUANTIZED_OPS)) - 1
+
+
+def test_a_search_that_would_leave_too_little_int8_is_refused(fragile):
+    path, _, ranges, val = fragile
+    recipe = choose_recipe(path, ranges, DEFAULT_QUANTIZED_OPS, val, methods=["percentile"], margin=0.90,
+                           min_share=0.99)  # not even one conv/matmul layer may stay float
+    layers = set(quantizable_layers(name_nodes(onnx.load(str(path))), DEFAULT_QUANTIZED_OPS))
+    assert recipe.kind == "refused" and "leaves 99% of the" in recipe.reason, recipe.reason
+    assert not layers & set(recipe.float_layers)  # residual Adds may have been tried float, no layer
+
+
+def test_one_histogram_pass_gives_every_method(fragile):
+    path, _, ranges, _ = fragile
+    assert list(ranges) == list(METHODS)
+    names = list(ranges["percentile"])
+    assert all(list(r) == names for r in ranges.values())  # every tensor, graph order, by each method
+    mm, pc = ranges["minmax"]["fragile_input"], ranges["percentile"]["fragile_input"]
+    assert mm >= pc > 0 and mm >= ranges["entropy"]["fragile_input"] > 0
+
+
+def test_entropy_clips_a_gaussians_outliers():
+    x = np.abs(np.random.default_rng(0).standard_normal(400_000))
+    x[:3] = 60.0  # three outliers set minmax's range
+    hist, edges = np.histogram(x, bins=2048)
+    amax = entropy_amax(hist, edges)
+    assert 2.5 < amax < 8.0  # a few sigma, not the outliers' 60
+
+
+def test_a_val_set_too_small_for_the_margin_asks_for_full_agreement():
+    meets, words = margin_target(300)
+    assert "every val pair" in words and "545" in words
+    meets_big, words_big = margin_target(2000)
+    assert "lower bound" in words_big
+
+
+def test_a_qat_that_loses_is_discarded_and_the_bundle_keeps_the_trained_weights(tiny_checkpoint, tmp_path):
+    from export.bundle_export import export_bundle
+    from export.checkpoint import load_checkpoint
+    from export.train import TrainPlan, train_checkpoint
+
+    # a learning rate that wrecks the weights: the fine-tuned float model falls below the trained one's interval
+    facts = train_checkpoint(tmp_path / "qat.pt", TrainPlan(qat_from=tiny_checkpoint, synthetic=480, qat_epochs=1,
+                                                            qat_lr=0.5, resolution=(256, 192), progress=False))
+    qat = facts["qat"]
+    assert not qat["kept"] and "discarded" in qat and "ranges" not in qat
+    assert qat["val_accuracy_float_after"] < qat["val_accuracy_float_before_ci95"][0]
+    original, _ = load_checkpoint(tiny_checkpoint)
+    kept, meta = load_checkpoint(tmp_path / "qat.pt")
+    for (k, a), b in zip(original.state_dict().items(), kept.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert meta["extra"]["val_accuracy"] == pytest.approx(qat["val_accuracy_float_before"])
+    export_bundle(tmp_path / "qat.pt", tmp_path / "bundle", parity_random=2, parity_scenes=2)
+    assert not (tmp_path / "bundle" / "qat_ranges.json").exists()  # calibration will use PTQ ranges
