@@ -206,7 +206,8 @@ def _recipe_verdict(recipe: Recipe, int8_check: dict) -> tuple[dict, list[str]]:
         share, where = recipe.onnx_int8_share, (f"{recipe.quantized} of {recipe.layers} conv/matmul ONNX nodes (no "
                                                 "engine census: TensorRT-RTX not usable here)")
     record["int8_share"] = {"share": round(share, 4), "counted": where, "minimum": MIN_INT8_SHARE}
-    _log(f"      recipe {recipe.kind} ({recipe.method}), {len(recipe.float_layers)} layer(s) kept float; Int8: {where}")
+    _log(f"      recipe {recipe.kind} ({recipe.method}), {len(recipe.float_layers)} node(s) kept float, {recipe.trials} "
+         f"trial model(s) in {recipe.seconds:.0f}s; Int8: {where}")
     if recipe.kind == "refused":
         reasons.append(f"no INT8 recipe meets the val margin: {recipe.reason}")
     elif share < MIN_INT8_SHARE - 1e-9:

@@ -146,7 +146,7 @@ class Recipe:
     methods: dict[str, dict] = field(default_factory=dict)
     sensitivity: dict[str, float] = field(default_factory=dict)  # block or layer -> mean KL, quantized alone
     trials: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # logged, not recorded: reports stay byte-identical from run to run
 
     @property
     def onnx_int8_share(self) -> float:
@@ -157,8 +157,7 @@ class Recipe:
                 "val": self.val.to_dict() if self.val else None, "target": self.target, "reason": self.reason,
                 "onnx_conv_matmul": {"layers": self.layers, "quantized": self.quantized,
                                      "share": round(self.onnx_int8_share, 4)},
-                "methods": self.methods, "sensitivity": self.sensitivity, "trials": self.trials,
-                "seconds": round(self.seconds, 1)}
+                "methods": self.methods, "sensitivity": self.sensitivity, "trials": self.trials}
 
 
 def margin_target(n: int, margin: float = MARGIN) -> tuple[Callable[[ValScore], bool], str]:

@@ -76,7 +76,7 @@ def test_interrupted_calibration_exits_130_and_leaves_the_bundle_as_it_was(tiny_
     seen = []
     for line in proc.stderr:  # interrupt while the new artifacts are being written
         seen.append(line)
-        if line.startswith("[3/5]"):
+        if line.startswith("[4/6]"):
             proc.send_signal(signal.SIGINT)
             break
     rest = proc.stderr.read()
