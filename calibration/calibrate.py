@@ -16,6 +16,7 @@ import json
 import shutil
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +53,8 @@ FP16_METHOD = ("model.fp16.onnx run on ONNX Runtime CPU (FP16-typed graph, float
 RANGES = ("auto", "ptq", "qat")
 EVAL_SYNTHETIC = 2000  # synthetic held-out pairs by default: the gate's 99 % needs >= ~380, a narrow interval 2000
 # synthetic val pairs: the margin's 99.3 % lower bound needs >= 545 at full agreement, and at 2000 allows 7
-# disagreements; rendered at the trainer's 320x240 (they tune; the held-out pairs at camera resolution gate)
-VAL_SYNTHETIC, VAL_RESOLUTION = 2000, (320, 240)
+# disagreements; rendered at the calibration pairs' resolution, like a val share held back from --data
+VAL_SYNTHETIC = 2000
 VAL_SHARE, VAL_MAX, VAL_MIN_DATA = 0.2, 1000, 100  # val held back from a --data without a split column
 
 
@@ -261,10 +262,10 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
     if plan.data is None:
         calib = synthetic_pairs(min(plan.synthetic, plan.samples), plan.seed, plan.resolution, classes)
         calib_source = f"synthetic:{len(calib)}:seed={plan.seed}:{plan.resolution[0]}x{plan.resolution[1]}"
-        size = VAL_RESOLUTION
         if plan.val_synthetic:
-            val_pairs = (lambda: synthetic_pair_chunks(plan.val_synthetic, plan.seed + 20_000, size, classes=classes),
-                         plan.val_synthetic, f"synthetic:{plan.val_synthetic}:seed={plan.seed + 20_000}:{size[0]}x{size[1]}")
+            n_val, val_seed, (w, h) = plan.val_synthetic, plan.seed + 20_000, plan.resolution
+            val_pairs = (partial(synthetic_pair_chunks, n_val, val_seed, plan.resolution, classes=classes), n_val,
+                         f"synthetic:{n_val}:seed={val_seed}:{w}x{h}")
     else:
         everything, _ = dataset_pairs(plan.data, classes, lesion_classes)
         held_from_data = everything.subset(splits.test) if splits else None

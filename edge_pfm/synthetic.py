@@ -68,6 +68,17 @@ def _soft(mask: np.ndarray, sigma_px: float) -> np.ndarray:
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
+def _blend(planes: list[np.ndarray], weight: np.ndarray, colour: tuple[float, ...], cover: float = 1.0) -> None:
+    """planes[c] = planes[c] * (1 - cover * weight) + colour[c] * weight, in place, computed only where the weight
+    is nonzero (glare spots and the os cover a few per cent of the frame; elsewhere it is the identity)."""
+    idx = np.flatnonzero(weight != 0)
+    wt = weight.reshape(-1)[idx]
+    keep = 1 - cover * wt
+    for plane, value in zip(planes, np.asarray(colour, np.float32)):
+        flat = plane.reshape(-1)  # a view: the planes are contiguous
+        flat[idx] = flat[idx] * keep + value * wt
+
+
 # the smooth scene is rendered at most this wide and upscaled; noise is added at full resolution
 _WORK_WIDTH = 640
 
@@ -130,18 +141,19 @@ def render_pair(
     texture = _low_freq_noise(rng, h, w)
     vignette = _soft(cervix, 0.25 * r)
 
-    # white light (float BGR in [0, 1])
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    # white light (float BGR in [0, 1]), one plane per channel: numpy broadcasts an H x W x 1 factor over a
+    # last axis of 3 an element triple at a time, several times slower than whole planes
+    yy = np.arange(h, dtype=np.float32)[:, None]
+    xx = np.arange(w, dtype=np.float32)[None, :]
     fall = 1 - 0.5 * (((xx - cx) / w) ** 2 + ((yy - cy) / h) ** 2) * 4
-    wl = np.empty((h, w, 3), np.float32)
     pink = np.array([0.55, 0.55, 0.86], np.float32) * rng.uniform(0.9, 1.05, 3).astype(np.float32)
     red = np.array([0.38, 0.36, 0.78], np.float32)
     wall = np.array([0.18, 0.14, 0.32], np.float32)
-    tex = (0.88 + 0.24 * texture)[..., None]
-    cerv3 = vignette[..., None]
-    wl[:] = wall * (0.6 + 0.4 * fall[..., None]) * (1 - cerv3) + pink * tex * cerv3
-    tz_soft = _soft(tz, 0.08 * r)[..., None]
-    wl = wl * (1 - 0.6 * tz_soft) + red * tex * 0.6 * tz_soft
+    tex = 0.88 + 0.24 * texture
+    shade, outside, tex_in = 0.6 + 0.4 * fall, 1 - vignette, tex * vignette
+    tz_soft = _soft(tz, 0.08 * r)
+    tz_keep, tex_tz = 1 - 0.6 * tz_soft, tex * 0.6 * tz_soft
+    wl = [(wall[c] * shade * outside + pink[c] * tex_in) * tz_keep + red[c] * tex_tz for c in range(3)]
     # vessels: thin dark-red curves
     vessels = np.zeros((h, w), np.float32)
     for _ in range(int(rng.integers(6, 14))):
@@ -150,23 +162,21 @@ def render_pair(
             pts.append((pts[-1][0] + rng.uniform(-0.2, 0.2) * r, pts[-1][1] + rng.uniform(-0.2, 0.2) * r))
         cv2.polylines(vessels, [np.int32(pts)], False, 1.0, max(1, int(h / 360)), cv2.LINE_AA)
     vessels *= cervix
-    wl -= (0.25 * vessels)[..., None] * np.array([1.0, 1.0, 0.3], np.float32)
-    # acetowhite lesion
+    dark = 0.25 * vessels
+    # acetowhite lesion, then the os
     white = np.array([0.93, 0.93, 0.96], np.float32)
-    dm = (density * wl_soft)[..., None]
-    wl = wl * (1 - dm) + white * dm
-    # os
-    os3 = _soft(os_mask, 0.02 * r)[..., None]
-    wl = wl * (1 - os3) + np.array([0.12, 0.08, 0.25], np.float32) * os3
+    dm = density * wl_soft
+    wl = [(wl[c] - dark * k) * (1 - dm) + white[c] * dm for c, k in enumerate(np.array([1.0, 1.0, 0.3], np.float32))]
+    os_soft = _soft(os_mask, 0.02 * r)
+    _blend(wl, os_soft, (0.12, 0.08, 0.25))
 
     # fluorescence: green autofluorescence, blue excitation leak
-    fl = np.empty((h, w, 3), np.float32)
-    green = 0.55 * (0.85 + 0.3 * texture) * vignette * (1 - 0.5 * os3[..., 0])
+    green = 0.55 * (0.85 + 0.3 * texture) * vignette * (1 - 0.5 * os_soft)
     green *= 1 - fl_loss * fl_soft
     green -= 0.12 * vessels
-    fl[..., 0] = 0.10 + 0.05 * vignette  # B: excitation leak
-    fl[..., 1] = 0.03 + green
-    fl[..., 2] = 0.05 + 0.06 * vignette * texture  # R: weak porphyrin-like signal
+    fl = [0.10 + 0.05 * vignette,  # B: excitation leak
+          0.03 + green,
+          0.05 + 0.06 * vignette * texture]  # R: weak porphyrin-like signal
 
     # specular glare (white light mostly)
     glare_frac = rng.uniform(0.001, 0.006) if glare is None else glare
@@ -179,30 +189,28 @@ def render_pair(
         rad = max(1, int(np.sqrt(spot_area / n_spots / np.pi)))
         c = (int(cx + d * np.cos(a)), int(cy + d * np.sin(a)))
         cv2.ellipse(glare_mask, c, (int(rad * 1.5), rad), rng.uniform(0, 180), 0, 360, 1.0, -1, cv2.LINE_AA)
-    g3 = glare_mask[..., None]
-    wl = wl * (1 - g3) + 1.05 * g3
-    fl = fl * (1 - 0.5 * g3) + 0.6 * g3
+    _blend(wl, glare_mask, (1.05,) * 3)
+    _blend(fl, glare_mask, (0.6,) * 3, cover=0.5)
 
     # exposure, blur, noise
-    wl *= rng.uniform(0.85, 1.12) if exposure is None else exposure
-    fl *= rng.uniform(0.75, 1.3) if exposure is None else exposure
+    gain = rng.uniform(0.85, 1.12) if exposure is None else exposure
+    wl = [plane * gain for plane in wl]
+    gain = rng.uniform(0.75, 1.3) if exposure is None else exposure
+    fl = [plane * gain for plane in fl]
     sigma = rng.uniform(0.0, 1.2) * full_h / 720 if blur_sigma is None else blur_sigma
     if sigma / f > 0.3:
-        wl = cv2.GaussianBlur(wl, (0, 0), sigma / f)
-        fl = cv2.GaussianBlur(fl, (0, 0), sigma / f)
+        wl, fl = ([cv2.GaussianBlur(plane, (0, 0), sigma / f) for plane in planes] for planes in (wl, fl))
     masks = [lesion > 0.5, cervix > 0.5]
     if (w, h) != (full_w, full_h):
-        wl = cv2.resize(wl, (full_w, full_h), interpolation=cv2.INTER_LINEAR)
-        fl = cv2.resize(fl, (full_w, full_h), interpolation=cv2.INTER_LINEAR)
+        wl, fl = ([cv2.resize(plane, (full_w, full_h), interpolation=cv2.INTER_LINEAR) for plane in planes]
+                  for planes in (wl, fl))
         masks = [cv2.resize(m.astype(np.uint8), (full_w, full_h), interpolation=cv2.INTER_NEAREST) > 0 for m in masks]
     # luminance noise (one plane shared by the channels): a third of the cost of colour noise
-    noise = rng.standard_normal((full_h, full_w, 1), dtype=np.float32)
-    wl_u8 = np.empty((full_h, full_w, 3), np.uint8)
-    fl_u8 = np.empty_like(wl_u8)
-    wl += noise * np.float32(rng.uniform(0.008, 0.025))
-    fl += noise[::-1] * np.float32(rng.uniform(0.015, 0.04))
-    cv2.convertScaleAbs(np.maximum(wl, 0, out=wl), wl_u8, alpha=255.0)
-    cv2.convertScaleAbs(np.maximum(fl, 0, out=fl), fl_u8, alpha=255.0)
+    noise = rng.standard_normal((full_h, full_w), dtype=np.float32)
+    wl_u8, fl_u8 = (
+        cv2.merge([cv2.convertScaleAbs(np.maximum(plane + scaled, 0), alpha=255.0) for plane in planes])
+        for planes, scaled in ((wl, noise * np.float32(rng.uniform(0.008, 0.025))),
+                               (fl, noise[::-1] * np.float32(rng.uniform(0.015, 0.04)))))
     return Scene(wl_u8, fl_u8, label, masks[0], masks[1])
 
 
