@@ -40,8 +40,8 @@ def model_row(out: Path, seconds: float, log: str) -> dict:
     i8, recipe = report["results"]["int8"], report["recipe"]
     change = i8["recall_change"][protected]
     kind = recipe["kind"]
-    if "quantization-aware fine-tuning" in log:
-        kind = f"qat after {kind}" if shipped else f"{kind}; qat refused"
+    if "quantization-aware fine-tuning" in log:  # PTQ was refused first; the report is the QAT model's
+        kind = "qat (PTQ refused)" if kind == "qat" else f"{kind} (PTQ and QAT refused)"
     return {
         "recipe": kind, "method": recipe.get("method"), "float_nodes": recipe.get("float_layers", []),
         "val_lower_bound": (recipe.get("val") or {}).get("agreement_ci95", [None])[0],

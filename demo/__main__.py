@@ -2,7 +2,7 @@
 
 train pfm_tiny on synthetic pairs (reproducible for a given --seed and --threads; another machine, seed or
 thread count gives another model) -> export the bundle (parity gate, TensorRT-RTX build check) -> calibrate
-(ranges by three methods in one pass; the INT8 recipe chosen on 1000 synthetic val pairs: the range method and,
+(ranges by three methods in one pass; the INT8 recipe chosen on 2000 synthetic val pairs: the range method and,
 when full INT8 misses the margin, the most sensitive layers kept float; INT8 Q/DQ + FP16 ONNX + TensorRT cache;
 the accuracy gate on 2000 held-out pairs nothing was tuned on; if the gate still refuses: quantization-aware
 fine-tuning distilled from the trained model, kept only if its FP32 accuracy holds, then export and calibrate
