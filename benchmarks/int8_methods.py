@@ -7,7 +7,8 @@ one held-out set.
 Every INT8 model is compared with its own FP32 model (QAT fine-tunes the weights, so its FP32 is the
 fine-tuned model) on the same held-out pairs, in one pass. ModelOpt pulls a CUDA build of torch, so it
 runs from a separate venv (`pip install "nvidia-modelopt[onnx]"` there), on the same calibration pairs,
-preprocessed by edge_pfm; without --modelopt-python its row is left out. PTQ is every scheme layer in INT8 with
+preprocessed by edge_pfm; without --modelopt-python its row is left out. Calibration and val pairs are
+rendered at --eval-resolution, as `make demo` renders them. PTQ is every scheme layer in INT8 with
 percentile ranges; mixed PTQ is calibration's default recipe (range method and float layers chosen on 2000
 synthetic val pairs, calibration/mixed.py); QAT's FP32 accuracy is the fine-tuned model's (after), the others'
 the trained model's (before).
@@ -36,9 +37,9 @@ quantize(onnx_path=sys.argv[1], quantize_mode="int8", calibration_data=data, cal
 """
 
 
-def _timed(fn, *args):
+def _timed(fn, *args, **kwargs):
     t0 = time.perf_counter()
-    rc = fn(*args)
+    rc = fn(*args, **kwargs)
     return rc, time.perf_counter() - t0
 
 
@@ -67,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     w, h = parse_size(args.eval_resolution)
-    calib_args = ["--synthetic", str(args.calib_pairs), "--eval-synthetic", "16", "--eval-resolution", "160x120",
+    # calibration and val pairs at the held-out resolution, as the demo calibrates
+    calib_args = ["--synthetic", str(args.calib_pairs), "--resolution", f"{w}x{h}",
+                  "--eval-synthetic", "16", "--eval-resolution", "160x120",
                   "--allow-degraded"]  # artifacts only: the comparison evaluates below, on one shared set
     rows, models = {}, {}
 
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.modelopt_python:
         bundle = Bundle.load(ptq)
         feeds = [pair_feed(p, bundle.preprocessing, bundle.input_names)
-                 for p in synthetic_pairs(args.calib_pairs, 1, (1280, 720))]  # calibration's own pairs (seed 1)
+                 for p in synthetic_pairs(args.calib_pairs, 1, (w, h))]  # calibration's own pairs (seed 1)
         with tempfile.TemporaryDirectory() as tmp:
             npz = Path(tmp) / "calib.npz"
             np.savez(npz, **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
