@@ -40,8 +40,12 @@ def model_row(out: Path, seconds: float, log: str) -> dict:
     i8, recipe = report["results"]["int8"], report["recipe"]
     change = i8["recall_change"][protected]
     kind = recipe["kind"]
-    if "quantization-aware fine-tuning" in log:  # PTQ was refused first; the report is the QAT model's
-        kind = "qat (PTQ refused)" if kind == "qat" else f"{kind} (PTQ and QAT refused)"
+    qat_ckpt = out / "pfm_tiny.qat.pt"
+    if "quantization-aware fine-tuning" in log:  # PTQ was refused first
+        if "discarded" in log.split("[qat] val accuracy", 1)[-1].splitlines()[0]:
+            kind = f"{kind} (QAT discarded: the trained model, FP32)"
+        else:
+            kind = "qat (PTQ refused)" if shipped else "refused (PTQ, then QAT)"
     return {
         "recipe": kind, "method": recipe.get("method"), "float_nodes": recipe.get("float_layers", []),
         "val_lower_bound": (recipe.get("val") or {}).get("agreement_ci95", [None])[0],
@@ -50,7 +54,8 @@ def model_row(out: Path, seconds: float, log: str) -> dict:
         "recall_change_ci95": change["ci95"], "recall_lost_gained": [change["lost"], change["gained"]],
         "engine_int8_share": (recipe.get("engine_conv_matmul") or {}).get("share"),
         "shipped": "INT8" if shipped else "FP32", "gate_reasons": report["gate"]["reasons"],
-        "checkpoint_sha256": _sha256(out / "pfm_tiny.pt"),
+        "checkpoint_sha256": _sha256(out / "pfm_tiny.pt"),  # the trained model
+        "qat_checkpoint_sha256": _sha256(qat_ckpt) if qat_ckpt.exists() else None,
         "int8_onnx_sha256": b.manifest["artifacts"].get("model.int8.onnx", {}).get("sha256"),
         "seconds": seconds,
     }

@@ -71,12 +71,11 @@ def _soft(mask: np.ndarray, sigma_px: float) -> np.ndarray:
 def _blend(planes: list[np.ndarray], weight: np.ndarray, colour: tuple[float, ...], cover: float = 1.0) -> None:
     """planes[c] = planes[c] * (1 - cover * weight) + colour[c] * weight, in place, computed only where the weight
     is nonzero (glare spots and the os cover a few per cent of the frame; elsewhere it is the identity)."""
-    idx = np.flatnonzero(weight != 0)
-    wt = weight.reshape(-1)[idx]
+    idx = np.nonzero(weight)
+    wt = weight[idx]
     keep = 1 - cover * wt
     for plane, value in zip(planes, np.asarray(colour, np.float32)):
-        flat = plane.reshape(-1)  # a view: the planes are contiguous
-        flat[idx] = flat[idx] * keep + value * wt
+        plane[idx] = plane[idx] * keep + value * wt
 
 
 # the smooth scene is rendered at most this wide and upscaled; noise is added at full resolution
