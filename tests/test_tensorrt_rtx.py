@@ -172,3 +172,26 @@ def test_unavailable_builder_is_recorded_as_not_checked(calibrated_bundle, monke
         record = check_artifact(calibrated_bundle / "model.onnx", "fp32")
     assert record["tensorrt"] == {"checked": False, "reason": record["tensorrt"]["reason"]}
     assert "not usable here" in record["tensorrt"]["reason"]
+
+
+def test_ctrl_c_during_a_build_interrupts_it(calibrated_bundle):
+    """SIGINT that arrives while TensorRT builds: Python's handler raised KeyboardInterrupt inside a callback of
+    ours, TensorRT swallowed it and the build (and calibration after it) went on. Now the build stops and the
+    interrupt comes out of build_engine_bytes."""
+    import os
+    import signal
+
+    bundle = Bundle.load(calibrated_bundle)
+    plan = plan_build(capabilities(import_tensorrt("tensorrt_rtx"), bundle), "int8")
+    sent = []
+
+    def log(message: str) -> None:  # the first build phase: the builder is running
+        if "build phase:" in message and not sent:
+            sent.append(message)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        build_engine_bytes(import_tensorrt("tensorrt_rtx"), calibrated_bundle / "model.int8.onnx", plan, (1, 1, 2),
+                           log=log)
+    assert sent
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is Python's again

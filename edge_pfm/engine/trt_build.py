@@ -8,8 +8,11 @@ only behind version checks. TensorRT-RTX is strongly typed like TensorRT 11: pre
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -95,6 +98,30 @@ def _network_flags(trt, plan: BuildPlan) -> int:
     return 0  # TensorRT 11: strongly typed is the only mode
 
 
+class _Interrupt:
+    """Ctrl-C during a parse or build. Python's default handler raises KeyboardInterrupt in whatever Python code
+    TensorRT calls back into (the logger, the progress monitor), and TensorRT swallows exceptions raised there:
+    the build went on and the interrupt was lost. While `deferred()` holds, the handler only records it; the
+    progress monitor then cancels the build, and the interrupt is raised once TensorRT has returned."""
+
+    def __init__(self):
+        self.seen = False
+
+    @contextlib.contextmanager
+    def deferred(self):
+        main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+        if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: setattr(self, "seen", True))
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if self.seen:
+            raise KeyboardInterrupt
+
+
 def _make_logger(trt, log: Callable[[str], None], warnings: list[str], detailed: list[str]):
     class BuildLogger(trt.ILogger):
         def __init__(self):
@@ -110,7 +137,7 @@ def _make_logger(trt, log: Callable[[str], None], warnings: list[str], detailed:
     return BuildLogger()
 
 
-def _make_progress_monitor(trt, log: Callable[[str], None]):
+def _make_progress_monitor(trt, log: Callable[[str], None], interrupt: _Interrupt):
     """IProgressMonitor exists from TensorRT 10.0; older versions report through log lines only."""
     if not hasattr(trt, "IProgressMonitor"):
         return None
@@ -124,7 +151,7 @@ def _make_progress_monitor(trt, log: Callable[[str], None]):
                 log(f"  build phase: {phase_name} ({num_steps} steps)")
 
         def step_complete(self, phase_name, step):
-            return True  # never cancel
+            return not interrupt.seen  # False cancels the build: Ctrl-C was pressed
 
         def phase_finish(self, phase_name):
             pass
@@ -173,12 +200,15 @@ def build_engine_bytes(trt, onnx_path: str | Path, plan: BuildPlan, profile: tup
     naming the parser's node and message. `detailed` logs the engine's layers to take their datatypes."""
     warnings: list[str] = []
     listings: list[str] = []
+    interrupt = _Interrupt()
     logger = _make_logger(trt, log, warnings, listings)
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt, plan))
     parser = trt.OnnxParser(network, logger)
     onnx_path = Path(onnx_path)
-    if not parser.parse_from_file(str(onnx_path)):
+    with interrupt.deferred():
+        parsed = parser.parse_from_file(str(onnx_path))
+    if not parsed:
         errors = _parser_errors(parser) or warnings[-5:]
         raise EngineBuildError(f"{trt_flavour(trt)} {trt_version(trt)}'s ONNX parser rejected {onnx_path}:\n  "
                                + "\n  ".join(errors))
@@ -195,7 +225,7 @@ def build_engine_bytes(trt, onnx_path: str | Path, plan: BuildPlan, profile: tup
     if plan.dla_core >= 0:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = plan.dla_core
-    monitor = _make_progress_monitor(trt, log)
+    monitor = _make_progress_monitor(trt, log, interrupt)
     if monitor is not None:
         config.progress_monitor = monitor
     lo, opt, hi = profile
@@ -211,7 +241,8 @@ def build_engine_bytes(trt, onnx_path: str | Path, plan: BuildPlan, profile: tup
         cache = config.create_timing_cache(blob)
         config.set_timing_cache(cache, False)
     t0 = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
+    with interrupt.deferred():
+        serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - t0
     if serialized is None:
         raise EngineBuildError(f"{trt_flavour(trt)} {trt_version(trt)} failed to build {onnx_path}:\n  "
