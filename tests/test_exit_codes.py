@@ -72,7 +72,8 @@ def test_interrupted_calibration_exits_130_and_leaves_the_bundle_as_it_was(tiny_
     before = sorted((p.name, p.read_bytes()) for p in b.iterdir() if p.is_file())
     proc = subprocess.Popen([sys.executable, "-m", "calibration", "--bundle", str(b), "--synthetic", "32", "--val-synthetic", "0",
                              "--eval-synthetic", "64", "--resolution", "320x240", "--allow-degraded"], cwd=ROOT,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,  # a background job's children inherit SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stderr:  # interrupt while the new artifacts are being written
         seen.append(line)
