@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from calibration.data import Pair, pair_feed
+from calibration.sessions import cpu_session
 from edge_pfm.decision import softmax
 from evaluation.stats import paired_delta, wilson
 from export.progress import progress as progress_bar
@@ -28,17 +29,15 @@ EPS = 1e-9  # tolerance for threshold comparisons
 def evaluate_stream(models: dict[str, object], chunks: Iterable[list[Pair]], specs: dict, input_names: dict,
                     check_pair: Callable[[Pair], None] = lambda p: None, batch: int = 16,
                     progress: str | None = "evaluating",
-                    lesion: dict | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                    lesion: dict | None = None, spin: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Run every model (path or ModelProto) on every labelled pair, one chunk at a time, each pair preprocessed
     once -> ({model: logits (N, classes)}, labels (N,)). `check_pair` may refuse a pair (raise) before it runs.
     `lesion`, if given and the models have a lesion_map output, is filled with {"maps": {model: (N, 1, h, w)}}
-    and, when the pairs carry lesion masks (synthetic ones do), "targets": (N, 1, h, w)."""
-    import onnxruntime as ort
-
+    and, when the pairs carry lesion masks (synthetic ones do), "targets": (N, 1, h, w). `spin=False` when the
+    chunks are rendered by other processes meanwhile (calibration.sessions.cpu_session)."""
     from evaluation.lesion_metrics import lesion_target
 
-    sessions = {name: ort.InferenceSession(m.SerializeToString() if hasattr(m, "SerializeToString") else str(m),
-                                           providers=["CPUExecutionProvider"]) for name, m in models.items()}
+    sessions = {name: cpu_session(m, spin) for name, m in models.items()}
     logits: dict[str, list] = {name: [] for name in models}
     maps: dict[str, list] = {name: [] for name in models}
     targets: list[np.ndarray] = []

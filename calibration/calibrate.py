@@ -289,6 +289,7 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
     calib_digest_list = [pair_digest(p) for p in calib]  # one streamed pass
     data_hash = hashlib.sha256("".join(calib_digest_list).encode()).hexdigest()
 
+    eval_rendered = False  # synthetic pairs are rendered by other processes while they are evaluated
     if splits is not None:
         eval_source, eval_chunks, n_eval = f"{plan.data} (test split)", held_from_data.chunks(), len(held_from_data)
     elif plan.eval is not None:
@@ -301,6 +302,7 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
         n_eval = EVAL_SYNTHETIC if plan.eval_synthetic is None else plan.eval_synthetic
         eval_source = f"synthetic:{n_eval}:seed={plan.seed + 10_000}:{size[0]}x{size[1]}"
         eval_chunks = synthetic_pair_chunks(n_eval, plan.seed + 10_000, size, classes=classes)
+        eval_rendered = True
     calib_digests = set(calib_digest_list)
 
     specs, names = bundle.preprocessing, bundle.input_names
@@ -364,7 +366,7 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
             lesion: dict = {}
             logits, labels = evaluate_stream({"fp32": fp32, "int8": tmp / "model.int8.onnx",
                                               "fp16": tmp / "model.fp16.onnx"}, eval_chunks, specs, names, never_calibrated,
-                                             lesion=lesion)
+                                             lesion=lesion, spin=not eval_rendered)
             results = evaluate(logits, labels, classes)
             reasons = gate(results, protected) + recipe_reasons
             report = {

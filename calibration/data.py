@@ -7,6 +7,7 @@ None; also iterable), so the same object feeds onnxruntime's calibrators, polygr
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -14,12 +15,13 @@ import numpy as np
 
 from edge_pfm.dataset import DatasetError, PairedDataset
 from edge_pfm.preprocess import PreprocessSpec, preprocess
-from edge_pfm.synthetic import SCENES, render_pair
+from edge_pfm.synthetic import SCENES, keep_freed_memory, render_pair
 from export.progress import progress as progress_bar
 
 # white BGR, fluorescence BGR, label[, lesion mask (H, W) bool: synthetic pairs carry it, empty for `normal`]
 Pair = tuple
 MIN_RECOMMENDED_SAMPLES = 300
+PREFETCH_CHUNKS = 2  # synthetic chunks rendered ahead of the one in use
 
 
 class DatasetPairs(Sequence):
@@ -85,11 +87,22 @@ def synthetic_pair_chunks(n: int, seed: int, size: tuple[int, int] = (1280, 720)
     rng = np.random.default_rng(seed)
     seeds = [int(s) for s in rng.integers(0, 2**31 - 1, size=n)]
     labels = [classes[i % len(classes)] for i in range(n)]
-    with ProcessPoolExecutor(2) as pool:
-        for i in range(0, n, chunk):
+    pool = ProcessPoolExecutor(2, initializer=keep_freed_memory)
+    try:
+        def submit(i: int):  # Executor.map submits its whole chunk at once
             part = slice(i, i + chunk)
-            scenes = pool.map(render_pair, labels[part], seeds[part], [size] * len(labels[part]), chunksize=8)
+            return pool.map(render_pair, labels[part], seeds[part], [size] * len(labels[part]), chunksize=8)
+
+        # the next chunks render while the caller works on this one (they used to take turns: measured, the
+        # workers sat idle during the held-out evaluation's inference, the main process during the rendering)
+        ahead = deque(submit(i) for i in range(0, min(n, PREFETCH_CHUNKS * chunk), chunk))
+        for i in range(PREFETCH_CHUNKS * chunk, n + PREFETCH_CHUNKS * chunk, chunk):
+            scenes = list(ahead.popleft())
+            if i < n:
+                ahead.append(submit(i))
             yield [(s.white_light, s.fluorescence, classes.index(s.label), s.lesion_truth) for s in scenes]
+    finally:  # a caller that stops early (a refused pair) does not wait for the chunks rendered ahead
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def synthetic_pairs(n: int, seed: int, size: tuple[int, int] = (1280, 720),

@@ -24,6 +24,7 @@ import numpy as np
 
 from calibration.data import Pair
 from calibration.qdq import quantize_qdq
+from calibration.sessions import cpu_session
 from edge_pfm.bundle import MODALITIES
 from edge_pfm.decision import softmax
 from edge_pfm.preprocess import model_pixels, normalise
@@ -93,10 +94,7 @@ class ValSet:
                 yield self._pixels(pair_chunk)
 
     def _run(self, model, n: int) -> list[np.ndarray]:
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(model.SerializeToString() if hasattr(model, "SerializeToString") else model,
-                                    providers=["CPUExecutionProvider"])
+        sess = cpu_session(model)
         output = sess.get_outputs()[0].name
         inputs = {self.names[m]: m for m in MODALITIES}
         out, seen = [], 0

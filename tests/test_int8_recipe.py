@@ -135,3 +135,22 @@ def test_a_qat_that_loses_is_discarded_and_the_bundle_keeps_the_trained_weights(
     assert meta["extra"]["val_accuracy"] == pytest.approx(qat["val_accuracy_float_before"])
     export_bundle(tmp_path / "qat.pt", tmp_path / "bundle", parity_random=2, parity_scenes=2)
     assert not (tmp_path / "bundle" / "qat_ranges.json").exists()  # calibration will use PTQ ranges
+
+
+def test_synthetic_chunks_rendered_ahead_are_the_pairs_in_order():
+    """synthetic_pair_chunks renders the next chunks while the caller works: the chunks still come whole, in order,
+    each pair the one render_pair gives for its seed; a caller that stops early just stops."""
+    from edge_pfm.synthetic import render_pair
+
+    classes = ("normal", "inflammation", "lsil", "hsil")
+    seeds = [int(s) for s in np.random.default_rng(9).integers(0, 2**31 - 1, size=37)]
+    chunks = list(synthetic_pair_chunks(37, 9, (64, 48), chunk=8, classes=classes))
+    assert [len(c) for c in chunks] == [8, 8, 8, 8, 5]
+    for i, pair in enumerate(p for c in chunks for p in c):
+        s = render_pair(classes[i % 4], seeds[i], (64, 48))
+        assert pair[2] == i % 4
+        assert np.array_equal(pair[0], s.white_light) and np.array_equal(pair[1], s.fluorescence)
+    assert list(synthetic_pair_chunks(0, 9, (64, 48))) == []
+    stream = synthetic_pair_chunks(400, 9, (64, 48), chunk=8)
+    assert len(next(stream)) == 8
+    stream.close()  # cancels what was rendered ahead

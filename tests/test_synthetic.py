@@ -67,3 +67,41 @@ def test_dataset_unpaired_and_unreadable_files_are_listed(tmp_path):
 def test_not_a_dataset(tmp_path):
     with pytest.raises(DatasetError, match="missing"):
         PairedDataset(tmp_path)
+
+
+def test_a_blend_inside_the_weights_box_is_the_formula_everywhere():
+    from edge_pfm.synthetic import _blend
+
+    rng = np.random.default_rng(4)
+    planes = [rng.random((90, 160), dtype=np.float32) for _ in range(3)]
+    weight = np.zeros((90, 160), np.float32)
+    weight[20:31, 40:47] = rng.random((11, 7), dtype=np.float32)
+    weight[60, 120] = 0.5  # a second spot: the box spans both
+    colour, cover = (0.12, 0.08, 0.25), 0.5
+    expected = [p * (1 - cover * weight) + np.float32(c) * weight for p, c in zip(planes, colour)]
+    _blend(planes, weight, colour, cover=cover)
+    for got, want in zip(planes, expected):
+        assert np.array_equal(got, want)
+    untouched = [p.copy() for p in planes]
+    _blend(planes, np.zeros_like(weight), colour)
+    assert all(np.array_equal(a, b) for a, b in zip(planes, untouched))
+
+
+def test_keeping_freed_memory_changes_no_pixel():
+    """keep_freed_memory (the render workers' allocator tuning) leaves every rendered byte as it was."""
+    import hashlib
+    import subprocess
+    import sys
+
+    code = ("import hashlib, sys; from edge_pfm.synthetic import keep_freed_memory, render_pair; "
+            "keep_freed_memory() if sys.argv[1] == '1' else None; h = hashlib.sha256(); "
+            "[h.update(s.white_light.tobytes() + s.fluorescence.tobytes()) for s in "
+            "(render_pair(lab, 7 + i, (640, 360), glare=0.02 if i == 3 else None) for i, lab in "
+            "enumerate(['normal', 'inflammation', 'lsil', 'hsil'] * 2))]; print(h.hexdigest())")
+    tuned, plain = (subprocess.run([sys.executable, "-c", code, flag], capture_output=True, text=True, check=True)
+                    .stdout.strip() for flag in "10")
+    here = hashlib.sha256()
+    for i, lab in enumerate(["normal", "inflammation", "lsil", "hsil"] * 2):
+        s = render_pair(lab, 7 + i, (640, 360), glare=0.02 if i == 3 else None)
+        here.update(s.white_light.tobytes() + s.fluorescence.tobytes())
+    assert tuned == plain == here.hexdigest()
