@@ -34,7 +34,6 @@ from calibration.accuracy import (
 )
 from calibration.calib_cache import CalibrationCache, trt_version_int
 from calibration.data import PairReader, dataset_pairs, synthetic_pair_chunks, synthetic_pairs, warn_if_few
-from calibration.fp16 import fp16_model
 from calibration.mixed import MARGIN, MIN_INT8_SHARE, Recipe, ValSet, choose_recipe
 from calibration.qdq import quantize_qdq
 from calibration.ranges import METHODS, compute_all_ranges
@@ -44,9 +43,11 @@ from edge_pfm.errors import EdgePfmError, ExitCode
 from edge_pfm.fileio import atomic_directory, atomic_write_json, atomic_write_text
 from edge_pfm.lesion import check_map_classes, map_measurement, map_verdict
 from export.artifact_check import check_artifact, summary_line
+from export.fp16 import fp16_model
 from export.onnx_graph import save_onnx
 from export.progress import log as _log
 from export.quant_scheme import DEFAULT_QUANTIZED_OPS, QAT_QUANTIZED_OPS
+from export.references import MIN_PAIRS, frames_to_pixels, scene_pixels, write_references
 
 FP16_METHOD = ("model.fp16.onnx run on ONNX Runtime CPU (FP16-typed graph, float32 I/O, LayerNormalization in "
                "float32; ORT computes FP16 ops without a CPU kernel in float32 between FP16 tensors)")
@@ -393,8 +394,16 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
             if reasons:
                 warnings.warn("INT8 gate failed but --allow-degraded was given: " + "; ".join(reasons), stacklevel=1)
 
-            _log("[6/6] updating the manifest")
+            _log("[6/6] per-precision references for the device's engine checks, and the manifest")
+            ref_pairs = frames_to_pixels(calib, specs, MIN_PAIRS)
+            ref_source = f"{len(ref_pairs)} calibration pairs ({calib_source})"
+            if len(ref_pairs) < MIN_PAIRS:  # too few of the team's pairs: synthetic scenes make up the rest
+                ref_source += f" + {MIN_PAIRS - len(ref_pairs)} synthetic scenes"
+                ref_pairs += scene_pixels(specs, MIN_PAIRS - len(ref_pairs))
+            ref_entry, ref_roles = write_references(tmp, specs, names, ref_pairs, ("fp32", "fp16", "int8"), ref_source,
+                                                    _log)
             manifest = dict(bundle.manifest)
+            manifest["references"] = ref_entry
             manifest["calibration"] = {
                 "method": recipe.method, "ranges": ranges_used, "symmetric": True, "samples": len(calib),
                 "data_sha256": data_hash,
@@ -409,6 +418,8 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
                 | {"accuracy_change": results[name]["accuracy_change"]}
                 | {f"{c}_recall_change": results[name]["recall_change"][c] for c in protected} for name in results}
             manifest["accuracy"]["gate_passed"] = not reasons
+            # the precisions `--precision auto` may pick on the device (edge_pfm.precision_pick)
+            manifest["accuracy"]["gates"] = {"int8": not reasons, "fp16": not gate(results, protected, "fp16")}
             manifest["accuracy"]["gate_rule"] = gate_rule(protected)
             manifest["accuracy"]["eval_samples"] = int(len(labels))
             manifest["build_checks"] = {**manifest.get("build_checks", {}), **build_checks}
@@ -416,6 +427,7 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
                 manifest["outputs"] = [lesion_map_entry(o, map_classes, report.get("lesion_map"), eval_source)
                                        if o["name"] == "lesion_map" else o for o in manifest["outputs"]]
             write_manifest(tmp, manifest, {
+                **ref_roles,
                 "model.int8.onnx": "int8 explicit Q/DQ onnx", "model.fp16.onnx": "fp16-typed onnx (float32 I/O)", "calibration.cache": "TensorRT calibration cache (implicit INT8, DLA)",
                 "calibration.json": "activation ranges", "accuracy.json": "accuracy report", "accuracy.md": "accuracy report",
                 "confusion.png": "confusion matrices",

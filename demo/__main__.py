@@ -128,13 +128,14 @@ def run_demo(args: argparse.Namespace) -> int:
     from calibration.accuracy import confusion_png
     from calibration.calibrate import CalibrationPlan, calibrate
     from edge_pfm.backends.select import select_backend
+    from edge_pfm.build import build as build_engines
     from edge_pfm.bundle import Bundle
     from edge_pfm.pipeline import RunConfig, Runner, format_summary
     from edge_pfm.record import read_log
     from edge_pfm.sources import SceneBank, SyntheticSource
     from export.bundle_export import export_bundle
 
-    total = 4
+    total = 5
     _step(1, total, f"train pfm_tiny on {args.pairs} synthetic pairs ({args.epochs} epochs, seed {args.seed}, "
                     f"{args.threads} threads)")
     train_checkpoint(ckpt, TrainPlan(synthetic=args.pairs, epochs=args.epochs, seed=args.seed, threads=args.threads))
@@ -164,9 +165,13 @@ def run_demo(args: argparse.Namespace) -> int:
         print("\n!! the INT8 accuracy gate refused this model (report above and in "
               f"{rejected}/): streaming with FP32 instead", flush=True)
     b = Bundle.load(bundle)
+    _step(4, total, "edge-pfm build: check each precision the bundle allows against its references, time it, pick "
+                    "the fastest (a less accurate one must win by >= 10 %)")
+    for line in build_engines(b, log=lambda m: print(m, flush=True)):
+        print(line, flush=True)
     sel = select_backend(b, "auto")
-    _step(4, total, f"stream two synthetic 1280x720 cameras for {args.seconds:.0f}s: {sel.backend} {sel.precision} "
-                    f"({sel.reason})")
+    _step(5, total, f"stream two synthetic 1280x720 cameras for {args.seconds:.0f}s: {sel.backend} {sel.precision} "
+                    f"({sel.reason}; {sel.precision_reason})")
     log, video = out / "decisions.jsonl", out / "annotated.avi"
     log.unlink(missing_ok=True)
     bank = SceneBank((1280, 720), seed=11, per_class=2, scene_seconds=2.5)

@@ -26,19 +26,32 @@ def _rss_mb() -> float:
 
 
 def main(args) -> int:
+    result = run_bench(args.bundle, args.resolution, args.seconds, args.backend, args.precision, args.threads)
+    print_bench(result)
+    if args.json_out:
+        from edge_pfm.fileio import atomic_write_text
+
+        atomic_write_text(args.json_out, json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+def run_bench(bundle_dir, resolution: str = "1920x1080", seconds: float = 8.0, backend: str = "auto",
+              precision: str | None = None, threads: int | None = None) -> dict:
+    """The four measurements (module docstring) -> the result dict `edge-pfm bench --json` writes."""
     from edge_pfm.bundle import Bundle
     from edge_pfm.classifier import Classifier
     from edge_pfm.pipeline import RunConfig, Runner
     from edge_pfm.preprocess import preprocess
     from edge_pfm.sources import SceneBank, SyntheticSource
 
-    w_px, h_px = parse_size(args.resolution)
-    bundle = Bundle.load(args.bundle)
-    clf = Classifier(bundle, args.backend, args.precision, args.threads)
+    w_px, h_px = parse_size(resolution)
+    bundle = Bundle.load(bundle_dir)
+    clf = Classifier(bundle, backend, precision, threads)
     specs = bundle.preprocessing
     plan = clf.backend.thread_plan
-    print(f"bench: {clf.backend.describe()}, {args.resolution} pairs, {args.seconds:.0f} s each; the same defaults as "
-          f"`edge-pfm run`: {plan.describe()}", file=sys.stderr)
+    print(f"bench: {clf.backend.describe()} ({clf.backend.precision_reason}), {resolution} pairs, {seconds:.0f} s each; "
+          f"the same defaults as `edge-pfm run`: {plan.describe()}", file=sys.stderr)
     bank = SceneBank((w_px, h_px), seed=3)
 
     # 1. bare backend on pre-made inputs
@@ -48,7 +61,7 @@ def main(args) -> int:
         clf.infer(w, f)
     n, t0 = 0, time.perf_counter()
     infer_ms = []
-    while time.perf_counter() - t0 < args.seconds:
+    while time.perf_counter() - t0 < seconds:
         t = time.perf_counter()
         clf.infer(w, f)
         infer_ms.append((time.perf_counter() - t) * 1000)
@@ -69,7 +82,7 @@ def main(args) -> int:
         s._open()
     pre_ms = []
     n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < args.seconds:
+    while time.perf_counter() - t0 < seconds:
         a, b = src[0]._grab(), src[1]._grab()
         t = time.perf_counter()
         wi, fi = preprocess(a.image, specs["white_light"])[None], preprocess(b.image, specs["fluorescence"])[None]
@@ -81,12 +94,14 @@ def main(args) -> int:
     # 3. the pipeline: the same sources in reader threads, pairing/preprocessing overlapped with inference.
     # Each runner loads its own backend in its inference thread (a TensorRT context belongs to one thread).
     backend_desc = clf.backend.describe()
-    same = dict(backend=clf.backend.name, precision=clf.backend.precision, threads=args.threads)  # None: the plan
+    precision_reason = clf.backend.precision_reason
+    check = clf.backend.check.to_dict() if clf.backend.check else None
+    same = dict(backend=clf.backend.name, precision=clf.backend.precision, threads=threads)  # None: the plan
     clf.close()
     cfg = RunConfig(tolerance_ms=1000 / fast / 2, fps_hint=fast, **same)
     runner = Runner(bundle, SyntheticSource("white_light", bank, fps=fast, stamp_frames=False),
                     SyntheticSource("fluorescence", bank, fps=fast, seed=1, stamp_frames=False), config=cfg)
-    summary = runner.run(args.seconds)
+    summary = runner.run(seconds)
     lat = summary["latency_ms"]
     added_fast = np.array(runner.timings["total"]) - np.array(runner.timings["infer"])
 
@@ -94,7 +109,7 @@ def main(args) -> int:
     live = Runner(bundle, SyntheticSource("white_light", bank, fps=30, stamp_frames=False),
                   SyntheticSource("fluorescence", bank, fps=30, seed=1, stamp_frames=False),
                   config=RunConfig(fps_hint=30, **same))
-    live_summary = live.run(min(args.seconds, 6.0))
+    live_summary = live.run(min(seconds, 6.0))
     added = np.array(live.timings["total"]) - np.array(live.timings["infer"])
     software = np.array(live.timings["software"])
     phase = np.array(live.timings["phase"])
@@ -103,7 +118,8 @@ def main(args) -> int:
     import_s = float(subprocess.run([sys.executable, "-c", "import time; t=time.perf_counter(); import edge_pfm; "
                                      "print(time.perf_counter()-t)"], capture_output=True, text=True).stdout or "nan")
     result = {
-        "backend": backend_desc, "resolution": args.resolution, "seconds": args.seconds,
+        "backend": backend_desc, "precision": same["precision"], "precision_reason": precision_reason,
+        "check": check, "resolution": resolution, "seconds": seconds,
         "model": bundle.manifest["model"]["variant"],
         "backend_pairs_per_s": round(backend_pps, 2), "naive_pairs_per_s": round(naive_pps, 2),
         "pipeline_pairs_per_s": summary["pairs_per_s"],
@@ -128,6 +144,11 @@ def main(args) -> int:
         "stage_latency_ms": lat,
         "rss_mb": round(_rss_mb(), 1), "cpu_count": os.cpu_count(),
     }
+    return result
+
+
+def print_bench(result: dict) -> None:
+    fast = result["source_fps"]
     rows = [("backend (pre-made inputs)", result["backend_pairs_per_s"]), ("naive loop", result["naive_pairs_per_s"]),
             ("pipeline", result["pipeline_pairs_per_s"])]
     print(f"{'':28s} pairs/s")
@@ -140,9 +161,3 @@ def main(args) -> int:
           f"   (sources at {fast:.0f} fps: p50 {result['added_latency_fast_sources_ms_p50']:.1f} ms)")
     print(f"preprocess p50 {result['preprocess_ms_p50']:.2f} ms/frame   rss {result['rss_mb']:.0f} MB   "
           f"import edge_pfm {result['import_edge_pfm_s']:.3f} s")
-    if args.json_out:
-        from edge_pfm.fileio import atomic_write_text
-
-        atomic_write_text(args.json_out, json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json_out}")
-    return 0

@@ -42,8 +42,10 @@ class Classifier:
         self.backend: Backend = open_backend(self.bundle, backend, precision, cache_dir=cache_dir, threads=threads)
         self.classes = self.bundle.classes
         self.specs = self.bundle.preprocessing
-        self.model_sha256 = self.bundle.sha256(
-            "model.int8.onnx" if self.backend.precision == "int8" else "model.onnx")
+        identity = self.backend.identity()
+        # which engine makes every decision: the artifacts it was built from and its own sha256
+        self.engine_identity = {"built_from": identity["built_from"], "engine_sha256": identity["engine_sha256"]}
+        self.model_sha256 = next(iter(identity["built_from"].values()), "")
         self.lesion_verdict = map_verdict(self.bundle, self.backend.precision)
 
     def preprocess(self, white_bgr: np.ndarray, fluo_bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

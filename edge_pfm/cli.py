@@ -1,4 +1,4 @@
-"""`edge-pfm` command line: info, build, run, bench."""
+"""`edge-pfm` command line: info, build, run, selftest, bench."""
 from __future__ import annotations
 
 import argparse
@@ -15,19 +15,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from edge_pfm.backends.base import BackendUnavailable
-    from edge_pfm.backends.select import TRT_MISSING, tensorrt_status
-    from edge_pfm.bundle import Bundle
+    from edge_pfm.build import build
 
-    bundle = Bundle.load(args.bundle)
-    ok, why = tensorrt_status()
-    if not ok:
-        raise BackendUnavailable(f"cannot build a TensorRT engine: {why}. {TRT_MISSING}")
-    from edge_pfm.engine.trt_build import ensure_engine
-
-    path = ensure_engine(bundle, args.precision, args.int8_source, args.dla_core, args.workspace_mib,
-                         args.max_batch, args.cache_dir, build=not args.no_build)
-    print(path)
+    for line in build(args.bundle, args.backend, args.precision, args.int8_source, args.dla_core, args.workspace_mib,
+                      args.max_batch, args.cache_dir, not args.no_build, args.threads):
+        print(line)
     return 0
 
 
@@ -36,10 +28,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from edge_pfm.config import ConfigError, load_config
     from edge_pfm.decision import DecisionConfig
-    from edge_pfm.errors import InvalidArgument
     from edge_pfm.pipeline import RunConfig, Runner, format_summary
     from edge_pfm.quality import GateConfig
-    from edge_pfm.sources import open_source, synthetic_bank
 
     cfg = load_config(args.config) if args.config else {}
     cams = cfg.get("cameras", {})
@@ -52,22 +42,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:  # the dataclasses' own checks
         raise ConfigError(f"{args.config}: {exc}") from None
 
-    def spec(name: str, flag: str | None) -> tuple[str | None, dict]:
-        cam = dict(cams.get(name, {}))
-        return (flag or cam.pop("source", None)), {k: v for k, v in cam.items() if k != "source"}
-
-    white, white_opts = spec("white_light", args.white)
-    fluo, fluo_opts = spec("fluorescence", args.fluo)
-    alt, alt_opts = spec("alternating", args.alternating)
-    if not ((white and fluo) or alt) or (alt and (args.white or args.fluo)):
-        raise InvalidArgument("give --white SRC and --fluo SRC, or --alternating SRC (or set them in --config)")
-    if alt:
-        sources = {"alternating": open_source(alt, "alternating", loop=args.loop, **alt_opts)}
-    else:
-        both_synthetic = white.startswith("synthetic") and fluo.startswith("synthetic")
-        bank = synthetic_bank(white) if both_synthetic else None  # the two cameras see one scene
-        sources = {"white": open_source(white, "white_light", bank, loop=args.loop, **white_opts),
-                   "fluo": open_source(fluo, "fluorescence", bank, loop=args.loop, **fluo_opts)}
+    sources = _camera_sources(args, cams)
     config = RunConfig(backend=args.backend or run_cfg.get("backend", "auto"),
                        precision=args.precision or run_cfg.get("precision"),
                        threads=args.threads or run_cfg.get("threads"),
@@ -85,6 +60,47 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         atomic_write_text(args.summary_json, json.dumps(summary, indent=2) + "\n")
     return 0
+
+
+def _camera_sources(args: argparse.Namespace, cams: dict, required: bool = True) -> dict | None:
+    """--white/--fluo/--alternating (or the config's [cameras]) -> the Runner's sources; None if none is given and
+    none is `required`."""
+    from edge_pfm.errors import InvalidArgument
+    from edge_pfm.sources import open_source, synthetic_bank
+
+    def spec(name: str, flag: str | None) -> tuple[str | None, dict]:
+        cam = dict(cams.get(name, {}))
+        return (flag or cam.pop("source", None)), {k: v for k, v in cam.items() if k != "source"}
+
+    white, white_opts = spec("white_light", args.white)
+    fluo, fluo_opts = spec("fluorescence", args.fluo)
+    alt, alt_opts = spec("alternating", args.alternating)
+    if not required and not (white or fluo or alt):
+        return None
+    if not ((white and fluo) or alt) or (alt and (args.white or args.fluo)):
+        raise InvalidArgument("give --white SRC and --fluo SRC, or --alternating SRC (or set them in --config)")
+    if alt:
+        return {"alternating": open_source(alt, "alternating", loop=args.loop, **alt_opts)}
+    both_synthetic = white.startswith("synthetic") and fluo.startswith("synthetic")
+    bank = synthetic_bank(white) if both_synthetic else None  # the two cameras see one scene
+    return {"white": open_source(white, "white_light", bank, loop=args.loop, **white_opts),
+            "fluo": open_source(fluo, "fluorescence", bank, loop=args.loop, **fluo_opts)}
+
+
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    from edge_pfm.config import load_config
+    from edge_pfm.errors import ExitCode
+    from edge_pfm.selftest import selftest
+
+    cams = (load_config(args.config) if args.config else {}).get("cameras", {})
+    _camera_sources(args, cams, required=False)  # bad camera arguments fail now, not after the engine step
+    sources = None if not (args.white or args.fluo or args.alternating or cams) else (
+        lambda: _camera_sources(args, cams))
+    result = selftest(args.bundle, args.out, args.backend, sources, args.seconds, args.bench_seconds,
+                      cache_dir=args.cache_dir, threads=args.threads)
+    print(result.summary)
+    print(f"report: {result.json_path} and {result.text_path}")
+    return 0 if result.passed else int(ExitCode.RUNTIME_FAILURE)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -106,13 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", help="bundle directory to summarise")
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("build", help="build (or find in the cache) the TensorRT engine for this device")
+    p = sub.add_parser("build", help="build (or take from the cache) each engine and check it against the bundle's "
+                                     "reference; --precision auto (the default) also measures the fastest checked one")
     p.add_argument("--bundle", required=True)
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="int8")
+    p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime"))
+    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "int8"), default="auto",
+                   help="auto: check and time every precision the bundle allows, cache the fastest (a less accurate "
+                        "one must be >= 10%% faster); `run`, `bench` and Classifier then use it")
     p.add_argument("--int8-source", choices=("qdq", "cache"), help="INT8 from the Q/DQ model or the calibration cache")
     p.add_argument("--dla-core", type=int, default=-1, help="build for this DLA core (AGX Orin: 0 or 1)")
     p.add_argument("--workspace-mib", type=int, default=1024)
     p.add_argument("--max-batch", type=int, help="largest batch of the optimisation profile (default: the bundle's)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime inference threads to time with (default: the thread plan)")
     p.add_argument("--cache-dir", help="engine cache (default ~/.cache/edge-pfm/engines)")
     p.add_argument("--no-build", action="store_true", help="only look in the cache; fail with the reason if absent")
     p.set_defaults(func=_cmd_build)
@@ -135,6 +156,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="device.toml with cameras, gates, decision settings")
     p.add_argument("--summary-json", help="also write the exit summary here")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("selftest", help="prove this device: check and time every allowed precision, bench, a short "
+                                        "two-camera run; one JSON report and one summary to send back")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--out", default="selftest", help="folder for selftest.json and selftest.txt (default ./selftest)")
+    p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime"))
+    p.add_argument("--white", help="white-light camera for the run (default: synthetic cameras); same syntax as run")
+    p.add_argument("--fluo", help="fluorescence camera")
+    p.add_argument("--alternating", help="one camera with alternating illumination")
+    p.add_argument("--config", help="device.toml: its [cameras] are used for the run")
+    p.add_argument("--loop", action="store_true", help="loop video/folder sources")
+    p.add_argument("--seconds", type=float, default=5.0, help="length of the camera run")
+    p.add_argument("--bench-seconds", type=float, default=2.0, help="per bench measurement")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--cache-dir", help="engine cache (default ~/.cache/edge-pfm/engines)")
+    p.set_defaults(func=_cmd_selftest)
 
     p = sub.add_parser("bench", help="backend vs naive loop vs pipeline, one process, one run")
     p.add_argument("--bundle", required=True)

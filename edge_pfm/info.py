@@ -42,7 +42,9 @@ def describe(bundle: str | None = None) -> str:
         b = Bundle.load(bundle)
         lines.append(b.summary())
         sel = select_backend(b, "auto", trt_status=(ok, why))
-        lines.append(f"  backend  auto -> {sel.backend} {sel.precision}: {sel.reason}")
+        lines.append(f"  backend  auto -> {sel.backend} {sel.precision}: {sel.reason}; {sel.precision_reason}")
+        lines += _references(b)
+        lines += _precisions(b, sel.backend)
         from edge_pfm.lesion import map_verdict
 
         lines.append(f"  {map_verdict(b, sel.precision).describe()}")
@@ -50,3 +52,32 @@ def describe(bundle: str | None = None) -> str:
 
         lines.append(f"  {plan_threads(sel.backend).describe()}")
     return "\n".join(lines)
+
+
+def _references(bundle) -> list[str]:
+    entry = bundle.manifest.get("references")
+    if not entry:
+        return ["  references none: no engine can be checked before use (re-export or re-calibrate the bundle)"]
+    lines = [f"  references {entry['pairs']} pairs ({entry['source']}); each engine is checked against its precision's:"]
+    for p, e in entry["precisions"].items():
+        t = e["tolerance"]
+        iou = f", map IoU >= {t['min_map_iou']:.3f}" if t.get("min_map_iou") is not None else ""
+        lines.append(f"    {p}: top-1 >= {t['min_top1_agreement']:.2%}, max |dp| <= {t['max_prob_diff']:.4f}, logit "
+                     f"RMSE <= {t['max_logit_rmse']:.4f}{iou}")
+    return lines
+
+
+def _precisions(bundle, backend: str) -> list[str]:
+    from edge_pfm.engine.trt_build import DEFAULT_CACHE_DIR
+    from edge_pfm.precision_pick import ACCURACY_ORDER, allowed, cached_pick
+    from edge_pfm.thread_plan import plan_threads
+
+    pick = cached_pick(bundle, backend, DEFAULT_CACHE_DIR, plan_threads(backend).inference)
+    if pick is not None:
+        return [f"  {line}" for line in pick.describe()]
+    lines = [f"  precision auto -> fp32: nothing measured on this device yet (edge-pfm build --bundle {bundle.root}); "
+             "candidates:"]
+    for p in ACCURACY_ORDER:
+        ok, why = allowed(bundle, p, backend)
+        lines.append(f"    {p}: {'candidate' if ok else 'not a candidate'} ({why})")
+    return lines

@@ -237,6 +237,7 @@ class Runner:
                "state": decision.state, "shown_class": decision.shown_class,
                "confidence": round(decision.confidence, 5), "smoothed": decision.smoothed,
                "flags": decision.flags, "backend": backend_desc, "model_sha256": clf.model_sha256,
+               "engine": clf.engine_identity,
                # the shown (smoothed) lesion map in camera pixels; null when none is shown
                "lesion": decision.lesion.summary() if decision.lesion is not None else None}
         if work is not None:

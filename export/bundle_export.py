@@ -15,6 +15,7 @@ from export.onnx_export import onnx_from_torch
 from export.onnx_graph import BATCH_DIM, LESION_MAP, OUTPUT_NAME, ExportError, check_graph, save_onnx
 from export.parity import report_markdown, run_parity
 from export.parity_feeds import parity_feeds
+from export.references import fp32_references
 
 
 def _log(msg: str) -> None:
@@ -122,7 +123,10 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opset: int = 17, max_
                                               "passed") if k in parity},
             "build_checks": {"model.onnx": build_check},
         }
+        ref_entry, ref_roles = fp32_references(tmp, specs, {m: m for m in MODALITIES}, _log)
+        manifest["references"] = ref_entry
         manifest = write_manifest(tmp, manifest, {
+            **ref_roles,
             "model.onnx": "fp32 onnx", "report.json": "export report", "report.md": "export report",
             "parity/inputs.json": "polygraphy reference inputs", "parity/outputs.json": "polygraphy reference outputs",
             **({"qat_ranges.json": "activation ranges from quantization-aware fine-tuning"}

@@ -36,6 +36,7 @@ from export.onnx_graph import (
 )
 from export.parity_feeds import TOLERANCE, parity_feeds
 from export.progress import log
+from export.references import fp32_references
 
 # JetPack 6.1/6.2's TensorRT 10.3 parses opsets 9-20 (onnx-tensorrt docs/operators.md for TensorRT 10.x);
 # INT8 Q/DQ with per-channel scales needs >= 13. Outside [MIN, MAX] the graph is converted, or refused.
@@ -360,7 +361,9 @@ def bundle_from_onnx(onnx_path: str | Path, spec: ModelSpec | str | Path, out: s
                        if k in parity},
             "build_checks": {"model.onnx": build_check},
         }
+        manifest["references"], ref_roles = fp32_references(tmp, spec.preprocessing, {m: m for m in MODALITIES}, log)
         write_manifest(tmp, manifest, {
+            **ref_roles,
             "model.onnx": "fp32 onnx", "report.json": "export report",
             "parity/inputs.json": "polygraphy reference inputs", "parity/outputs.json": "onnxruntime CPU reference "
                                                                                        "outputs (device parity)"})

@@ -1,12 +1,17 @@
 """Shared fixtures: real models, real files. Expensive artifacts are built once per session."""
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# engines, check records and precision picks go to a cache of this session's own (children inherit it), never the
+# user's ~/.cache: before anything imports edge_pfm, which reads it once
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="edge-pfm-test-cache-")
 
 
 @pytest.fixture(scope="session")

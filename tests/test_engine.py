@@ -18,7 +18,7 @@ KEY = EngineKey("a" * 64, "int8", "qdq", "10.3.0", "Orin", "8.7", -1, (1, 1, 8))
 @pytest.mark.parametrize("field,value", [
     ("onnx_sha256", "b" * 64), ("precision", "fp16"), ("int8_source", "cache"), ("trt_version", "10.16.1"),
     ("gpu_name", "Orin Nano"), ("compute_capability", "8.6"), ("dla_core", 0), ("profile", (1, 1, 4)),
-    ("trt_flavour", "tensorrt_rtx"),
+    ("trt_flavour", "tensorrt_rtx"), ("calibration_cache_sha256", "c" * 64),
 ])
 def test_every_key_field_changes_the_key(field, value):
     other = dataclasses.replace(KEY, **{field: value})
@@ -105,7 +105,10 @@ def test_selection_logic(calibrated_bundle, tiny_bundle):
     b = Bundle.load(calibrated_bundle)
     assert select_backend(b, "auto", trt_status=(True, "ok")).backend == "tensorrt"
     sel = select_backend(b, "auto", trt_status=(False, "tensorrt is not importable"))
-    assert (sel.backend, sel.precision) == ("onnxruntime", "int8") and "not importable" in sel.reason
+    # nothing measured on this device: auto is FP32 (edge_pfm.precision_pick), and says how to measure
+    assert (sel.backend, sel.precision) == ("onnxruntime", "fp32") and "not importable" in sel.reason
+    assert "edge-pfm build" in sel.precision_reason
+    assert select_backend(b, "onnxruntime", "int8").precision == "int8"  # asked for: the user's choice
     assert select_backend(Bundle.load(tiny_bundle), "auto", trt_status=(False, "x")).precision == "fp32"
     with pytest.raises(BackendError, match="JetPack"):
         select_backend(b, "tensorrt", trt_status=(False, "tensorrt is not importable"))

@@ -45,7 +45,7 @@ def test_logged_decisions_equal_offline_classification(calibrated_bundle, videos
             offline = clf.classify(white_frames[i], fluo_frames[j])
             assert r["raw_class"] == offline.label
             np.testing.assert_allclose(r["probs"], [offline.probs[c] for c in clf.classes], atol=1e-5)
-            assert r["model_sha256"] == clf.model_sha256 and r["backend"].startswith("onnxruntime int8")
+            assert r["model_sha256"] == clf.model_sha256 and r["backend"].startswith("onnxruntime fp32")
     assert {"latency_ms", "skew_ms", "seq_white", "seq_fluo", "smoothed", "gates"} <= set(inferred[0])
     assert summary["latency_ms"]["total"]["n"] == len(inferred)
 

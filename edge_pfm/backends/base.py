@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from edge_pfm.bundle import Bundle, TensorSpec
+from edge_pfm.bundle import MODEL_ARTIFACTS, Bundle, TensorSpec
 from edge_pfm.errors import RuntimeFailure, UnavailableError
 
 
@@ -34,6 +34,11 @@ class Backend(ABC):
         self._chw = {s.name: tuple(s.shape[1:]) for s in bundle.inputs}
         self.max_batch = bundle.max_batch
         self.closed = False
+        # set by open_backend: why this backend and precision, the thread plan, the first-use check's verdict
+        self.selection_reason = ""
+        self.precision_reason = ""
+        self.thread_plan = None
+        self.check = None
 
     def check_inputs(self, white_light: np.ndarray, fluorescence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Validate shape and dtype against the manifest; -> C-contiguous float32 arrays."""
@@ -59,6 +64,14 @@ class Backend(ABC):
     def infer(self, white_light: np.ndarray, fluorescence: np.ndarray) -> np.ndarray:
         """(B, C, H, W) float32 x2 -> logits (B, num_classes) float32."""
         return self.infer_outputs(white_light, fluorescence)["logits"]
+
+    def identity(self) -> dict:
+        """What this engine is, for its check record and every decision-log line: the backend, the precision, each
+        bundle artifact it was built from with its sha256, and the engine's own sha256 (a backend that runs the
+        ONNX as it is: the ONNX's)."""
+        artifact = MODEL_ARTIFACTS[self.precision]
+        sha = self.bundle.sha256(artifact)
+        return {"backend": self.name, "precision": self.precision, "built_from": {artifact: sha}, "engine_sha256": sha}
 
     def close(self) -> None:
         self.closed = True

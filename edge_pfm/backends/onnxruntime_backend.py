@@ -43,11 +43,15 @@ class OnnxRuntimeBackend(Backend):
             raise BundleError(f"{path}: model I/O {sorted(got_in)} -> {got_out} does not match the manifest "
                                f"{sorted(want_in)} -> {[s.name for s in self.outputs]}")
         self.providers = self.session.get_providers()
+        self.version = str(ort.__version__)
         self._out = [s.name for s in self.outputs]
 
     def infer_outputs(self, white_light: np.ndarray, fluorescence: np.ndarray) -> dict[str, np.ndarray]:
         w, f = self.check_inputs(white_light, fluorescence)
         return dict(zip(self._out, self.session.run(self._out, {self._names[0]: w, self._names[1]: f})))
+
+    def identity(self) -> dict:
+        return {**super().identity(), "version": self.version, "providers": list(self.providers)}
 
     def describe(self) -> str:
         return f"onnxruntime {self.precision} [{', '.join(self.providers)}]"

@@ -1,6 +1,8 @@
 """Backend selection: `auto` takes TensorRT when it can run here, else ONNX Runtime; always says why."""
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +12,7 @@ from edge_pfm.bundle import Bundle, BundleError
 from edge_pfm.errors import InvalidArgument
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
+_LOG = logging.getLogger(__name__)
 TRT_MISSING = ("TensorRT is not installed here. On a Jetson it comes with JetPack: `sudo apt install "
                "nvidia-jetpack` (or just python3-libnvinfer) and `pip install pycuda` against JetPack's CUDA; "
                "create the venv with --system-site-packages so it sees JetPack's tensorrt. "
@@ -21,6 +24,7 @@ class Selection:
     backend: str
     precision: str
     reason: str
+    precision_reason: str = "asked for"
 
 
 def tensorrt_status() -> tuple[bool, str]:
@@ -40,48 +44,84 @@ def tensorrt_status() -> tuple[bool, str]:
     return True, "tensorrt and pycuda are importable and a CUDA device is present"
 
 
-def default_precision(bundle: Bundle) -> str:
-    return "int8" if bundle.has("model.int8.onnx") else "fp32"
+def default_precision(bundle: Bundle, backend: str, cache_dir: str | Path | None = None,
+                      threads: int | None = None) -> tuple[str, str]:
+    """`auto` on `backend`: the pick measured on this device (edge_pfm.precision_pick), else FP32. -> (precision,
+    why)."""
+    from edge_pfm.engine.trt_build import DEFAULT_CACHE_DIR
+    from edge_pfm.precision_pick import UNMEASURED, cached_pick
+    from edge_pfm.thread_plan import plan_threads
+
+    pick = cached_pick(bundle, backend, Path(cache_dir or DEFAULT_CACHE_DIR), plan_threads(backend, inference=threads).inference)
+    if pick is not None:
+        return pick.pick, f"auto: measured on this device: {pick.reason}"
+    return UNMEASURED, (f"auto: {UNMEASURED} until the fastest checked precision is measured here (edge-pfm build "
+                        f"--bundle {bundle.root})")
 
 
 def select_backend(bundle: Bundle, backend: str = "auto", precision: str | None = None,
-                   trt_status: tuple[bool, str] | None = None) -> Selection:
+                   trt_status: tuple[bool, str] | None = None, cache_dir: str | Path | None = None,
+                   threads: int | None = None) -> Selection:
     if backend not in BACKENDS:
         raise InvalidArgument(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    precision = precision or default_precision(bundle)
+    if precision not in (None, "auto", "fp32", "fp16", "int8"):
+        raise InvalidArgument(f"unknown precision {precision!r}; choose auto, fp32, fp16 or int8")
     trt_ok, trt_why = trt_status if trt_status is not None else (
         tensorrt_status() if backend != "onnxruntime" else (False, "not asked for"))
     if backend == "tensorrt" and not trt_ok:
         raise BackendUnavailable(f"--backend tensorrt: {trt_why}. {TRT_MISSING}")
-    if backend == "tensorrt" or (backend == "auto" and trt_ok):
-        return Selection("tensorrt", precision, f"TensorRT: {trt_why}")
+    chosen = "tensorrt" if backend == "tensorrt" or (backend == "auto" and trt_ok) else "onnxruntime"
+    why_precision = "asked for"
+    if precision in (None, "auto"):
+        precision, why_precision = default_precision(bundle, chosen, cache_dir, threads)
+    if chosen == "tensorrt":
+        return Selection("tensorrt", precision, f"TensorRT: {trt_why}", why_precision)
     if precision == "fp16":
         raise BackendUnavailable("fp16 runs on TensorRT (FP16 engine); ONNX Runtime here runs fp32 or int8 (Q/DQ)")
     if precision == "int8" and not bundle.has("model.int8.onnx"):
         raise BundleError(f"{bundle.root} has no INT8 model; run python -m calibration --bundle {bundle.root} ...")
     why = "asked for" if backend == "onnxruntime" else f"TensorRT unavailable: {trt_why}"
-    return Selection("onnxruntime", precision, f"ONNX Runtime CPU ({why})")
+    return Selection("onnxruntime", precision, f"ONNX Runtime CPU ({why})", why_precision)
 
 
 def open_backend(bundle: Bundle | str | Path, backend: str = "auto", precision: str | None = None,
-                 cache_dir: str | Path | None = None, build: bool = True, threads: int | None = None) -> Backend:
-    """Select and load a backend. TensorRT engines are built (or taken from the cache) on first use."""
-    if not isinstance(bundle, Bundle):
-        bundle = Bundle.load(bundle)
-    sel = select_backend(bundle, backend, precision)
+                 cache_dir: str | Path | None = None, build: bool = True, threads: int | None = None,
+                 log: Callable[[str], None] | None = None, recheck: bool = False) -> Backend:
+    """Select and load a backend, checked against the bundle's reference of its precision before first use
+    (edge_pfm.engine.checks: an engine that fails raises EngineRefused). TensorRT engines are built (or taken from
+    the cache) on first use."""
+    from edge_pfm.engine.checks import ensure_checked, onnxruntime_record
+    from edge_pfm.engine.trt_build import DEFAULT_CACHE_DIR
     from edge_pfm.thread_plan import plan_threads
 
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle.load(bundle)
+    cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR)
+    sel = select_backend(bundle, backend, precision, cache_dir=cache_dir, threads=threads)
+    if sel.backend == "onnxruntime" and sel.precision == "int8" and bundle.manifest.get("accuracy", {}).get(
+            "gate_passed") is False:
+        _LOG.warning(f"running the INT8 model that calibration's gate refused ({bundle.root} was calibrated with "
+                     "--allow-degraded): asked for with --precision int8")
     plan = plan_threads(sel.backend, inference=threads)
     if sel.backend == "tensorrt":
         from edge_pfm.backends.tensorrt_backend import TensorRTBackend
+        from edge_pfm.engine.cache import SidecarRecord
         from edge_pfm.engine.trt_build import ensure_engine
 
         engine = ensure_engine(bundle, sel.precision, cache_dir=cache_dir, build=build)
         b: Backend = TensorRTBackend(bundle, engine, sel.precision)
+        record = SidecarRecord(engine)
     else:
         from edge_pfm.backends.onnxruntime_backend import OnnxRuntimeBackend
 
         b = OnnxRuntimeBackend(bundle, sel.precision, threads=plan.inference)
+        record = onnxruntime_record(b, cache_dir)
+    try:
+        b.check = ensure_checked(b, bundle, record, log or _LOG.info, recheck)
+    except BaseException:
+        b.close()
+        raise
     b.selection_reason = sel.reason
+    b.precision_reason = sel.precision_reason
     b.thread_plan = plan
     return b

@@ -29,6 +29,7 @@ class TensorRTBackend(Backend):
         cuda.init()
         self._ctx = cuda.Device(device).retain_primary_context()
         self._owner = threading.get_ident()
+        self.engine_path = Path(engine_path)
         self._ctx.push()
         try:
             self._load(Path(engine_path))
@@ -92,6 +93,17 @@ class TensorRTBackend(Backend):
             return {name: self._host[name][:b].copy() for name in self._outputs}
         finally:
             self._ctx.pop()
+
+    def identity(self) -> dict:
+        from edge_pfm.engine.cache import SidecarRecord
+
+        side = SidecarRecord(self.engine_path).sidecar()
+        key = side.get("key", {})
+        return {"backend": self.name, "precision": self.precision, "built_from": side.get("built_from", {}),
+                "engine_sha256": side.get("engine_sha256", ""), "version": trt_version(self._trt),
+                "device": f"{key.get('gpu_name')} sm{key.get('compute_capability')}"
+                          + (f" DLA{key['dla_core']}" if key.get("dla_core", -1) >= 0 else ""),
+                "engine": self.engine_path.name}
 
     def describe(self) -> str:
         return f"tensorrt {trt_version(self._trt)} {self.precision}"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edge_pfm.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 
-SIDECAR_SCHEMA = "edge-pfm/engine/v1"  # v1 sidecars without trt_flavour read as a mismatch
+SIDECAR_SCHEMA = "edge-pfm/engine/v2"  # v1 keys lacked calibration.cache's sha256: they read as a mismatch
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,14 @@ class EngineKey:
     dla_core: int  # -1 = GPU
     profile: tuple[int, int, int]  # batch min, opt, max
     trt_flavour: str = "tensorrt"  # or tensorrt_rtx: an RTX engine is never taken for a TensorRT one
+    calibration_cache_sha256: str = ""  # implicit INT8 (DLA) reads its scales from calibration.cache: part of the key
+
+    def built_from(self, onnx_artifact: str) -> dict[str, str]:
+        """Every bundle artifact the engine was built from -> its sha256."""
+        out = {onnx_artifact: self.onnx_sha256}
+        if self.calibration_cache_sha256:
+            out["calibration.cache"] = self.calibration_cache_sha256
+        return out
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -51,13 +59,13 @@ def engine_paths(cache_dir: str | Path, key: EngineKey) -> tuple[Path, Path]:
 
 
 def write_engine(cache_dir: str | Path, key: EngineKey, engine: bytes, build_s: float,
-                 warnings: list[str] | None = None) -> Path:
+                 warnings: list[str] | None = None, built_from: dict[str, str] | None = None) -> Path:
     """Engine first, sidecar last: a crash in between leaves an engine without sidecar, which is rebuilt."""
     engine_path, sidecar_path = engine_paths(cache_dir, key)
     atomic_write_bytes(engine_path, engine)
     atomic_write_json(sidecar_path, {
         "schema": SIDECAR_SCHEMA, "key": key.to_dict(), "engine_sha256": hashlib.sha256(engine).hexdigest(),
-        "engine_bytes": len(engine), "build_seconds": round(build_s, 2),
+        "engine_bytes": len(engine), "build_seconds": round(build_s, 2), "built_from": dict(built_from or {}),
         "built_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "trt_warnings": list(warnings or [])[:200],
     })
     return engine_path
@@ -87,6 +95,31 @@ def check_engine(cache_dir: str | Path, key: EngineKey) -> tuple[Path | None, st
     return engine_path, "ok"
 
 
+class SidecarRecord:
+    """An engine's check verdict, kept in its sidecar (edge_pfm.engine.checks.CheckRecord); discarding it deletes
+    the engine too, so a refused engine is never taken from the cache."""
+
+    def __init__(self, engine_path: Path):
+        self.engine_path, self.sidecar_path = Path(engine_path), Path(engine_path).with_suffix(".json")
+
+    def sidecar(self) -> dict:
+        try:
+            side = json.loads(self.sidecar_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return side if isinstance(side, dict) else {}
+
+    def load(self) -> dict | None:
+        return self.sidecar().get("check")
+
+    def save(self, check: dict) -> None:
+        atomic_write_json(self.sidecar_path, {**self.sidecar(), "check": check})
+
+    def discard(self) -> None:
+        self.sidecar_path.unlink(missing_ok=True)  # sidecar first: an engine without one is rebuilt, never used
+        self.engine_path.unlink(missing_ok=True)
+
+
 def find_any_engine(cache_dir: str | Path) -> list[dict]:
     """Sidecars in a cache directory (for `edge-pfm info`)."""
     out = []
@@ -96,5 +129,6 @@ def find_any_engine(cache_dir: str | Path) -> list[dict]:
         except (OSError, json.JSONDecodeError):
             continue
         if isinstance(side, dict) and side.get("schema") == SIDECAR_SCHEMA:
-            out.append({"file": p.with_suffix(".engine").name, **side.get("key", {})})
+            out.append({"file": p.with_suffix(".engine").name, **side.get("key", {}),
+                        "check": (side.get("check") or {}).get("passed")})
     return out

@@ -255,6 +255,15 @@ def build_engine_bytes(trt, onnx_path: str | Path, plan: BuildPlan, profile: tup
     return BuildResult(bytes(serialized), seconds, warnings, census_from_log(listings))
 
 
+def engine_key(bundle: Bundle, plan: BuildPlan, version: str, gpu: str, cc: str, profile: tuple[int, int, int],
+               flavour: str = "tensorrt") -> EngineKey:
+    """The cache key: every artifact the plan builds from (calibration.cache too, for implicit INT8), the precision,
+    TensorRT, the GPU and the profile."""
+    cache_sha = bundle.sha256("calibration.cache") if plan.use_calibration_cache else ""
+    return EngineKey(bundle.sha256(plan.onnx_artifact), plan.precision, plan.int8_source, version, gpu, cc,
+                     plan.dla_core, profile, flavour, cache_sha)
+
+
 def ensure_engine(bundle: Bundle, precision: str, int8_source: str | None = None, dla_core: int = -1,
                   workspace_mib: int = DEFAULT_WORKSPACE_MIB, max_batch: int | None = None,
                   cache_dir: str | Path | None = None, build: bool = True,
@@ -266,8 +275,7 @@ def ensure_engine(bundle: Bundle, precision: str, int8_source: str | None = None
     gpu, cc = gpu_identity(flavour)
     hi = max_batch or bundle.max_batch
     profile = (1, 1, hi) if dla_core < 0 else (hi, hi, hi)  # DLA: static shapes only
-    key = EngineKey(bundle.sha256(plan.onnx_artifact), plan.precision, plan.int8_source, trt_version(trt), gpu, cc,
-                    plan.dla_core, profile, flavour)
+    key = engine_key(bundle, plan, trt_version(trt), gpu, cc, profile, flavour)
     cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR)
     path, why = check_engine(cache_dir, key)
     if path is not None:
@@ -282,4 +290,5 @@ def ensure_engine(bundle: Bundle, precision: str, int8_source: str | None = None
     result = build_engine_bytes(trt, bundle.root / plan.onnx_artifact, plan, profile, workspace_mib,
                                 cache_dir / f"timing.{flavour}{trt_version(trt)}.{cc}.cache", log,
                                 cache_bytes=cache_bytes)
-    return write_engine(cache_dir, key, result.engine, time.perf_counter() - t0, result.warnings)
+    return write_engine(cache_dir, key, result.engine, time.perf_counter() - t0, result.warnings,
+                        key.built_from(plan.onnx_artifact))
