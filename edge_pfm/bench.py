@@ -26,7 +26,8 @@ def _rss_mb() -> float:
 
 
 def main(args) -> int:
-    result = run_bench(args.bundle, args.resolution, args.seconds, args.backend, args.precision, args.threads)
+    result = run_bench(args.bundle, args.resolution, args.seconds, args.backend, args.precision, args.threads,
+                       args.cache_dir)
     print_bench(result)
     if args.json_out:
         from edge_pfm.fileio import atomic_write_text
@@ -37,7 +38,7 @@ def main(args) -> int:
 
 
 def run_bench(bundle_dir, resolution: str = "1920x1080", seconds: float = 8.0, backend: str = "auto",
-              precision: str | None = None, threads: int | None = None) -> dict:
+              precision: str | None = None, threads: int | None = None, cache_dir: str | None = None) -> dict:
     """The four measurements (module docstring) -> the result dict `edge-pfm bench --json` writes."""
     from edge_pfm.bundle import Bundle
     from edge_pfm.classifier import Classifier
@@ -47,7 +48,7 @@ def run_bench(bundle_dir, resolution: str = "1920x1080", seconds: float = 8.0, b
 
     w_px, h_px = parse_size(resolution)
     bundle = Bundle.load(bundle_dir)
-    clf = Classifier(bundle, backend, precision, threads)
+    clf = Classifier(bundle, backend, precision, threads, cache_dir)
     specs = bundle.preprocessing
     plan = clf.backend.thread_plan
     print(f"bench: {clf.backend.describe()} ({clf.backend.precision_reason}), {resolution} pairs, {seconds:.0f} s each; "
@@ -96,7 +97,8 @@ def run_bench(bundle_dir, resolution: str = "1920x1080", seconds: float = 8.0, b
     backend_desc = clf.backend.describe()
     precision_reason = clf.backend.precision_reason
     check = clf.backend.check.to_dict() if clf.backend.check else None
-    same = dict(backend=clf.backend.name, precision=clf.backend.precision, threads=threads)  # None: the plan
+    same = dict(backend=clf.backend.name, precision=clf.backend.precision, threads=threads,
+                cache_dir=None if cache_dir is None else str(cache_dir))  # None: the plan
     clf.close()
     cfg = RunConfig(tolerance_ms=1000 / fast / 2, fps_hint=fast, **same)
     runner = Runner(bundle, SyntheticSource("white_light", bank, fps=fast, stamp_frames=False),

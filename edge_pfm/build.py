@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from edge_pfm.bundle import Bundle
 from edge_pfm.errors import InvalidArgument
@@ -19,7 +20,7 @@ def build(bundle: str | Path | Bundle, backend: str = "auto", precision: str = "
           cache_dir: str | Path | None = None, build: bool = True, threads: int | None = None,
           log: Callable[[str], None] = _LOG.info) -> list[str]:
     """Build/check (and with precision auto, measure and pick). -> the lines `edge-pfm build` prints."""
-    from edge_pfm.backends.select import open_backend, select_backend
+    from edge_pfm.backends.select import select_backend
     from edge_pfm.engine.trt_build import DEFAULT_CACHE_DIR
 
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
@@ -30,6 +31,8 @@ def build(bundle: str | Path | Bundle, backend: str = "auto", precision: str = "
     if trt_only and chosen != "tensorrt":
         raise InvalidArgument(f"{', '.join(trt_only)} apply to TensorRT engines; this run uses {chosen} (TensorRT is "
                               "not usable here: edge-pfm info says why)")
+    opener = partial(_open_checked, cache_dir=cache_dir, threads=threads, log=log, build=build,
+                     int8_source=int8_source, dla_core=dla_core, workspace_mib=workspace_mib, max_batch=max_batch)
     if precision == "auto":
         if trt_only:
             raise InvalidArgument(f"{', '.join(trt_only)} build one engine: give --precision fp16 or int8 with them")
@@ -37,32 +40,19 @@ def build(bundle: str | Path | Bundle, backend: str = "auto", precision: str = "
         from edge_pfm.thread_plan import plan_threads
 
         log(f"measuring every precision {bundle.root} allows on {chosen}: build or take, check, time")
-        opener = partial(_open_checked, cache_dir=cache_dir, threads=threads, log=log)
         pick = measure_pick(bundle, chosen, cache_dir, plan_threads(chosen, inference=threads).inference, opener, log)
         return pick.describe()
-    if chosen == "tensorrt":
-        from edge_pfm.backends.tensorrt_backend import TensorRTBackend
-        from edge_pfm.engine.cache import SidecarRecord
-        from edge_pfm.engine.checks import ensure_checked
-        from edge_pfm.engine.trt_build import ensure_engine
-
-        path = ensure_engine(bundle, precision, int8_source, dla_core, workspace_mib, max_batch, cache_dir,
-                             build=build, log=log)
-        b = TensorRTBackend(bundle, path, precision)
-        try:
-            check = ensure_checked(b, bundle, SidecarRecord(path), log)
-        finally:
-            b.close()
-        return [str(path), check.describe()]
-    b = open_backend(bundle, chosen, precision, cache_dir, threads=threads, log=log)
+    b = opener(bundle, chosen, precision)
     try:
-        return [f"{b.describe()}: {b.check.describe()}"]
+        engine = getattr(b, "engine_path", None)
+        return [*([str(engine)] if engine else []), f"{b.describe()}: {b.check.describe()}"]
     finally:
         b.close()
 
 
 def _open_checked(bundle: Bundle, backend: str, precision: str, cache_dir: Path, threads: int | None,
-                  log: Callable[[str], None], recheck: bool = False):
+                  log: Callable[[str], None], recheck: bool = False, **trt: Any):
+    """open_backend for one precision, with the build's TensorRT options; `recheck`: check even a recorded engine."""
     from edge_pfm.backends.select import open_backend
 
-    return open_backend(bundle, backend, precision, cache_dir, threads=threads, log=log, recheck=recheck)
+    return open_backend(bundle, backend, precision, cache_dir, threads=threads, log=log, recheck=recheck, **trt)

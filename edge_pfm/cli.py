@@ -46,6 +46,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = RunConfig(backend=args.backend or run_cfg.get("backend", "auto"),
                        precision=args.precision or run_cfg.get("precision"),
                        threads=args.threads or run_cfg.get("threads"),
+                       cache_dir=args.cache_dir or run_cfg.get("cache_dir"),
                        tolerance_ms=args.tolerance_ms or run_cfg.get("tolerance_ms"),
                        seconds=args.seconds, log=args.log, video=args.video, preview=args.preview,
                        gates=gates, decision=decision)
@@ -155,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-gates", action="store_true", help="disable the quality gates")
     p.add_argument("--config", help="device.toml with cameras, gates, decision settings")
     p.add_argument("--summary-json", help="also write the exit summary here")
+    p.add_argument("--cache-dir", help="engine cache, check records and the measured pick (default "
+                                       "~/.cache/edge-pfm/engines; edge-pfm build writes them)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("selftest", help="prove this device: check and time every allowed precision, bench, a short "
@@ -181,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"))
     p.add_argument("--threads", type=int)
     p.add_argument("--json", dest="json_out", help="write the results here")
+    p.add_argument("--cache-dir", help="engine cache, check records and the measured pick (default "
+                                       "~/.cache/edge-pfm/engines)")
     p.set_defaults(func=_cmd_bench)
     return ap
 

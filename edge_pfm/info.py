@@ -70,9 +70,8 @@ def _references(bundle) -> list[str]:
 def _precisions(bundle, backend: str) -> list[str]:
     from edge_pfm.engine.trt_build import DEFAULT_CACHE_DIR
     from edge_pfm.precision_pick import ACCURACY_ORDER, allowed, cached_pick
-    from edge_pfm.thread_plan import plan_threads
 
-    pick = cached_pick(bundle, backend, DEFAULT_CACHE_DIR, plan_threads(backend).inference)
+    pick = cached_pick(bundle, backend, DEFAULT_CACHE_DIR)
     if pick is not None:
         return [f"  {line}" for line in pick.describe()]
     lines = [f"  precision auto -> fp32: nothing measured on this device yet (edge-pfm build --bundle {bundle.root}); "

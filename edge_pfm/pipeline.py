@@ -37,6 +37,7 @@ class RunConfig:
     backend: str = "auto"
     precision: str | None = None
     threads: int | None = None
+    cache_dir: str | None = None  # engines, check records and the measured pick (default ~/.cache/edge-pfm/engines)
     tolerance_ms: float | None = None  # pairing tolerance; default half a frame period
     fps_hint: float = 30.0
     signal_timeout_s: float = 1.0  # no frame from a camera for this long -> no_signal
@@ -186,7 +187,8 @@ class Runner:
         from edge_pfm.backends import BackendError
         from edge_pfm.classifier import Classifier
 
-        clf = self.classifier or Classifier(self.bundle_arg, self.cfg.backend, self.cfg.precision, self.cfg.threads)
+        clf = self.classifier or Classifier(self.bundle_arg, self.cfg.backend, self.cfg.precision, self.cfg.threads,
+                                                self.cfg.cache_dir)
         self.classifier = clf
         self.thread_plan = getattr(clf.backend, "thread_plan", None)
         if self.thread_plan is not None:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from edge_pfm.bundle import MODEL_ARTIFACTS, Bundle
-from edge_pfm.errors import EdgePfmError
+from edge_pfm.errors import EdgePfmError, RuntimeFailure
 from edge_pfm.fileio import atomic_write_json
 
 _LOG = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class PrecisionPick:
     candidates: list[Candidate]
     reason: str
     measured_utc: str = ""
+    threads: int | None = None  # ONNX Runtime's inference threads while timing (TensorRT: 1 host thread)
 
     def describe(self) -> list[str]:
         return ([f"precision auto -> {self.pick} ({self.reason}; measured {self.measured_utc} on {self.device})"]
@@ -93,14 +94,16 @@ class PrecisionPick:
     @classmethod
     def from_dict(cls, d: dict) -> PrecisionPick:
         return cls(d["backend"], d["device"], d["pick"], [Candidate(**c) for c in d["candidates"]], d["reason"],
-                   d.get("measured_utc", ""))
+                   d.get("measured_utc", ""), d.get("threads"))
 
 
 def choose(candidates: list[Candidate], min_gain: float = MIN_GAIN) -> tuple[str, str]:
     """-> (pick, why) among measured candidates, most accurate first (module docstring)."""
     order = sorted((c for c in candidates if c.allowed and c.ms is not None), key=lambda c: ACCURACY_ORDER.index(c.precision))
     if not order:
-        raise EdgePfmError("no precision could be measured")
+        refused = "; ".join(f"{c.precision}: {c.why}" for c in candidates if c.allowed)
+        raise RuntimeFailure(f"no precision passed its check here, so none can run ({refused}); send the edge-pfm "
+                             "selftest report")
     best, notes = order[0], []
     for c in order[1:]:
         gain = 1 - c.ms / best.ms
@@ -131,20 +134,18 @@ def time_backend(backend: Any, white: np.ndarray, fluo: np.ndarray, windows: int
     return out
 
 
-def device_identity(backend: str, threads: int | None) -> str:
-    """The device a pick holds for; `threads`: ONNX Runtime's inference threads (None: the thread plan's)."""
+def device_identity(backend: str) -> str:
+    """The device a pick holds for: the GPU and TensorRT, or the CPU and ONNX Runtime. (ONNX Runtime's thread count
+    is recorded with the pick, not keyed: a pick found under another --threads is still the best evidence there is.)"""
     if backend == "tensorrt":
         from edge_pfm.engine.trt_build import gpu_identity, import_tensorrt, trt_version
 
         gpu, cc = gpu_identity()
         return f"{gpu} sm{cc}, TensorRT {trt_version(import_tensorrt())}"
-    import onnxruntime as ort
+    from edge_pfm._lazy import require
 
-    from edge_pfm.thread_plan import plan_threads
-
-    threads = plan_threads(backend, inference=threads).inference
-    return (f"{platform.machine()} {_cpu_model()} x{os.cpu_count()}, onnxruntime {ort.__version__}, "
-            f"{threads} inference thread(s)")
+    ort = require("onnxruntime", "the onnxruntime backend")
+    return f"{platform.machine()} {_cpu_model()} x{os.cpu_count()}, onnxruntime {ort.__version__}"
 
 
 def _cpu_model() -> str:
@@ -165,26 +166,26 @@ def _pick_path(bundle: Bundle, backend: str, device: str, cache_dir: Path) -> Pa
     return cache_dir / "picks" / f"{backend}.{digest}.json"
 
 
-def cached_pick(bundle: Bundle, backend: str, cache_dir: Path, threads: int | None) -> PrecisionPick | None:
+def cached_pick(bundle: Bundle, backend: str, cache_dir: Path) -> PrecisionPick | None:
     """The pick measured for this bundle, backend and device, or None."""
     try:
-        path = _pick_path(bundle, backend, device_identity(backend, threads), cache_dir)
-        rec = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, ImportError):
+        rec = json.loads(_pick_path(bundle, backend, device_identity(backend), cache_dir).read_text())
+        return PrecisionPick.from_dict(rec["pick"]) if rec.get("schema") == PICK_SCHEMA else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EdgePfmError):  # none, damaged, or no backend
         return None
-    if not isinstance(rec, dict) or rec.get("schema") != PICK_SCHEMA:
-        return None
-    try:
-        return PrecisionPick.from_dict(rec["pick"])
-    except (KeyError, TypeError):
-        return None
+
+
+def forget_pick(bundle: Bundle, backend: str, cache_dir: Path) -> None:
+    """Drop the cached pick (its precision was refused at first use: it no longer holds)."""
+    _pick_path(bundle, backend, device_identity(backend), cache_dir).unlink(missing_ok=True)
 
 
 def measure_pick(bundle: Bundle, backend: str, cache_dir: Path, threads: int | None,
                  opener: Callable[..., Any], log: Callable[[str], None] = _LOG.info,
                  windows: int = TIMING_WINDOWS, window_s: float = WINDOW_S) -> PrecisionPick:
     """Check and time every allowed precision on `backend` (opened by `opener(bundle, backend, precision)`, which
-    checks each engine before its first use), pick (module docstring) and cache the pick."""
+    checks each engine before its first use; `threads`: the inference threads it opens them with, recorded), pick
+    (module docstring) and cache the pick."""
     from edge_pfm.engine.checks import EngineRefused
     from edge_pfm.preprocess import normalise
     from edge_pfm.references import References
@@ -207,6 +208,10 @@ def measure_pick(bundle: Bundle, backend: str, cache_dir: Path, threads: int | N
             c.why = f"refused by its check: {exc}"
             log(f"  {precision}: {c.why}")
             continue
+        except EdgePfmError as exc:  # the engine could not be built or loaded here: not a candidate after all
+            c.why = f"could not be built or loaded: {exc}"
+            log(f"  {precision}: {c.why}")
+            continue
         try:
             c.check = b.check.describe() if getattr(b, "check", None) else "checked"
             c.windows_ms = [round(x, 4) for x in time_backend(b, white, fluo, windows, window_s)]
@@ -215,7 +220,8 @@ def measure_pick(bundle: Bundle, backend: str, cache_dir: Path, threads: int | N
             b.close()
         log(f"  {c.describe()}")
     pick, why = choose(candidates)
-    device = device_identity(backend, threads)
-    result = PrecisionPick(backend, device, pick, candidates, why, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    device = device_identity(backend)
+    result = PrecisionPick(backend, device, pick, candidates, why, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           threads)
     atomic_write_json(_pick_path(bundle, backend, device, cache_dir), {"schema": PICK_SCHEMA, "pick": result.to_dict()})
     return result

@@ -14,6 +14,7 @@ the pairs through any backend (ONNX Runtime here, TensorRT on the device) at bat
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -109,6 +110,7 @@ class EngineCheck:
     tolerance: Tolerance | None
     failures: list[str] = field(default_factory=list)
     references_sha256: str = ""  # the reference outputs it was checked against
+    engine_sha256: str = ""  # the engine it was checked on
     seconds: float = 0.0
     checked_utc: str = ""
 
@@ -122,14 +124,16 @@ class EngineCheck:
         return {"precision": self.precision, "passed": self.passed,
                 "figures": self.figures.to_dict() if self.figures else None,
                 "tolerance": self.tolerance.to_dict() if self.tolerance else None, "failures": list(self.failures),
-                "references_sha256": self.references_sha256, "seconds": round(self.seconds, 3),
+                "references_sha256": self.references_sha256, "engine_sha256": self.engine_sha256,
+                "seconds": round(self.seconds, 3),
                 "checked_utc": self.checked_utc}
 
     @classmethod
     def from_dict(cls, d: dict) -> EngineCheck:
         return cls(d["precision"], bool(d["passed"]), Figures(**d["figures"]) if d.get("figures") else None,
                    Tolerance.from_dict(d["tolerance"]) if d.get("tolerance") else None, list(d.get("failures", [])),
-                   d.get("references_sha256", ""), float(d.get("seconds", 0.0)), d.get("checked_utc", ""))
+                   d.get("references_sha256", ""), d.get("engine_sha256", ""), float(d.get("seconds", 0.0)),
+                   d.get("checked_utc", ""))
 
 
 class References:
@@ -148,6 +152,13 @@ class References:
     def has(self, precision: str) -> bool:
         return precision in self.precisions and self.bundle.has(outputs_artifact(precision))
 
+    def require(self, precision: str) -> None:
+        """Raise BundleError naming the fix when this precision has no reference (before anything is built)."""
+        if not self.has(precision):
+            raise BundleError(f"{self.bundle.root} has no {precision} reference ({outputs_artifact(precision)}), so a "
+                              f"{precision} engine cannot be checked before use; calibrate the bundle with this "
+                              f"edge-pfm (python -m calibration --bundle {self.bundle.root} ...)")
+
     def tolerance(self, precision: str) -> Tolerance:
         return Tolerance.from_dict(self.precisions[precision]["tolerance"])
 
@@ -165,36 +176,40 @@ class References:
         with np.load(self.bundle.root / outputs_artifact(precision), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
 
-    def run(self, infer_outputs, batch: int = 1) -> dict[str, np.ndarray]:
-        """Every reference pair through `infer_outputs(white, fluo) -> {name: array}`, `batch` pairs at a time."""
-        specs, px = self.bundle.preprocessing, self.pixels
-        n = len(px["white_light"])
-        parts: dict[str, list[np.ndarray]] = {}
-        for i in range(0, n, batch):
-            w = normalise(px["white_light"][i:i + batch], specs["white_light"])
-            f = normalise(px["fluorescence"][i:i + batch], specs["fluorescence"])
-            for name, x in infer_outputs(w, f).items():
-                parts.setdefault(name, []).append(np.asarray(x, np.float32))
-        return {name: np.concatenate(v) for name, v in parts.items()}
+    def run(self, infer_outputs: Callable[..., dict], batch: int = 1) -> dict[str, np.ndarray]:
+        return run_pairs(infer_outputs, self.pixels, self.bundle.preprocessing, batch)
+
+
+def run_pairs(infer_outputs: Callable[..., dict], pixels: dict[str, np.ndarray], specs: dict, batch: int = 1
+              ) -> dict[str, np.ndarray]:
+    """Every pair of `pixels` (uint8 model pixels per modality) through `infer_outputs(white, fluo) -> {name: array}`,
+    `batch` pairs at a time: an engine with a fixed batch (DLA) gets its last batch padded with the last pair."""
+    n = len(pixels["white_light"])
+    parts: dict[str, list[np.ndarray]] = {}
+    for i in range(0, n, batch):
+        take = np.arange(i, i + batch).clip(max=n - 1)
+        w = normalise(pixels["white_light"][take], specs["white_light"])
+        f = normalise(pixels["fluorescence"][take], specs["fluorescence"])
+        for name, x in infer_outputs(w, f).items():
+            parts.setdefault(name, []).append(np.asarray(x, np.float32)[:min(batch, n - i)])
+    return {name: np.concatenate(v) for name, v in parts.items()}
 
 
 def check_backend(backend: Any, references: References) -> EngineCheck:
-    """Run the references through `backend` (edge_pfm.backends.Backend) at batch 1 and judge it against the
-    reference of its precision."""
+    """Run the references through `backend` (edge_pfm.backends.Backend) at its smallest batch (1, or a DLA engine's
+    fixed batch) and judge it against the reference of its precision (which the caller made sure exists)."""
     precision = backend.precision
     utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    if not references.has(precision):
-        return EngineCheck(precision, False, None, None,
-                           [f"the bundle has no {precision} reference ({outputs_artifact(precision)}); re-calibrate "
-                            "it with this edge-pfm"], checked_utc=utc)
+    engine = backend.identity().get("engine_sha256", "")
     t0 = time.perf_counter()
-    got = references.run(backend.infer_outputs)
+    got = references.run(backend.infer_outputs, max(1, int(getattr(backend, "min_batch", 1))))
     seconds = time.perf_counter() - t0
     tol = references.tolerance(precision)
     nonfinite = [name for name, x in got.items() if not np.all(np.isfinite(x))]
     if nonfinite:
         return EngineCheck(precision, False, None, tol, [f"non-finite {', '.join(nonfinite)}"],
-                           references.sha256(precision), seconds, utc)
+                           references.sha256(precision), engine, seconds, utc)
     figures = compare(references.outputs(precision), got)
     failures = figures.failures(tol)
-    return EngineCheck(precision, not failures, figures, tol, failures, references.sha256(precision), seconds, utc)
+    return EngineCheck(precision, not failures, figures, tol, failures, references.sha256(precision), engine, seconds,
+                       utc)

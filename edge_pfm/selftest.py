@@ -62,16 +62,20 @@ def selftest(bundle: str | Path | Bundle, out: str | Path, backend: str = "auto"
                               "environment": describe().splitlines(), "steps": {}, "failures": []}
     chosen = select_backend(bundle, backend, "fp32").backend
     inference_threads = plan_threads(chosen, inference=threads).inference
-    report["device"] = device_identity(chosen, inference_threads)
+    try:
+        report["device"] = device_identity(chosen)
+    except Exception as exc:  # the report is written whatever fails
+        report["device"] = f"unknown ({type(exc).__name__}: {exc})"
 
     def step(name: str, fn: Callable[[], dict]) -> dict | None:
         log(f"selftest: {name}")
         t0 = time.perf_counter()
         try:
             result = fn()
-        except EdgePfmError as exc:
-            report["failures"].append(f"{name}: {exc}")
-            report["steps"][name] = {"passed": False, "error": str(exc), "seconds": round(time.perf_counter() - t0, 2)}
+        except Exception as exc:  # noqa: BLE001 - any failure of a step is the report's content, not a traceback
+            what = str(exc) if isinstance(exc, EdgePfmError) else f"{type(exc).__name__}: {exc}"
+            report["failures"].append(f"{name}: {what}")
+            report["steps"][name] = {"passed": False, "error": what, "seconds": round(time.perf_counter() - t0, 2)}
             return None
         result["seconds"] = round(time.perf_counter() - t0, 2)
         report["steps"][name] = result
@@ -92,7 +96,8 @@ def selftest(bundle: str | Path | Bundle, out: str | Path, backend: str = "auto"
     def bench() -> dict:
         from edge_pfm.bench import run_bench
 
-        return {"passed": True, "result": run_bench(bundle.root, resolution, bench_seconds, chosen, precision, threads)}
+        return {"passed": True, "result": run_bench(bundle.root, resolution, bench_seconds, chosen, precision, threads,
+                                                    cache_dir)}
 
     step("bench", bench)
 
@@ -100,7 +105,8 @@ def selftest(bundle: str | Path | Bundle, out: str | Path, backend: str = "auto"
         from edge_pfm.pipeline import RunConfig, Runner
 
         made = sources() if sources is not None else _synthetic_sources()
-        runner = Runner(bundle, config=RunConfig(backend=chosen, precision=precision, threads=threads), **made)
+        runner = Runner(bundle, config=RunConfig(backend=chosen, precision=precision, threads=threads,
+                                                 cache_dir=str(cache_dir)), **made)
         summary = runner.run(seconds)
         problems = []
         if summary["pairs_inferred"] == 0:

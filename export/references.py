@@ -26,8 +26,8 @@ import numpy as np
 
 from edge_pfm.bundle import MODALITIES, MODEL_ARTIFACTS
 from edge_pfm.fileio import atomic_write_bytes
-from edge_pfm.preprocess import PreprocessSpec, model_pixels, normalise
-from edge_pfm.references import INPUTS_ARTIFACT, MIN_PAIRS, Figures, Tolerance, compare, outputs_artifact
+from edge_pfm.preprocess import PreprocessSpec, model_pixels
+from edge_pfm.references import INPUTS_ARTIFACT, MIN_PAIRS, Figures, Tolerance, compare, outputs_artifact, run_pairs
 
 TOLERANCE_FACTOR = 3.0
 # floors: a model whose FP16 rounding happens to be tiny still gets room for accumulation order and fused kernels
@@ -72,17 +72,13 @@ def _session(model: Path | bytes, optimised: bool = True):
     return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
 
 
-def run_model(model: Path | bytes, pixels: dict[str, np.ndarray], specs: dict[str, PreprocessSpec], names: dict[str, str],
-              optimised: bool = True) -> dict[str, np.ndarray]:
+def run_model(model: Path | bytes, pixels: dict[str, np.ndarray], specs: dict[str, PreprocessSpec],
+              names: dict[str, str], optimised: bool = True) -> dict[str, np.ndarray]:
     """ONNX Runtime CPU outputs of every reference pair, at batch 1 (as the runtime runs it)."""
     sess = _session(model, optimised)
     outs = [o.name for o in sess.get_outputs()]
-    parts: dict[str, list[np.ndarray]] = {o: [] for o in outs}
-    for i in range(len(pixels["white_light"])):
-        feed = {names[m]: normalise(pixels[m][i:i + 1], specs[m]) for m in MODALITIES}
-        for o, x in zip(outs, sess.run(outs, feed)):
-            parts[o].append(x)
-    return {o: np.concatenate(v) for o, v in parts.items()}
+    return run_pairs(lambda w, f: dict(zip(outs, sess.run(outs, {names["white_light"]: w, names["fluorescence"]: f}))),
+                     pixels, specs)
 
 
 def tolerance_for(rounding: Figures, kernels: Figures) -> Tolerance:

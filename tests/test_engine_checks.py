@@ -153,7 +153,7 @@ def test_auto_picks_int8_only_when_it_is_ten_percent_faster(calibrated_bundle, t
     pick = measure_pick(bundle, "onnxruntime", tmp_path / "cache", None, opener, windows=3, window_s=0.15)
     assert pick.pick == expected, pick.describe()
     assert {c.precision: c.allowed for c in pick.candidates} == {"fp32": True, "fp16": False, "int8": True}
-    assert cached_pick(bundle, "onnxruntime", tmp_path / "cache", None).pick == expected
+    assert cached_pick(bundle, "onnxruntime", tmp_path / "cache").pick == expected
     # run, Classifier and bench read the cached pick
     with open_backend(bundle, "onnxruntime", None, cache_dir=tmp_path / "cache") as b:
         assert b.precision == expected and "measured on this device" in b.precision_reason
@@ -251,3 +251,38 @@ def test_a_bundle_without_references_is_refused_with_the_fix(tiny_bundle, tmp_pa
     shutil.rmtree(tmp_path / "cache", ignore_errors=True)
     with pytest.raises(Exception, match="carries no reference outputs.*re-export"):
         open_backend(b, "onnxruntime", "fp32", cache_dir=tmp_path / "cache")
+
+
+def test_a_fixed_batch_engine_is_checked_in_padded_batches(calibrated_bundle):
+    bundle = Bundle.load(calibrated_bundle)
+    refs = References(bundle)
+    with open_backend(bundle, "onnxruntime", "fp32", cache_dir=None) as b:
+        one = refs.run(b.infer_outputs, 1)
+        calls = []
+
+        def fixed_batch_of_three(w, f):  # a DLA engine runs only its profile's one batch size
+            assert w.shape[0] == 3 and f.shape[0] == 3
+            calls.append(1)
+            return b.infer_outputs(w, f)
+
+        three = refs.run(fixed_batch_of_three, 3)
+    n = refs.entry["pairs"]
+    assert len(calls) == -(-n // 3) and three["logits"].shape == one["logits"].shape == (n, len(bundle.classes))
+    np.testing.assert_allclose(three["logits"], one["logits"], atol=1e-4)
+
+
+def test_a_refused_pick_falls_back_to_checked_fp32(calibrated_bundle, tmp_path):
+    from edge_pfm.precision_pick import Candidate, PrecisionPick, _pick_path, device_identity
+
+    bundle = _gate_passed_copy(calibrated_bundle, tmp_path / "b")
+    _scale_times_four(bundle.root, "weight")
+    bundle = Bundle.load(bundle.root)
+    # a pick measured before this device's engine went wrong (as when TensorRT is upgraded under a cached pick)
+    pick = PrecisionPick("onnxruntime", device_identity("onnxruntime"), "int8",
+                         [Candidate("fp32", True, "", 2.0, [2.0]), Candidate("int8", True, "", 1.0, [1.0])], "test")
+    path = _pick_path(bundle, "onnxruntime", device_identity("onnxruntime"), tmp_path / "cache")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"schema": "edge-pfm/precision-pick/v1", "pick": pick.to_dict()}))
+    with open_backend(bundle, "onnxruntime", cache_dir=tmp_path / "cache") as b:
+        assert b.precision == "fp32" and b.check.passed and "was refused by its check" in b.precision_reason
+    assert not path.exists()  # the pick no longer holds

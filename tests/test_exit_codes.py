@@ -52,7 +52,8 @@ def test_gate_refused(tiny_bundle, tmp_path):
 
 @pytest.mark.parametrize("command", ["build", "run"])
 def test_backend_unavailable(calibrated_bundle, command):
-    extra = ["--white", "synthetic", "--fluo", "synthetic", "--backend", "tensorrt"] if command == "run" else []
+    extra = ["--white", "synthetic", "--fluo", "synthetic"] if command == "run" else []
+    extra += ["--backend", "tensorrt"]
     r = _run("edge_pfm", command, "--bundle", str(calibrated_bundle), *extra)
     assert r.returncode == ExitCode.UNAVAILABLE and "TensorRT" in _one_line_error(r)
 

@@ -268,8 +268,8 @@ def test_a_map_without_a_measurement_is_not_shown(calibrated_bundle, tmp_path):
     from edge_pfm.info import describe
 
     b = _without_measurement(calibrated_bundle, tmp_path / "b")
-    assert any(line.strip().startswith("lesion map: off: the bundle carries no held-out measurement of its int8 map")
-               for line in describe(str(b)).splitlines())
+    assert any(line.strip().startswith("lesion map: off: the bundle carries no held-out measurement of its fp32 map")
+               for line in describe(str(b)).splitlines())  # info judges the precision auto runs: fp32, unmeasured
     scene = render_pair("hsil", 3, (640, 360))
     with Classifier(b, "onnxruntime", "fp32") as clf:
         assert not clf.lesion_verdict.shown

@@ -145,7 +145,8 @@ def test_their_own_pipeline_conforms_and_is_recorded(their_weights, their_tensor
     assert check["passed"] and check["pairs"] == 16
     for stats in check["modalities"].values():  # our box-average halvings against their one INTER_AREA step
         assert 0 < stats["mean_abs_grey_levels"] <= check["bound"]["mean_abs_grey_levels"]
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "parity", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.onnx", "parity", "reference.fp32.npz",
+                                                      "reference.inputs.npz", "report.json"]
     from edge_pfm.bundle import Bundle
 
     Bundle.load(out)  # the rewritten manifest still verifies every artifact

@@ -33,6 +33,7 @@ class Backend(ABC):
         self._names = (bundle.input_names["white_light"], bundle.input_names["fluorescence"])
         self._chw = {s.name: tuple(s.shape[1:]) for s in bundle.inputs}
         self.max_batch = bundle.max_batch
+        self.min_batch = 1  # a fixed-shape engine (DLA) runs only its one batch
         self.closed = False
         # set by open_backend: why this backend and precision, the thread plan, the first-use check's verdict
         self.selection_reason = ""

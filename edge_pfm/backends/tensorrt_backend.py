@@ -7,6 +7,7 @@ the inference thread). One execution context per backend.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 from pathlib import Path
 
@@ -40,7 +41,9 @@ class TensorRTBackend(Backend):
         trt, cuda = self._trt, self._cuda
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
-        engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        blob = engine_path.read_bytes()
+        self.engine_sha256 = hashlib.sha256(blob).hexdigest()  # the bytes that run, for the check and the log
+        engine = runtime.deserialize_cuda_engine(blob)
         if engine is None:
             raise BackendError(f"TensorRT {trt_version(trt)} could not deserialise {engine_path}: built by another "
                                "TensorRT version or for another GPU; delete it and run `edge-pfm build`")
@@ -57,7 +60,8 @@ class TensorRTBackend(Backend):
             if n in inputs and tuple(engine.get_tensor_shape(n))[1:] != self._chw[n]:
                 raise BackendError(f"{engine_path}: input {n!r} has shape {tuple(engine.get_tensor_shape(n))}, "
                                    f"the manifest says (batch, {self._chw[n]})")
-        self.max_batch = int(engine.get_tensor_profile_shape(inputs[0], 0)[2][0])
+        profile = engine.get_tensor_profile_shape(inputs[0], 0)  # (min, opt, max) shapes
+        self.min_batch, self.max_batch = int(profile[0][0]), int(profile[2][0])
         self._engine = engine
         self._context = engine.create_execution_context()
         self._stream = cuda.Stream()
@@ -97,10 +101,10 @@ class TensorRTBackend(Backend):
     def identity(self) -> dict:
         from edge_pfm.engine.cache import SidecarRecord
 
-        side = SidecarRecord(self.engine_path).sidecar()
+        side = SidecarRecord(self.engine_path, self.engine_sha256).sidecar()
         key = side.get("key", {})
         return {"backend": self.name, "precision": self.precision, "built_from": side.get("built_from", {}),
-                "engine_sha256": side.get("engine_sha256", ""), "version": trt_version(self._trt),
+                "engine_sha256": self.engine_sha256, "version": trt_version(self._trt),
                 "device": f"{key.get('gpu_name')} sm{key.get('compute_capability')}"
                           + (f" DLA{key['dla_core']}" if key.get("dla_core", -1) >= 0 else ""),
                 "engine": self.engine_path.name}

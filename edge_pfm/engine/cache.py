@@ -96,28 +96,35 @@ def check_engine(cache_dir: str | Path, key: EngineKey) -> tuple[Path | None, st
 
 
 class SidecarRecord:
-    """An engine's check verdict, kept in its sidecar (edge_pfm.engine.checks.CheckRecord); discarding it deletes
-    the engine too, so a refused engine is never taken from the cache."""
+    """An engine's check verdict, kept in its sidecar (edge_pfm.engine.checks.CheckRecord), for the engine bytes that
+    were checked (`engine_sha256`): if another process rebuilt the engine meanwhile, this verdict is neither read nor
+    written for it, and its files are not deleted. Discarding deletes the engine too: a refused engine is never
+    taken from the cache."""
 
-    def __init__(self, engine_path: Path):
+    def __init__(self, engine_path: Path, engine_sha256: str):
         self.engine_path, self.sidecar_path = Path(engine_path), Path(engine_path).with_suffix(".json")
+        self.engine_sha256 = engine_sha256
 
     def sidecar(self) -> dict:
         try:
             side = json.loads(self.sidecar_path.read_text())
         except (OSError, json.JSONDecodeError):
             return {}
-        return side if isinstance(side, dict) else {}
+        ours = isinstance(side, dict) and side.get("schema") == SIDECAR_SCHEMA
+        return side if ours and side.get("engine_sha256") == self.engine_sha256 else {}
 
     def load(self) -> dict | None:
         return self.sidecar().get("check")
 
     def save(self, check: dict) -> None:
-        atomic_write_json(self.sidecar_path, {**self.sidecar(), "check": check})
+        side = self.sidecar()
+        if side:  # else the engine on disk is no longer the one checked: its own first use will check it
+            atomic_write_json(self.sidecar_path, {**side, "check": check})
 
     def discard(self) -> None:
-        self.sidecar_path.unlink(missing_ok=True)  # sidecar first: an engine without one is rebuilt, never used
-        self.engine_path.unlink(missing_ok=True)
+        if self.sidecar():  # sidecar first: an engine without one is rebuilt, never used
+            self.sidecar_path.unlink(missing_ok=True)
+            self.engine_path.unlink(missing_ok=True)
 
 
 def find_any_engine(cache_dir: str | Path) -> list[dict]:

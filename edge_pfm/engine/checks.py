@@ -71,12 +71,12 @@ def ensure_checked(backend: Backend, bundle: Bundle, record: CheckRecord,
                    log: Callable[[str], None] = _LOG.info, recheck: bool = False) -> EngineCheck:
     """-> the engine's passing verdict (from its record, or checked now and recorded; `recheck`: checked now in any
     case); raises EngineRefused with the figures when it fails (its record and files discarded), BundleError when the
-    bundle has no references."""
+    bundle has no reference for its precision."""
     refs = References(bundle)
-    want = refs.sha256(backend.precision) if refs.has(backend.precision) else ""
-    cached = None if recheck else record.load()
-    if cached and cached.get("passed") and want and cached.get("references_sha256") == want:
-        return EngineCheck.from_dict(cached)
+    refs.require(backend.precision)
+    cached = None if recheck else _valid(record.load(), refs, backend)
+    if cached is not None:
+        return cached
     log(f"checking {backend.describe()} against the bundle's {backend.precision} reference "
         f"({refs.entry.get('pairs')} pairs) before first use")
     check = check_backend(backend, refs)
@@ -89,3 +89,18 @@ def ensure_checked(backend: Backend, bundle: Bundle, record: CheckRecord,
     record.save(check.to_dict())
     log(f"  {check.describe()} ({check.seconds:.1f}s)")
     return check
+
+
+def _valid(cached: dict | None, refs: References, backend: Backend) -> EngineCheck | None:
+    """A recorded verdict that still holds: passed, on this engine, against today's reference and tolerance."""
+    if not cached:
+        return None
+    try:
+        check = EngineCheck.from_dict(cached)
+    except (KeyError, TypeError, ValueError):  # a record from another version, or damaged: check again
+        return None
+    p = backend.precision
+    holds = (check.passed and check.precision == p and check.references_sha256 == refs.sha256(p)
+             and check.tolerance == refs.tolerance(p)
+             and check.engine_sha256 == backend.identity().get("engine_sha256"))
+    return check if holds else None
