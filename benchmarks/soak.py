@@ -28,10 +28,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_pfm.bench import _rss_mb  # noqa: E402
+from edge_pfm.decision_log import read_log  # noqa: E402
 from edge_pfm.faults import FaultySource  # noqa: E402
 from edge_pfm.memory import limit_heap_fragmentation, native_heap_mb  # noqa: E402
+from edge_pfm.outputs import LOG_RETENTION, MIB, Retention, files_in_order  # noqa: E402
 from edge_pfm.pipeline import RunConfig, Runner, format_summary  # noqa: E402
-from edge_pfm.record import read_log  # noqa: E402
 from edge_pfm.sources import SceneBank, SyntheticSource  # noqa: E402
 from edge_pfm.stamp import read_stamp  # noqa: E402
 
@@ -71,6 +72,8 @@ def main() -> int:
     ap.add_argument("--log", default="build/bench/soak_decisions.jsonl")
     ap.add_argument("--fps", type=float, default=30.0, help="camera rate (120: 4x a colposcope's, to show the trend sooner)")
     ap.add_argument("--tracemalloc", action="store_true", help="also trace Python allocations (slower)")
+    ap.add_argument("--log-rotate-mb", type=float, help="rotate the decision log at this size (default: the product's)")
+    ap.add_argument("--log-cap-mb", type=float, help="keep at most this much of it (default: the product's)")
     args = ap.parse_args()
     if args.tracemalloc:
         import tracemalloc
@@ -86,8 +89,16 @@ def main() -> int:
     # 1000 ppm clock drift: the fluorescence camera runs at 29.97 fps (both are stamped by the host clock)
     fluo = FaultySource(SyntheticSource("fluorescence", bank, fps=args.fps, seed=2, drift_ppm=1000), drop=0.05,
                         jitter_ms=jitter_ms, corrupt=0.01, disconnect=(150.0, 3.0), every_s=300.0, seed=202)
+    retention = LOG_RETENTION
+    if args.log_rotate_mb is not None or args.log_cap_mb is not None:
+        mb = (lambda v, d: d if v is None else int(v * MIB))  # noqa: E731
+        retention = Retention(mb(args.log_rotate_mb, LOG_RETENTION.rotate_bytes), None,
+                              mb(args.log_cap_mb, LOG_RETENTION.cap_bytes))
+    for old in files_in_order(args.log):
+        old.unlink()
     runner = Runner(args.bundle, white, fluo, config=RunConfig(backend="onnxruntime", log=args.log,
-                                                                tolerance_ms=tol_ms, fps_hint=args.fps))
+                                                                tolerance_ms=tol_ms, fps_hint=args.fps,
+                                                                log_retention=retention))
     checker = PairChecker(int(tol_ms * 1e6))
     runner.observers.append(checker)
     rss: list[tuple[float, float]] = []
@@ -118,6 +129,11 @@ def main() -> int:
         top_growth = [str(d) for d in snapshots[1].compare_to(snapshots[0], "lineno")[:10]]
     records, partial = read_log(args.log)
     made = sum(summary["decisions"].values())
+    # with a cap, the oldest files are gone: what is kept must be the last decisions, each once, none missing
+    numbers = [r["n"] for r in records]
+    kept_contiguous = numbers == list(range(made - len(numbers) + 1, made + 1))
+    files = [{"file": f.name, "lines": sum(1 for _ in f.open()), "bytes": f.stat().st_size}
+             for f in files_in_order(args.log)]
     faults = {f"{s.modality}.{k}": round(v, 1) for s in (white, fluo) for k, v in s.faults.items()}
     faults.update({f"{s.modality}.{k}": s.stats[k] for s in (white, fluo) for k in ("read_errors", "reconnects")})
     faults["bad_frames"] = summary["bad_frames"]
@@ -130,8 +146,11 @@ def main() -> int:
         "native_in_use_trend_mb_per_hour": _trend(rss, lambda r: (r["native"] or {}).get("in_use")),
         "native_free_trend_mb_per_hour": _trend(rss, lambda r: (r["native"] or {}).get("free_in_heap")),
         "python_growth_top": top_growth,
-        "decisions_made": made, "decisions_logged": len(records), "partial_lines": partial,
-        "lost_decisions": made - len(records), "pairs_checked": checker.checked,
+        "decisions_made": made, "decisions_logged": runner.log_lines, "decisions_kept": len(records),
+        "partial_lines": partial, "lost_decisions": made - runner.log_lines,
+        "kept_files_contiguous": kept_contiguous, "log_files": files, "log_bytes": sum(f["bytes"] for f in files),
+        "log_retention": {"rotate_bytes": retention.rotate_bytes, "cap_bytes": retention.cap_bytes},
+        "log_files_removed": len(runner.log_removed), "pairs_checked": checker.checked,
         "mispaired": checker.swapped + checker.reused + checker.skewed, "swapped": checker.swapped,
         "reused_frames": checker.reused, "skew_over_tolerance": checker.skewed, "unstamped": checker.unstamped,
         "decisions": summary["decisions"], "pairs_per_s": summary["pairs_per_s"], "unpaired": summary["unpaired"],

@@ -28,6 +28,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from edge_pfm.config import ConfigError, load_config
     from edge_pfm.decision import DecisionConfig
+    from edge_pfm.outputs import LOG_RETENTION, MIB, MIN_FREE_BYTES, VIDEO_RETENTION, Retention
     from edge_pfm.pipeline import RunConfig, Runner, format_summary
     from edge_pfm.quality import GateConfig
 
@@ -39,6 +40,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.no_gates:
             gates = GateConfig(enabled=False)
         decision = DecisionConfig.from_dict(cfg.get("decision", {}))
+        out = cfg.get("outputs", {})
+        outputs = {"log_retention": Retention.from_config(out, "log", LOG_RETENTION),
+                   "video_retention": Retention.from_config(out, "video", VIDEO_RETENTION),
+                   "min_free_bytes": int(float(out.get("min_free_mb", MIN_FREE_BYTES / MIB)) * MIB)}
     except (ValueError, TypeError) as exc:  # the dataclasses' own checks
         raise ConfigError(f"{args.config}: {exc}") from None
 
@@ -49,7 +54,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                        cache_dir=args.cache_dir or run_cfg.get("cache_dir"),
                        tolerance_ms=args.tolerance_ms or run_cfg.get("tolerance_ms"),
                        seconds=args.seconds, log=args.log, video=args.video, preview=args.preview,
-                       gates=gates, decision=decision)
+                       gates=gates, decision=decision, **outputs)
     from edge_pfm.memory import limit_heap_fragmentation
 
     limit_heap_fragmentation()
@@ -148,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"))
     p.add_argument("--threads", type=int, help="inference threads (default: the thread plan; edge-pfm info shows it)")
     p.add_argument("--tolerance-ms", type=float, help="pairing tolerance (default: half a frame period)")
-    p.add_argument("--log", help="append every decision to this JSONL file")
-    p.add_argument("--video", help="write an annotated side-by-side video (.avi, MJPG)")
+    p.add_argument("--log", help="append every decision to this JSONL file (rotated under a cap: [outputs] in --config)")
+    p.add_argument("--video", help="write an annotated side-by-side video (.avi, MJPG; rotated under a cap)")
     p.add_argument("--preview", action="store_true", help="show a preview window (needs a display)")
     p.add_argument("--seconds", type=float, help="stop after this long (default: until Ctrl-C or the sources end)")
     p.add_argument("--loop", action="store_true", help="loop video/folder sources")

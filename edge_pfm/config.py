@@ -20,6 +20,14 @@
     [run]
     backend = "auto"
     tolerance_ms = 16
+    [outputs]                      # retention of --log and --video (edge_pfm.outputs); 0 turns a limit off
+    log_rotate_mb = 64
+    log_rotate_minutes = 0
+    log_cap_mb = 2048
+    video_rotate_mb = 1024
+    video_rotate_minutes = 60
+    video_cap_mb = 20480
+    min_free_mb = 16               # the preflight's spare space on each output's filesystem
 """
 from __future__ import annotations
 
@@ -29,6 +37,7 @@ from typing import Any
 from edge_pfm.errors import EdgePfmError
 
 CAMERA_KEYS = {"source", "fourcc", "width", "height", "fps", "exposure", "gain", "buffer_size"}
+OUTPUT_KEYS = {f"{o}_{k}" for o in ("log", "video") for k in ("rotate_mb", "rotate_minutes", "cap_mb")} | {"min_free_mb"}
 
 
 class ConfigError(EdgePfmError, ValueError):
@@ -61,9 +70,12 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {p} does not exist") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: invalid TOML ({exc})") from exc
-    unknown = set(cfg) - {"cameras", "gates", "decision", "run"}
+    unknown = set(cfg) - {"cameras", "gates", "decision", "run", "outputs"}
     if unknown:
-        raise ConfigError(f"{p}: unknown sections {sorted(unknown)} (known: cameras, gates, decision, run)")
+        raise ConfigError(f"{p}: unknown sections {sorted(unknown)} (known: cameras, gates, decision, run, outputs)")
+    bad = set(cfg.get("outputs", {})) - OUTPUT_KEYS
+    if bad:
+        raise ConfigError(f"{p}: [outputs] unknown keys {sorted(bad)} (known: {sorted(OUTPUT_KEYS)})")
     for name, cam in cfg.get("cameras", {}).items():
         if name not in ("white_light", "fluorescence", "alternating"):
             raise ConfigError(f"{p}: [cameras.{name}] must be white_light, fluorescence or alternating")

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-STATES = ("warming_up", "ok", "gated", "no_signal", "stale", "rejected")
+STATES = ("warming_up", "ok", "gated", "no_signal", "stale", "rejected", "log_failed", "video_failed")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -2,13 +2,20 @@
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
+import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
+from edge_pfm.errors import RuntimeFailure
+from edge_pfm.outputs import VIDEO_RETENTION, Retention, enforce_cap, free_bytes, next_segment, rotatable
+
 COLOURS = {"ok": (60, 200, 60), "warming_up": (200, 200, 200), "gated": (0, 200, 255), "no_signal": (0, 0, 255),
-           "stale": (0, 0, 255), "rejected": (0, 0, 255)}
+           "stale": (0, 0, 255), "rejected": (0, 0, 255), "log_failed": (0, 0, 255), "video_failed": (0, 0, 255)}
 
 
 def annotate(white: np.ndarray, fluo: np.ndarray, decision, fps: float, gates: dict, height: int = 360) -> np.ndarray:
@@ -40,14 +47,31 @@ def annotate(white: np.ndarray, fluo: np.ndarray, decision, fps: float, gates: d
     return np.vstack([bar, canvas])
 
 
+class VideoWriteError(RuntimeFailure):
+    """The annotated video cannot be written (a full disk, a file-size limit, a vanished folder)."""
+
+
 class AnnotatedVideo:
-    def __init__(self, path: str | None, preview: bool, classes, fps: float = 15.0):
+    """Writes (and previews) the annotated pairs on its own thread; rotates the file under its retention
+    (edge_pfm.outputs). OpenCV's VideoWriter reports no write errors, so the file is watched: when it stops growing
+    while frames go in, or its filesystem is out of space, writing stops and `failure` says why (the file written
+    until then is kept)."""
+
+    CHECK_EVERY = 15  # frames between growth checks
+    STUCK_CHECKS = 3  # checks without growth that mean the writes are failing
+
+    def __init__(self, path: str | None, preview: bool, classes, fps: float = 15.0,
+                 retention: Retention = VIDEO_RETENTION):
         self.path, self.preview, self.fps = path, preview, fps
+        self.retention = retention if path and rotatable(Path(path)) else Retention(None, None, None)
         self.queue: collections.deque = collections.deque(maxlen=2)
         self.cond = threading.Condition()
         self.writer = None
         self.stop = False
         self.frames = 0
+        self.failure: VideoWriteError | None = None
+        self.removed: list[Path] = []
+        self._file_frames, self._opened, self._size, self._stuck = 0, 0.0, -1, 0
         self.rate = collections.deque(maxlen=30)
         self.thread = threading.Thread(target=self._loop, name="video", daemon=True)
         self.thread.start()
@@ -59,10 +83,70 @@ class AnnotatedVideo:
             self.queue.append((work.pair.white_light.image, work.pair.fluorescence.image, decision, fps, work.gates))
             self.cond.notify()
 
+    def show_failure(self, decision) -> None:
+        """Draw a failed state (log_failed) on the preview's last frame, so the person at the device sees it."""
+        if self.preview and self._last is not None:
+            with self.cond:
+                self.queue.append((*self._last[:2], decision, 0.0, {}))
+                self.cond.notify()
+
+    def _open_writer(self, frame) -> None:
+        import cv2
+
+        h, w = frame.shape[:2]
+        self.writer = cv2.VideoWriter(self.path, cv2.VideoWriter_fourcc(*"MJPG"), self.fps, (w, h))
+        if not self.writer.isOpened():
+            raise OSError(f"OpenCV could not open {self.path} for writing")
+        self._file_frames, self._opened, self._size, self._stuck = 0, time.monotonic(), -1, 0
+
+    def _rotate_due(self) -> bool:
+        r = self.retention
+        if not self._file_frames:
+            return False
+        size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+        return bool((r.rotate_bytes and size >= r.rotate_bytes)
+                    or (r.rotate_seconds and time.monotonic() - self._opened >= r.rotate_seconds))
+
+    def _check_growth(self) -> None:
+        size = os.path.getsize(self.path)
+        self._stuck = self._stuck + 1 if size == self._size else 0
+        self._size = size
+        if self._stuck >= self.STUCK_CHECKS:
+            raise OSError(f"the file stopped growing at {size} bytes while frames were written (OpenCV reports no "
+                          "write errors: the disk is full, the file-size limit was reached, or the device is gone)")
+        if free_bytes(Path(self.path)) < 1 << 20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def _write(self, frame) -> None:
+        try:
+            if self.writer is not None and self._rotate_due():
+                self.writer.release()
+                self.writer = None
+                os.replace(self.path, next_segment(Path(self.path)))
+                self.removed += enforce_cap(Path(self.path), self.retention.cap_bytes, f"video {self.path}",
+                                            self.retention.rotate_bytes or 0)
+            if self.writer is None:
+                self._open_writer(frame)
+            self.writer.write(frame)
+            self.frames += 1
+            self._file_frames += 1
+            if self._file_frames % self.CHECK_EVERY == 0:
+                self._check_growth()
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            self.failure = VideoWriteError(f"cannot write the video {self.path}: {why}; free space on its filesystem "
+                                           "or point --video elsewhere (the video written before is kept)")
+            with contextlib.suppress(Exception):
+                if self.writer is not None:
+                    self.writer.release()
+            self.writer = None
+            self.path = None  # nothing more is written; the preview goes on
+
     def _loop(self) -> None:
         import cv2
 
         last = 0.0
+        self._last = None
         while True:
             with self.cond:
                 while not self.queue and not self.stop:
@@ -71,16 +155,13 @@ class AnnotatedVideo:
                     break
                 item = self.queue.popleft()
             now = time.monotonic()
-            if now - last < 1.0 / self.fps:  # the video runs at a fixed rate; extra pairs are skipped
-                continue
+            if now - last < 1.0 / self.fps and item[2].state not in ("log_failed", "video_failed"):
+                continue  # the video runs at a fixed rate; extra pairs are skipped
             last = now
+            self._last = item
             frame = annotate(*item)
             if self.path:
-                if self.writer is None:
-                    h, w = frame.shape[:2]
-                    self.writer = cv2.VideoWriter(self.path, cv2.VideoWriter_fourcc(*"MJPG"), self.fps, (w, h))
-                self.writer.write(frame)
-                self.frames += 1
+                self._write(frame)
             if self.preview:
                 try:
                     cv2.imshow("edge-pfm", frame)

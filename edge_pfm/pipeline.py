@@ -11,21 +11,34 @@ from __future__ import annotations
 
 import collections
 import datetime as _dt
+import logging
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from edge_pfm.decision import DecisionConfig, DecisionEngine, softmax
+from edge_pfm.decision_log import DecisionLog, LogWriteError
 from edge_pfm.latency_window import LatencyWindow
 from edge_pfm.lesion import LesionMap
+from edge_pfm.outputs import (
+    LOG_BYTES_PER_DECISION,
+    LOG_RETENTION,
+    MIN_FREE_BYTES,
+    VIDEO_BYTES_PER_PIXEL,
+    VIDEO_RETENTION,
+    OutputPlan,
+    Retention,
+    preflight,
+)
 from edge_pfm.pairing import AlternatingPairer, Pair, TimestampPairer
 from edge_pfm.quality import GateConfig, assess
-from edge_pfm.record import DecisionLog
 from edge_pfm.sources import FrameSource
 
+_LOG = logging.getLogger(__name__)
 # phase: the older frame waiting for its partner (camera phase offset, not the software's);
 # software: from the newer frame's capture to the decision (what the software adds)
 STAGES = ("pair_wait", "preprocess", "queue", "infer", "decide", "total", "phase", "software")
@@ -47,6 +60,17 @@ class RunConfig:
     preview: bool = False
     gates: GateConfig = field(default_factory=GateConfig)
     decision: DecisionConfig = field(default_factory=DecisionConfig)
+    log_retention: Retention = LOG_RETENTION
+    video_retention: Retention = VIDEO_RETENTION
+    min_free_bytes: int = MIN_FREE_BYTES  # the preflight's spare space on each output's filesystem
+
+    def digest(self) -> str:
+        """sha256 of the effective configuration, for the decision log's run header."""
+        import hashlib
+        import json
+        from dataclasses import asdict
+
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass
@@ -95,6 +119,14 @@ class Runner:
         self.error: BaseException | None = None
         self.last_state = None
         self.thread_plan = None  # set by the inference thread once the backend is chosen
+        self.run_id = __import__("uuid").uuid4().hex
+        self.failure: Exception | None = None  # an output that could not be written: the run stops on it
+        self.failed_state: str | None = None  # log_failed | video_failed, for current()
+        self.log: DecisionLog | None = None
+        self.video = None
+        self.log_lines, self.log_removed = 0, []  # after the run: decision lines written, files the cap removed
+        self.decisions_made = 0  # every decision's number in this run ("n" in the log): a gap is a lost line
+        self.started = threading.Event()  # outputs open and cameras started: inference may decide and log
 
     # -- threads ------------------------------------------------------------------------------------
     def _prepare_frame(self, frame, modality: str, specs) -> tuple:
@@ -199,6 +231,9 @@ class Runner:
         white_spec = clf.bundle.preprocessing["white_light"]
         with_map = clf.lesion_verdict.shown
         self.ready_event.set()
+        while not self.started.wait(0.05):  # the log opens (its header names this engine), then the cameras start
+            if self.stop_event.is_set():
+                return
         backend_desc = clf.backend.describe()
         while not self.stop_event.is_set():
             with self.ready_cond:
@@ -235,10 +270,11 @@ class Runner:
         t_dec = time.monotonic_ns()
         self.last_state = decision.state
         self.counts[f"decisions_{decision.state}"] += 1
-        rec = {"t_ns": t_dec, "wall": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
+        self.decisions_made += 1
+        rec = {"n": self.decisions_made, "t_ns": t_dec, "wall": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds"),
                "state": decision.state, "shown_class": decision.shown_class,
                "confidence": round(decision.confidence, 5), "smoothed": decision.smoothed,
-               "flags": decision.flags, "backend": backend_desc, "model_sha256": clf.model_sha256,
+               "flags": decision.flags, "run_id": self.run_id, "backend": backend_desc, "model_sha256": clf.model_sha256,
                "engine": clf.engine_identity,
                # the shown (smoothed) lesion map in camera pixels; null when none is shown
                "lesion": decision.lesion.summary() if decision.lesion is not None else None}
@@ -269,8 +305,12 @@ class Runner:
                 observe(work, decision)
             if self.video is not None:
                 self.video.submit(work, decision, self)
-        if self.log is not None:
-            self.log.write(rec)
+        if self.log is not None and self.failure is None:
+            try:
+                self.log.write(rec)
+            except LogWriteError as exc:
+                self._output_failed(exc, "log_failed")
+                return
         if self.keep_decisions:
             self.decisions.append(rec)
 
@@ -281,12 +321,10 @@ class Runner:
         seconds = seconds if seconds is not None else self.cfg.seconds
         bundle = self.bundle_arg if isinstance(self.bundle_arg, Bundle) else Bundle.load(self.bundle_arg)
         self.bundle_arg = bundle
-        self.log = DecisionLog(self.cfg.log) if self.cfg.log else None
-        self.video = None
-        if self.cfg.video or self.cfg.preview:
-            from edge_pfm.overlay import AnnotatedVideo
-
-            self.video = AnnotatedVideo(self.cfg.video, self.cfg.preview, bundle.classes)
+        preflight(self._outputs(), seconds, self.cfg.min_free_bytes)  # before the engine loads and the cameras start
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGXFSZ"):
+            # past a file-size limit (RLIMIT_FSIZE) writes fail with EFBIG instead of the signal killing the process
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop_event.set())
@@ -297,12 +335,24 @@ class Runner:
             self.stop_event.set()
             infer_thread.join(5)
             raise self.error or RuntimeError("the backend did not load within 120 s")
+        try:
+            self.log = DecisionLog(self.cfg.log, self._header(bundle), self.cfg.log_retention) if self.cfg.log else None
+        except LogWriteError:
+            self.stop_event.set()
+            infer_thread.join(5)
+            raise
+        if self.cfg.video or self.cfg.preview:
+            from edge_pfm.overlay import AnnotatedVideo
+
+            self.video = AnnotatedVideo(self.cfg.video, self.cfg.preview, bundle.classes,
+                                        retention=self.cfg.video_retention)
         for s in self.sources:
             s.on_frame = self.frame_event.set
             if not self.alternating:
                 s.process = lambda frame, m=s.modality: self._prepare_on_arrival(frame, m, bundle.preprocessing)
             s.start()
         self.t_start_ns = time.monotonic_ns()
+        self.started.set()
         pair_thread = threading.Thread(target=self._guard(lambda: self._pair_loop(bundle.preprocessing)),
                                        name="pair", daemon=True)
         pair_thread.start()
@@ -311,6 +361,8 @@ class Runner:
             while not self.stop_event.is_set():
                 if deadline is not None and time.monotonic() >= deadline:
                     break
+                if self.video is not None and self.video.failure is not None:
+                    self._output_failed(self.video.failure, "video_failed")
                 self.stop_event.wait(0.05)
         finally:
             self.stop_event.set()
@@ -320,11 +372,19 @@ class Runner:
             infer_thread.join(10)
             if self.video is not None:
                 self.video.close()
+                if self.video.failure is not None:
+                    self._output_failed(self.video.failure, "video_failed")
             if self.log is not None:
-                self.log.close()
+                self.log_lines, self.log_removed = self.log.lines, list(self.log.removed)
+                try:
+                    self.log.close()
+                except LogWriteError as exc:  # the last fsync failed: the lines before it are on disk
+                    self._output_failed(exc, "log_failed")
         self.elapsed_s = (time.monotonic_ns() - self.t_start_ns) / 1e9
         if self.error:
             raise self.error
+        if self.failure is not None:
+            raise self.failure
         return self.summary()
 
     def _guard(self, fn):
@@ -340,9 +400,51 @@ class Runner:
         return run
 
     def current(self):
-        """What a display may show right now (a decision older than its bound comes back 'stale')."""
+        """What a display may show right now (a decision older than its bound comes back 'stale'; a failed output
+        comes back as its state, log_failed or video_failed, with the reason as its flag)."""
+        if self.failed_state is not None:
+            from edge_pfm.decision import Decision
+
+            return Decision(self.failed_state, None, 0.0, [], time.monotonic_ns(), [str(self.failure)])
         engine = getattr(self, "engine", None)
         return None if engine is None else engine.current(time.monotonic_ns())
+
+    def _output_failed(self, exc: Exception, state: str) -> None:
+        """An output failed while running: say so at once (stderr, preview, current()), then stop cleanly."""
+        if self.failure is not None:
+            return
+        self.failure, self.failed_state = exc, state
+        _LOG.error(f"{state}: {exc}")
+        if self.video is not None:
+            self.video.show_failure(self.current())
+        self.stop_event.set()
+
+    def _outputs(self) -> list[OutputPlan]:
+        """What this run writes, at what rate, under which retention (for the preflight)."""
+        plans = []
+        rate = self.cfg.fps_hint
+        if self.cfg.log:
+            plans.append(OutputPlan("the decision log", Path(self.cfg.log), LOG_BYTES_PER_DECISION * rate,
+                                    self.cfg.log_retention))
+        if self.cfg.video:
+            pixels = 2 * 640 * 400  # annotate(): both frames side by side at 360 px high, and the status bar
+            plans.append(OutputPlan("the video", Path(self.cfg.video), VIDEO_BYTES_PER_PIXEL * pixels * 15.0,
+                                    self.cfg.video_retention))
+        return plans
+
+    def _header(self, bundle) -> dict:
+        """The run header that opens every decision-log file: which run, bundle, engine and configuration."""
+        import edge_pfm
+        from edge_pfm.fileio import sha256_file
+
+        ident = self.classifier.backend.identity()
+        return {"run_id": self.run_id, "edge_pfm": edge_pfm.__version__, "bundle": str(bundle.root),
+                "bundle_sha256": sha256_file(bundle.root / "manifest.json"),
+                "model": bundle.manifest["model"].get("variant"), "precision": self.classifier.backend.precision,
+                "engine": {"backend": ident["backend"], "version": ident.get("version"),
+                           "flavour": ident.get("flavour", ident["backend"]), "built_from": ident["built_from"],
+                           "engine_sha256": ident["engine_sha256"]},
+                "config_sha256": self.cfg.digest()}
 
     def summary(self) -> dict:
         inferred = self.counts["pairs_inferred"]

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from edge_pfm.record import read_log
+from edge_pfm.decision_log import read_log
 
 
 def _start_run(bundle, log):

@@ -1,7 +1,7 @@
 """make demo's code path, small: and when the INT8 gate refuses, the demo streams with FP32 and says so."""
 from calibration.accuracy import GATE
 from demo.__main__ import main as demo
-from edge_pfm.record import read_log
+from edge_pfm.decision_log import read_log
 
 
 def test_demo_falls_back_to_fp32_when_int8_is_refused(tmp_path, monkeypatch, capsys):

@@ -7,9 +7,9 @@ from runtime_media import read_video, scene_frames, write_video
 
 import edge_pfm
 from edge_pfm.decision import DecisionConfig, DecisionEngine
+from edge_pfm.decision_log import read_log
 from edge_pfm.pipeline import RunConfig, Runner
 from edge_pfm.quality import GateConfig, assess
-from edge_pfm.record import read_log
 from edge_pfm.sources import ReplaySource, SourceError, open_source, opencv_has_gstreamer
 from edge_pfm.stamp import read_stamp
 

@@ -51,7 +51,8 @@ class OnnxRuntimeBackend(Backend):
         return dict(zip(self._out, self.session.run(self._out, {self._names[0]: w, self._names[1]: f})))
 
     def identity(self) -> dict:
-        return {**super().identity(), "version": self.version, "providers": list(self.providers)}
+        return {**super().identity(), "version": self.version, "flavour": "onnxruntime",
+                "providers": list(self.providers)}
 
     def describe(self) -> str:
         return f"onnxruntime {self.precision} [{', '.join(self.providers)}]"

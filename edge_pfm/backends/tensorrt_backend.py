@@ -105,6 +105,7 @@ class TensorRTBackend(Backend):
         key = side.get("key", {})
         return {"backend": self.name, "precision": self.precision, "built_from": side.get("built_from", {}),
                 "engine_sha256": self.engine_sha256, "version": trt_version(self._trt),
+                "flavour": str(self._trt.__name__).split(".")[0],
                 "device": f"{key.get('gpu_name')} sm{key.get('compute_capability')}"
                           + (f" DLA{key['dla_core']}" if key.get("dla_core", -1) >= 0 else ""),
                 "engine": self.engine_path.name}
