@@ -72,6 +72,7 @@ class AnnotatedVideo:
         self.failure: VideoWriteError | None = None
         self.removed: list[Path] = []
         self._file_frames, self._opened, self._size, self._stuck = 0, 0.0, -1, 0
+        self._last = None  # the last item drawn (show_failure redraws it)
         self.rate = collections.deque(maxlen=30)
         self.thread = threading.Thread(target=self._loop, name="video", daemon=True)
         self.thread.start()
@@ -146,7 +147,6 @@ class AnnotatedVideo:
         import cv2
 
         last = 0.0
-        self._last = None
         while True:
             with self.cond:
                 while not self.queue and not self.stop:

@@ -15,6 +15,7 @@ import logging
 import signal
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,7 +120,7 @@ class Runner:
         self.error: BaseException | None = None
         self.last_state = None
         self.thread_plan = None  # set by the inference thread once the backend is chosen
-        self.run_id = __import__("uuid").uuid4().hex
+        self.run_id = uuid.uuid4().hex
         self.failure: Exception | None = None  # an output that could not be written: the run stops on it
         self.failed_state: str | None = None  # log_failed | video_failed, for current()
         self.log: DecisionLog | None = None
