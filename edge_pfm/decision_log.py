@@ -79,8 +79,8 @@ class DecisionLog:
             or (r.rotate_seconds is not None and time.monotonic() - self._opened > r.rotate_seconds))
 
     # -- writing ----------------------------------------------------------------------------------------
-    def _emit(self, record: dict[str, Any]) -> None:
-        data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+    def _emit(self, record: dict[str, Any], data: bytes | None = None) -> None:
+        data = data if data is not None else _line(record)
         view = memoryview(data)
         try:
             while view:
@@ -101,9 +101,10 @@ class DecisionLog:
         try:
             if self._fd is None:
                 raise OSError(errno.EBADF, "the log is closed after an earlier failure")
-            if self._due(len(json.dumps(record, separators=(",", ":"))) + 1):
+            data = _line(record)  # serialised once: its size decides the rotation, then it is written
+            if self._due(len(data)):
                 self._rotate()
-            self._emit(record)
+            self._emit(record, data)
             self.lines += 1
             if self.fsync_every and self.lines % self.fsync_every == 0:
                 os.fsync(self._fd)
@@ -132,6 +133,10 @@ class DecisionLog:
         except OSError as exc:
             if exc.errno not in (errno.EINVAL, errno.EROFS):  # a device or pipe cannot be fsync'd: nothing lost
                 raise self._failed(exc) from exc
+
+
+def _line(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, separators=(",", ":")) + "\n").encode()
 
 
 def _utc() -> str:
