@@ -29,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge_pfm.bench import _rss_mb  # noqa: E402
 from edge_pfm.decision_log import read_log  # noqa: E402
-from edge_pfm.faults import FaultySource  # noqa: E402
 from edge_pfm.memory import limit_heap_fragmentation, native_heap_mb  # noqa: E402
 from edge_pfm.outputs import LOG_RETENTION, MIB, Retention, files_in_order  # noqa: E402
-from edge_pfm.pipeline import RunConfig, Runner, format_summary  # noqa: E402
-from edge_pfm.sources import SceneBank, SyntheticSource  # noqa: E402
-from edge_pfm.stamp import read_stamp  # noqa: E402
+from edge_pfm.runtime import RunConfig, Runner, format_summary  # noqa: E402
+from edge_pfm.sources.simulated.cameras import SceneBank, SyntheticSource  # noqa: E402
+from edge_pfm.sources.simulated.faults import FaultySource  # noqa: E402
+from edge_pfm.sources.simulated.stamp import read_stamp  # noqa: E402
 
 
 class PairChecker:
@@ -97,7 +97,7 @@ def main() -> int:
     for old in files_in_order(args.log):
         old.unlink()
     runner = Runner(args.bundle, white, fluo, config=RunConfig(backend="onnxruntime", log=args.log,
-                                                                tolerance_ms=tol_ms, fps_hint=args.fps,
+                                                                tolerance_ms=tol_ms,
                                                                 log_retention=retention))
     checker = PairChecker(int(tol_ms * 1e6))
     runner.observers.append(checker)
@@ -129,6 +129,7 @@ def main() -> int:
         top_growth = [str(d) for d in snapshots[1].compare_to(snapshots[0], "lineno")[:10]]
     records, partial = read_log(args.log)
     made = sum(summary["decisions"].values())
+    logged = summary["outputs"]["log"]
     # with a cap, the oldest files are gone: what is kept must be the last decisions, each once, none missing
     numbers = [r["n"] for r in records]
     kept_contiguous = numbers == list(range(made - len(numbers) + 1, made + 1))
@@ -146,11 +147,11 @@ def main() -> int:
         "native_in_use_trend_mb_per_hour": _trend(rss, lambda r: (r["native"] or {}).get("in_use")),
         "native_free_trend_mb_per_hour": _trend(rss, lambda r: (r["native"] or {}).get("free_in_heap")),
         "python_growth_top": top_growth,
-        "decisions_made": made, "decisions_logged": runner.log_lines, "decisions_kept": len(records),
-        "partial_lines": partial, "lost_decisions": made - runner.log_lines,
+        "decisions_made": made, "decisions_logged": logged["lines"], "decisions_kept": len(records),
+        "partial_lines": partial, "lost_decisions": made - logged["lines"],
         "kept_files_contiguous": kept_contiguous, "log_files": files, "log_bytes": sum(f["bytes"] for f in files),
         "log_retention": {"rotate_bytes": retention.rotate_bytes, "cap_bytes": retention.cap_bytes},
-        "log_files_removed": len(runner.log_removed), "pairs_checked": checker.checked,
+        "log_files_removed": len(logged["removed"]), "pairs_checked": checker.checked,
         "mispaired": checker.swapped + checker.reused + checker.skewed, "swapped": checker.swapped,
         "reused_frames": checker.reused, "skew_over_tolerance": checker.skewed, "unstamped": checker.unstamped,
         "decisions": summary["decisions"], "pairs_per_s": summary["pairs_per_s"], "unpaired": summary["unpaired"],

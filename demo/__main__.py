@@ -131,8 +131,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from edge_pfm.build import build as build_engines
     from edge_pfm.bundle import Bundle
     from edge_pfm.decision_log import read_log
-    from edge_pfm.pipeline import RunConfig, Runner, format_summary
-    from edge_pfm.sources import SceneBank, SyntheticSource
+    from edge_pfm.runtime import RunConfig, Runner, format_summary
+    from edge_pfm.sources.simulated.cameras import SceneBank, SyntheticSource
     from export.bundle_export import export_bundle
 
     total = 5

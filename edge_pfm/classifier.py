@@ -33,6 +33,11 @@ class Result:
     probs: dict[str, float]
     logits: np.ndarray
     lesion_map: LesionMap | None = None  # in camera-frame coordinates (the crop undone); None unless shown
+    prob_vector: np.ndarray | None = None  # probs in class order (float64), for smoothing
+
+
+class NonFiniteOutput(BackendError):
+    """The engine returned NaN or Inf: the output is refused, never shown."""
 
 
 class Classifier:
@@ -58,26 +63,35 @@ class Classifier:
 
     def infer_outputs(self, white_light: np.ndarray, fluorescence: np.ndarray) -> dict[str, np.ndarray]:
         """Preprocessed inputs (B, C, H, W) -> {"logits": (B, classes), ["lesion_map": (B, 1, h, w)]}.
-        Non-finite output is refused."""
+        Non-finite output is refused (NonFiniteOutput)."""
         out = self.backend.infer_outputs(white_light, fluorescence)
         for name, x in out.items():
             if not np.all(np.isfinite(x)):
-                raise BackendError(f"{self.backend.describe()} returned non-finite {name} "
-                                   f"{x.tolist() if x.size < 16 else ''}".rstrip())
+                raise NonFiniteOutput(f"{self.backend.describe()} returned non-finite {name} "
+                                      f"{x.tolist() if x.size < 16 else ''}".rstrip())
         return out
 
     def infer(self, white_light: np.ndarray, fluorescence: np.ndarray) -> np.ndarray:
         """Preprocessed inputs (B, C, H, W) -> logits (B, classes). Non-finite output is refused."""
         return self.infer_outputs(white_light, fluorescence)["logits"]
 
-    def classify(self, white_bgr: np.ndarray, fluo_bgr: np.ndarray) -> Result:
-        out = self.infer_outputs(*self.preprocess(white_bgr, fluo_bgr))
+    def classify_inputs(self, white_light: np.ndarray, fluorescence: np.ndarray, white_shape: tuple[int, ...],
+                        every_map: bool = False) -> Result:
+        """One preprocessed pair (1, C, H, W) -> its Result. The lesion map is placed on a white-light frame of
+        `white_shape` when the bundle's map is shown and the label is a map class, or for every label with
+        `every_map` (the runtime smooths maps over time and shows them only for map classes)."""
+        out = self.infer_outputs(white_light, fluorescence)
         logits = out["logits"][0]
-        probs = softmax(logits)
+        probs = softmax(logits.astype(np.float64))
         i = int(np.argmax(probs))
-        shown = self.lesion_verdict.shown and self.classes[i] in self.lesion_verdict.classes
-        lesion = LesionMap.from_output(out["lesion_map"][0], white_bgr.shape, self.specs["white_light"]) if shown else None
-        return Result(self.classes[i], i, float(probs[i]), dict(zip(self.classes, map(float, probs))), logits, lesion)
+        lesion = None
+        if self.lesion_verdict.shown and (every_map or self.classes[i] in self.lesion_verdict.classes):
+            lesion = LesionMap.from_output(out["lesion_map"][0], white_shape, self.specs["white_light"])
+        return Result(self.classes[i], i, float(probs[i]), dict(zip(self.classes, map(float, probs))), logits, lesion,
+                      probs)
+
+    def classify(self, white_bgr: np.ndarray, fluo_bgr: np.ndarray) -> Result:
+        return self.classify_inputs(*self.preprocess(white_bgr, fluo_bgr), white_bgr.shape)
 
     def close(self) -> None:
         self.backend.close()

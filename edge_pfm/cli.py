@@ -29,8 +29,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from edge_pfm.config import ConfigError, load_config
     from edge_pfm.decision import DecisionConfig
     from edge_pfm.outputs import LOG_RETENTION, MIB, MIN_FREE_BYTES, VIDEO_RETENTION, Retention
-    from edge_pfm.pipeline import RunConfig, Runner, format_summary
-    from edge_pfm.quality import GateConfig
+    from edge_pfm.runtime import RunConfig, Runner, format_summary
+    from edge_pfm.runtime.quality import GateConfig
 
     cfg = load_config(args.config) if args.config else {}
     cams = cfg.get("cameras", {})
@@ -72,7 +72,8 @@ def _camera_sources(args: argparse.Namespace, cams: dict, required: bool = True)
     """--white/--fluo/--alternating (or the config's [cameras]) -> the Runner's sources; None if none is given and
     none is `required`."""
     from edge_pfm.errors import InvalidArgument
-    from edge_pfm.sources import open_source, synthetic_bank
+    from edge_pfm.sources import open_source
+    from edge_pfm.sources.simulated.cameras import synthetic_bank
 
     def spec(name: str, flag: str | None) -> tuple[str | None, dict]:
         cam = dict(cams.get(name, {}))

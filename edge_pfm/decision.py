@@ -77,8 +77,7 @@ class DecisionEngine:
         rejected pair's map is ignored like its class."""
         cfg = self.cfg
         if not np.all(np.isfinite(probs)):
-            self.stats["rejected_nonfinite"] += 1
-            return self._decision("rejected", ["nonfinite_output"], t_ns)
+            return self.reject(t_ns)
         if gated_flags:
             self.stats["gated"] += 1
             return self._decision("gated", gated_flags, t_ns)
@@ -109,6 +108,11 @@ class DecisionEngine:
             self.challenger = None
         self.state = "ok" if self.shown is not None else "warming_up"
         return self._decision(self.state, [], t_ns)
+
+    def reject(self, t_ns: int) -> Decision:
+        """The engine's output for a pair was not finite: refused, counted, and the shown decision is unchanged."""
+        self.stats["rejected_nonfinite"] += 1
+        return self._decision("rejected", ["nonfinite_output"], t_ns)
 
     def no_signal(self, t_ns: int, why: str) -> Decision:
         self.reset()

@@ -77,11 +77,12 @@ class AnnotatedVideo:
         self.thread = threading.Thread(target=self._loop, name="video", daemon=True)
         self.thread.start()
 
-    def submit(self, work, decision, runner) -> None:
+    def submit(self, white: np.ndarray, fluo: np.ndarray, decision, gates: dict) -> None:
+        """One decided pair's camera frames, to draw (the drawing thread skips what exceeds its rate)."""
         self.rate.append(time.monotonic())
         fps = (len(self.rate) - 1) / (self.rate[-1] - self.rate[0]) if len(self.rate) > 1 else 0.0
         with self.cond:
-            self.queue.append((work.pair.white_light.image, work.pair.fluorescence.image, decision, fps, work.gates))
+            self.queue.append((white, fluo, decision, fps, gates))
             self.cond.notify()
 
     def show_failure(self, decision) -> None:

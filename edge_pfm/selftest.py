@@ -102,7 +102,7 @@ def selftest(bundle: str | Path | Bundle, out: str | Path, backend: str = "auto"
     step("bench", bench)
 
     def run() -> dict:
-        from edge_pfm.pipeline import RunConfig, Runner
+        from edge_pfm.runtime import RunConfig, Runner
 
         made = sources() if sources is not None else _synthetic_sources()
         runner = Runner(bundle, config=RunConfig(backend=chosen, precision=precision, threads=threads,
@@ -129,7 +129,7 @@ def selftest(bundle: str | Path | Bundle, out: str | Path, backend: str = "auto"
 
 
 def _synthetic_sources() -> dict[str, Any]:
-    from edge_pfm.sources import SceneBank, SyntheticSource
+    from edge_pfm.sources.simulated.cameras import SceneBank, SyntheticSource
 
     bank = SceneBank((1280, 720), seed=5, per_class=1, scene_seconds=2.0)
     return {"white": SyntheticSource("white_light", bank, fps=30, jitter_ms=2, seed=1),

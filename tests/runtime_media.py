@@ -6,7 +6,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge_pfm.stamp import stamp
+from edge_pfm.sources.simulated.stamp import stamp
 from edge_pfm.synthetic import SCENES, render_pair
 
 SIZE = (320, 240)

@@ -164,8 +164,8 @@ def test_a_partial_line_left_by_a_crash_is_cut_on_reopen(tmp_path):
 
 def test_every_line_says_which_engine_made_it(calibrated_bundle, tmp_path):
     from edge_pfm.bundle import Bundle
-    from edge_pfm.pipeline import RunConfig, Runner
-    from edge_pfm.sources import SceneBank, SyntheticSource
+    from edge_pfm.runtime import RunConfig, Runner
+    from edge_pfm.sources.simulated.cameras import SceneBank, SyntheticSource
 
     bank = SceneBank((320, 240), seed=1, per_class=1)
     log = tmp_path / "d.jsonl"

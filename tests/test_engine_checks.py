@@ -227,8 +227,8 @@ def test_selftest_fails_on_a_faulty_bundle(calibrated_bundle, tmp_path):
 
 def test_the_decision_log_names_the_engine(calibrated_bundle, tmp_path):
     from edge_pfm.decision_log import read_log
-    from edge_pfm.pipeline import RunConfig, Runner
-    from edge_pfm.sources import SceneBank, SyntheticSource
+    from edge_pfm.runtime import RunConfig, Runner
+    from edge_pfm.sources.simulated.cameras import SceneBank, SyntheticSource
 
     bank = SceneBank((320, 240), seed=1, per_class=1)
     log = tmp_path / "d.jsonl"

@@ -6,10 +6,10 @@ import time
 import pytest
 
 import edge_pfm
-from edge_pfm.faults import FaultySource, NonFiniteBackend
-from edge_pfm.pipeline import RunConfig, Runner
-from edge_pfm.sources import SceneBank, SyntheticSource
-from edge_pfm.stamp import read_stamp
+from edge_pfm.runtime import RunConfig, Runner
+from edge_pfm.sources.simulated.cameras import SceneBank, SyntheticSource
+from edge_pfm.sources.simulated.faults import FaultySource, NonFiniteBackend
+from edge_pfm.sources.simulated.stamp import read_stamp
 
 TOL_MS = 1000 / 30 / 2
 

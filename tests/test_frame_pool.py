@@ -4,8 +4,9 @@ import threading
 import cv2
 import numpy as np
 
-from edge_pfm.frame_pool import FramePool
-from edge_pfm.sources import ReplaySource, SceneBank, SyntheticSource
+from edge_pfm.sources.frame_pool import FramePool
+from edge_pfm.sources.replay import ReplaySource
+from edge_pfm.sources.simulated.cameras import SceneBank, SyntheticSource
 
 
 def test_held_buffers_and_views_are_never_handed_out():
@@ -32,25 +33,25 @@ def test_video_frames_decode_into_reused_buffers_without_overwriting_held_ones(t
         vw.write(np.full((120, 160, 3), i * 6, np.uint8))
     vw.release()
     src = ReplaySource(path, "white_light", paced=False)
-    src._open()
-    held = [src._grab() for _ in range(4)]
+    src.open()
+    held = [src.grab() for _ in range(4)]
     means = [int(f.image.mean()) for f in held]
     assert len({id(f.image) for f in held}) == 4
     for _ in range(30):  # frames dropped at once are recycled
-        src._grab()
+        src.grab()
     assert [int(f.image.mean()) for f in held] == means  # held frames kept their pixels
     assert src.pool.stats["reused"] >= 25 and src.pool.stats["allocated"] <= 6
 
 
 def test_stamped_synthetic_frames_recycle_while_a_consumer_thread_holds_some():
-    from edge_pfm.stamp import read_stamp
+    from edge_pfm.sources.simulated.stamp import read_stamp
 
     bank = SceneBank((320, 240), seed=1)
     src = SyntheticSource("white_light", bank, fps=1000, frames=300)
     kept, done = [], threading.Event()
 
     def consume():
-        while not done.is_set() or src._frames:
+        while not done.is_set() or src.wait(0):
             for f in src.take():
                 if f.seq % 50 == 0:
                     kept.append(f)  # hoarded: must never be overwritten
@@ -58,7 +59,7 @@ def test_stamped_synthetic_frames_recycle_while_a_consumer_thread_holds_some():
     src.start()
     t = threading.Thread(target=consume)
     t.start()
-    src._thread.join(10)
+    src.join(10)
     done.set()
     t.join(5)
     src.stop()

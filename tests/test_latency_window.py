@@ -1,6 +1,6 @@
 import numpy as np
 
-from edge_pfm.latency_window import LatencyWindow
+from edge_pfm.runtime.latency_window import LatencyWindow
 
 
 def test_keeps_the_latest_samples_in_order_in_fixed_memory():

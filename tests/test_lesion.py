@@ -132,8 +132,8 @@ def test_the_calibrated_bundle_shows_its_measured_map_for_the_lesion_classes(cal
 
 def test_runtime_log_summary_matches_the_shown_map(calibrated_bundle, tmp_path):
     from edge_pfm.decision_log import read_log
-    from edge_pfm.pipeline import RunConfig, Runner
-    from edge_pfm.sources import SceneBank, SyntheticSource
+    from edge_pfm.runtime import RunConfig, Runner
+    from edge_pfm.sources.simulated.cameras import SceneBank, SyntheticSource
 
     bank = SceneBank((640, 360), label="hsil", seed=4)
     log = tmp_path / "d.jsonl"
@@ -212,8 +212,8 @@ def test_a_checkpoint_from_before_the_head_exports_without_the_output(headless_c
 
 def _run_logged(bundle, tmp_path, label="hsil", seconds=2.5) -> tuple[dict, list[dict]]:
     from edge_pfm.decision_log import read_log
-    from edge_pfm.pipeline import RunConfig, Runner
-    from edge_pfm.sources import SceneBank, SyntheticSource
+    from edge_pfm.runtime import RunConfig, Runner
+    from edge_pfm.sources.simulated.cameras import SceneBank, SyntheticSource
 
     bank = SceneBank((640, 360), label=label, seed=4)
     log = tmp_path / "d.jsonl"

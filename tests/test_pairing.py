@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from runtime_media import scene_frames, write_video
 
-from edge_pfm.faults import FaultySource
-from edge_pfm.pairing import AlternatingPairer, TimestampPairer
-from edge_pfm.sources import Frame, ReplaySource
-from edge_pfm.stamp import read_stamp, stamp
+from edge_pfm.runtime.pairing import AlternatingPairer, TimestampPairer
+from edge_pfm.sources import Frame
+from edge_pfm.sources.replay import ReplaySource
+from edge_pfm.sources.simulated.faults import FaultySource
+from edge_pfm.sources.simulated.stamp import read_stamp, stamp
 
 
 def frame(t_ms, seq=0, **meta):

@@ -8,10 +8,12 @@ from runtime_media import read_video, scene_frames, write_video
 import edge_pfm
 from edge_pfm.decision import DecisionConfig, DecisionEngine
 from edge_pfm.decision_log import read_log
-from edge_pfm.pipeline import RunConfig, Runner
-from edge_pfm.quality import GateConfig, assess
-from edge_pfm.sources import ReplaySource, SourceError, open_source, opencv_has_gstreamer
-from edge_pfm.stamp import read_stamp
+from edge_pfm.runtime import RunConfig, Runner
+from edge_pfm.runtime.quality import GateConfig, assess
+from edge_pfm.sources import SourceError, open_source
+from edge_pfm.sources.gstreamer import opencv_has_gstreamer
+from edge_pfm.sources.replay import ReplaySource
+from edge_pfm.sources.simulated.stamp import read_stamp
 
 
 @pytest.fixture

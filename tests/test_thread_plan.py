@@ -7,8 +7,8 @@ import time
 import cv2
 import pytest
 
-from edge_pfm.pipeline import RunConfig, Runner
-from edge_pfm.sources import SceneBank, SyntheticSource
+from edge_pfm.runtime import RunConfig, Runner
+from edge_pfm.sources.simulated.cameras import SceneBank, SyntheticSource
 from edge_pfm.thread_plan import plan_threads
 
 

@@ -9,7 +9,8 @@ reopens with backoff); every_s: repeat the stall and disconnect windows with thi
 corrupt: probability a frame is replaced by a wrong-size, greyscale, empty or None frame.
 Clock drift between cameras is a frame-rate difference (both are stamped by the host's monotonic
 clock): give the inner source the rate, e.g. SyntheticSource(drift_ppm=1000) or ReplaySource(fps=29.97).
-Used by the tests and the soak benchmark; never by a clinical run.
+Used by the tests and the soak benchmark; never by a clinical run. NonFiniteBackend is the backend's fault:
+a real backend whose every n-th output is NaN or Inf.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import time
 
 import numpy as np
 
-from edge_pfm.sources import Frame, FrameSource, SourceError
+from edge_pfm.sources.base import Frame, FrameSource, SourceError
 
 
 class FaultySource(FrameSource):
@@ -34,11 +35,18 @@ class FaultySource(FrameSource):
         self.t0_ns: int | None = None
         self._opened = False
 
-    def _open(self) -> None:
+    @property
+    def nominal_fps(self) -> float | None:
+        return self.inner.nominal_fps
+
+    def report(self) -> dict:
+        return {**self.stats, **self.faults}
+
+    def open(self) -> None:
         if self.disconnect and self.t0_ns is not None and self._in_window(self.disconnect):
             raise SourceError(f"{self.inner.name}: device disconnected (injected)")
         if not self._opened:
-            self.inner._open()
+            self.inner.open()
             self._opened = True
         if self.t0_ns is None:
             self.t0_ns = time.monotonic_ns()
@@ -49,16 +57,16 @@ class FaultySource(FrameSource):
             return False
         return (elapsed % self.every_s if self.every_s else elapsed) < window[1]
 
-    def _grab(self) -> Frame | None:
+    def grab(self) -> Frame | None:
         while True:
             if self.stall and self._in_window(self.stall):
                 t = time.monotonic()
-                self.inner._grab()  # the camera keeps running; its frames are lost
+                self.inner.grab()  # the camera keeps running; its frames are lost
                 self.faults["stalled_s"] += time.monotonic() - t
                 if self._stop.is_set():
                     return None
                 continue
-            frame = self.inner._grab()
+            frame = self.inner.grab()
             if frame is None:
                 return None
             if self.disconnect and self._in_window(self.disconnect):
@@ -83,12 +91,12 @@ class FaultySource(FrameSource):
                 image = None  # a driver that hands back nothing
         return Frame(image, t, frame.seq, frame.meta)
 
-    def _close(self) -> None:
+    def close(self) -> None:
         pass  # the inner source stays open across injected disconnects
 
     def stop(self) -> None:
         super().stop()
-        self.inner._close()
+        self.inner.close()
 
 
 class NonFiniteBackend:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_pfm.bundle import MODALITIES
-from edge_pfm.sources import Frame
+from edge_pfm.sources.base import Frame
 
 
 @dataclass

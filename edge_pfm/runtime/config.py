@@ -1,0 +1,36 @@
+"""What a run is told: backend, pairing, outputs, gates and decision settings (the `edge-pfm run` flags and the
+config file's [run], [gates], [decision] and [outputs] sections)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from edge_pfm.decision import DecisionConfig
+from edge_pfm.outputs import LOG_RETENTION, MIN_FREE_BYTES, VIDEO_RETENTION, Retention
+from edge_pfm.runtime.quality import GateConfig
+
+
+@dataclass
+class RunConfig:
+    backend: str = "auto"
+    precision: str | None = None
+    threads: int | None = None
+    cache_dir: str | None = None  # engines, check records and the measured pick (default ~/.cache/edge-pfm/engines)
+    tolerance_ms: float | None = None  # pairing tolerance; default half the period of the faster camera
+    signal_timeout_s: float = 1.0  # no frame from a camera for this long -> no_signal
+    seconds: float | None = None
+    log: str | None = None
+    video: str | None = None
+    preview: bool = False
+    gates: GateConfig = field(default_factory=GateConfig)
+    decision: DecisionConfig = field(default_factory=DecisionConfig)
+    log_retention: Retention = LOG_RETENTION
+    video_retention: Retention = VIDEO_RETENTION
+    min_free_bytes: int = MIN_FREE_BYTES  # the preflight's spare space on each output's filesystem
+
+    def digest(self) -> str:
+        """sha256 of the effective configuration, for the decision log's run header."""
+        import hashlib
+        import json
+        from dataclasses import asdict
+
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()
