@@ -36,6 +36,19 @@ def module_imports() -> dict[str, set[str]]:
             for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
 
 
+def test_inside_the_device_package_the_rooms_point_down():
+    """sources know nothing of the runtime; the simulated cameras and faults (test doubles) are reached only from
+    the bench, the selftest, the `synthetic` URI and each other, never from a clinical path."""
+    mods = module_imports()
+    wrong = [f"{m} imports {d}" for m, deps in mods.items() if m.startswith("edge_pfm.sources") for d in deps
+             if d.startswith(("edge_pfm.runtime", "edge_pfm.classifier", "edge_pfm.backends", "edge_pfm.decision"))]
+    doubles_users = {"edge_pfm.bench", "edge_pfm.selftest", "edge_pfm.cli", "edge_pfm.sources.factory"}
+    wrong += [f"{m} imports {d}" for m, deps in mods.items() for d in deps
+              if d.startswith("edge_pfm.sources.simulated") and not m.startswith("edge_pfm.sources.simulated")
+              and m.startswith("edge_pfm") and m not in doubles_users]
+    assert not wrong, wrong
+
+
 def test_the_arrows_point_one_way():
     wrong = [f"{mod} imports {dep}" for mod, deps in module_imports().items() for dep in deps
              if (top := dep.split(".")[0]) in PACKAGES and top != mod.split(".")[0]

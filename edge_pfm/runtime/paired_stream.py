@@ -20,7 +20,7 @@ import numpy as np
 
 from edge_pfm.preprocess import PreprocessSpec
 from edge_pfm.runtime.pairing import AlternatingPairer, Pair, TimestampPairer
-from edge_pfm.runtime.prepare import Prepared, Rejected, prepare
+from edge_pfm.runtime.prepare import Prepared, Rejected, prepare, prepare_input
 from edge_pfm.runtime.quality import GateConfig
 from edge_pfm.sources.base import Frame, FrameSource
 
@@ -34,11 +34,19 @@ class PreparedPair:
     pair: Pair
     white: np.ndarray  # (1, C, H, W) model inputs
     fluo: np.ndarray
-    gates: dict[str, list[str]]
-    metrics: dict[str, dict[str, float]]
+    prepared: dict[str, Prepared]  # by modality: the gates, measured while the model runs
     t_paired_ns: int  # when the newer frame was prepared and paired
     t_ready_ns: int  # when both frames were prepared (a frame skipped under load is prepared after pairing)
     arrival_prepare_ns: int  # preparing the frame whose arrival made the pair, before it could pair
+
+    @property
+    def gates(self) -> dict[str, list[str]]:
+        """Gate flags by modality (waits for their measurement, which runs beside inference)."""
+        return {m: p.gated()[0] for m, p in self.prepared.items()}
+
+    @property
+    def metrics(self) -> dict[str, dict[str, float]]:
+        return {m: p.gated()[1] for m, p in self.prepared.items()}
 
 
 @dataclass(frozen=True)
@@ -148,7 +156,15 @@ class PairedStream:
 
     def _arrived(self, label: str, frame: Frame) -> None:
         modality = self.pairer.modality_of(frame) if self.alternating else label
-        prepared = self._prepare(frame, modality) if self._wanted() else None
+        prepared = (prepare_input(frame, self.specs[modality], self.thresholds[modality]) if self._wanted()
+                    else None)
+        try:
+            self._pair(label, frame, prepared)
+        finally:  # after the pair (if any) is handed to inference: the gates, while the model runs
+            if isinstance(prepared, Prepared):
+                prepared.measure_gates()
+
+    def _pair(self, label: str, frame: Frame, prepared: Prepared | Rejected | None) -> None:
         with self._lock:
             if self.tolerance.source == "provisional":
                 self._measure_tolerance()
@@ -178,9 +194,8 @@ class PairedStream:
             self.stats["bad_frames"] += 1
             self.last_bad_frame = bad.reason
             return
-        work = PreparedPair(pair, w.input, f.input, {"white_light": w.flags, "fluorescence": f.flags},
-                            {"white_light": w.metrics, "fluorescence": f.metrics}, t_paired, time.monotonic_ns(),
-                            prepared.ns if prepared is not None else 0)
+        work = PreparedPair(pair, w.input, f.input, {"white_light": w, "fluorescence": f}, t_paired,
+                            time.monotonic_ns(), prepared.ns if prepared is not None else 0)
         with self._slot_cond:
             if self._slot:
                 self.stats["pairs_dropped_stale"] += 1
