@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_pfm.bundle import Bundle
 from edge_pfm.decision import Decision, DecisionEngine
@@ -30,6 +30,9 @@ from edge_pfm.runtime.sinks import MemorySink, ObserverSink, RunStart, Sink, sin
 from edge_pfm.runtime.summary import percentiles
 from edge_pfm.sources.base import FrameSource
 
+if TYPE_CHECKING:
+    from edge_pfm.classifier import Classifier
+
 _LOG = logging.getLogger(__name__)
 STAGES = LATENCY_STAGES
 LATENCY_WINDOW = 20_000  # latency samples kept per stage: the summary covers the last ~11 minutes at 30 fps
@@ -38,7 +41,7 @@ BACKEND_LOAD_S = 120.0  # the engine is built or loaded before the cameras start
 
 class Runner:
     def __init__(self, bundle: str | Path | Bundle, white: FrameSource | None = None, fluo: FrameSource | None = None,
-                 alternating: FrameSource | None = None, config: RunConfig | None = None, classifier: Any = None,
+                 alternating: FrameSource | None = None, config: RunConfig | None = None, classifier: Classifier | None = None,
                  sinks: Iterable[Sink] = ()):
         if alternating is None and (white is None or fluo is None):
             raise ValueError("give both white and fluo sources, or one alternating source")
@@ -47,7 +50,7 @@ class Runner:
         sources = {CAMERA: alternating} if alternating is not None else {"white_light": white, "fluorescence": fluo}
         self.stream = PairedStream(sources, self.bundle.preprocessing, self.cfg.gates, self.cfg.tolerance_ms)
         self.sources: list[FrameSource] = list(sources.values())
-        self.classifier = classifier  # built in the inference thread when None
+        self.classifier: Classifier | None = classifier  # built in the inference thread when None
         self.engine: DecisionEngine | None = None
         self.thread_plan: Any = None  # the backend's thread plan, once it is loaded
         self.observers: list[Callable[[PreparedPair, Decision], None]] = []  # called for every inferred pair
