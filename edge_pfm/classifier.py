@@ -75,20 +75,30 @@ class Classifier:
         """Preprocessed inputs (B, C, H, W) -> logits (B, classes). Non-finite output is refused."""
         return self.infer_outputs(white_light, fluorescence)["logits"]
 
-    def classify_inputs(self, white_light: np.ndarray, fluorescence: np.ndarray, white_shape: tuple[int, ...],
-                        every_map: bool = False) -> Result:
-        """One preprocessed pair (1, C, H, W) -> its Result. The lesion map is placed on a white-light frame of
-        `white_shape` when the bundle's map is shown and the label is a map class, or for every label with
-        `every_map` (the runtime smooths maps over time and shows them only for map classes)."""
-        out = self.infer_outputs(white_light, fluorescence)
+    def classify_outputs(self, out: dict[str, np.ndarray], white_shape: tuple[int, ...],
+                         every_map: bool = False) -> Result:
+        """The backend's raw outputs for one pair -> its Result; the one place output is validated and the map
+        placed. Non-finite logits are refused (NonFiniteOutput); a non-finite map is dropped (no map, the class
+        stands). The map is placed on a white-light frame of `white_shape` when the bundle's map is shown and the
+        label is a map class, or for every label with `every_map` (the runtime smooths maps over time and shows
+        them only for map classes)."""
         logits = out["logits"][0]
+        if not np.all(np.isfinite(logits)):
+            raise NonFiniteOutput(f"{self.backend.describe()} returned non-finite logits {logits.tolist()}")
         probs = softmax(logits.astype(np.float64))
         i = int(np.argmax(probs))
         lesion = None
         if self.lesion_verdict.shown and (every_map or self.classes[i] in self.lesion_verdict.classes):
-            lesion = LesionMap.from_output(out["lesion_map"][0], white_shape, self.specs["white_light"])
+            raw = out["lesion_map"][0]
+            if np.all(np.isfinite(raw)):
+                lesion = LesionMap.from_output(raw, white_shape, self.specs["white_light"])
         return Result(self.classes[i], i, float(probs[i]), dict(zip(self.classes, map(float, probs))), logits, lesion,
                       probs)
+
+    def classify_inputs(self, white_light: np.ndarray, fluorescence: np.ndarray, white_shape: tuple[int, ...],
+                        every_map: bool = False) -> Result:
+        """One preprocessed pair (1, C, H, W) -> its Result (classify_outputs)."""
+        return self.classify_outputs(self.backend.infer_outputs(white_light, fluorescence), white_shape, every_map)
 
     def classify(self, white_bgr: np.ndarray, fluo_bgr: np.ndarray) -> Result:
         return self.classify_inputs(*self.preprocess(white_bgr, fluo_bgr), white_bgr.shape)

@@ -73,7 +73,6 @@ def _camera_sources(args: argparse.Namespace, cams: dict, required: bool = True)
     none is `required`."""
     from edge_pfm.errors import InvalidArgument
     from edge_pfm.sources import open_source
-    from edge_pfm.sources.simulated.cameras import synthetic_bank
 
     def spec(name: str, flag: str | None) -> tuple[str | None, dict]:
         cam = dict(cams.get(name, {}))
@@ -89,7 +88,11 @@ def _camera_sources(args: argparse.Namespace, cams: dict, required: bool = True)
     if alt:
         return {"alternating": open_source(alt, "alternating", loop=args.loop, **alt_opts)}
     both_synthetic = white.startswith("synthetic") and fluo.startswith("synthetic")
-    bank = synthetic_bank(white) if both_synthetic else None  # the two cameras see one scene
+    bank = None
+    if both_synthetic:  # the two cameras see one scene
+        from edge_pfm.sources.simulated.cameras import synthetic_bank
+
+        bank = synthetic_bank(white)
     return {"white": open_source(white, "white_light", bank, loop=args.loop, **white_opts),
             "fluo": open_source(fluo, "fluorescence", bank, loop=args.loop, **fluo_opts)}
 

@@ -130,3 +130,33 @@ def test_sinks_attached_from_outside_get_every_decision_and_a_failure_ends_the_r
     with pytest.raises(LogWriteError, match="no space left"):
         runner.run(10.0)
     assert failing.seen == 6 and runner.current().state == "log_failed"
+
+
+def test_a_bug_in_a_reader_thread_ends_the_run_with_it(calibrated_bundle, bank):
+    runner = Runner(calibrated_bundle, SyntheticSource("white_light", bank, fps=30),
+                    SyntheticSource("fluorescence", bank, fps=30, seed=2),
+                    config=RunConfig(backend="onnxruntime", precision="fp32"))
+
+    def broken_pairing(*_):
+        raise RuntimeError("a bug in pairing")
+
+    runner.stream._pair = broken_pairing  # a defect in the code, not a bad frame: it must not hide as a count
+    with pytest.raises(RuntimeError, match="a bug in pairing"):
+        runner.run(10.0)
+    assert runner.stream.stats["bad_frames"] == 0
+
+
+def test_output_checks_refuse_nonfinite_logits_and_drop_only_a_nonfinite_map(calibrated_bundle):
+    import numpy as np
+
+    import edge_pfm
+    from edge_pfm.classifier import NonFiniteOutput
+
+    clf = edge_pfm.Classifier(calibrated_bundle, backend="onnxruntime", precision="fp32")
+    n = len(clf.classes)
+    good = {"logits": np.arange(n, dtype=np.float32)[None], "lesion_map": np.full((1, 1, 4, 4), np.nan, np.float32)}
+    r = clf.classify_outputs(good, (240, 320, 3), every_map=True)
+    assert r.label == clf.classes[-1] and r.lesion_map is None  # the class stands, the broken map is not drawn
+    bad = {"logits": np.array([[np.nan] * n], np.float32), "lesion_map": good["lesion_map"]}
+    with pytest.raises(NonFiniteOutput, match="non-finite logits"):
+        clf.classify_outputs(bad, (240, 320, 3))

@@ -14,18 +14,20 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from edge_pfm.preprocess import PreprocessSpec
 from edge_pfm.runtime.pairing import AlternatingPairer, Pair, TimestampPairer
-from edge_pfm.runtime.prepare import Prepared, Rejected, prepare, prepare_input
+from edge_pfm.runtime.prepare import Prepared, Rejected, prepare_input
 from edge_pfm.runtime.quality import GateConfig
 from edge_pfm.sources.base import Frame, FrameSource
 
 _LOG = logging.getLogger(__name__)
 PROVISIONAL_FPS = 30.0  # until a source that does not say its rate has been measured
+MAX_FPS = 1000.0  # a measured rate above this is a burst of queued frames, not the camera's rate
 CAMERA = "camera"  # the label of one alternating sensor
 
 
@@ -66,8 +68,9 @@ class Tolerance:
 
 class PairedStream:
     def __init__(self, sources: dict[str, FrameSource], specs: dict[str, PreprocessSpec], gates: GateConfig,
-                 tolerance_ms: float | None = None):
-        """sources: {"white_light": s, "fluorescence": s}, or {"camera": s} for one alternating sensor."""
+                 tolerance_ms: float | None = None, on_error: Callable[[BaseException], None] | None = None):
+        """sources: {"white_light": s, "fluorescence": s}, or {"camera": s} for one alternating sensor.
+        on_error(exc): a reader thread hit a bug (not a bad frame): the runner stops and raises it."""
         if set(sources) not in ({"white_light", "fluorescence"}, {CAMERA}):
             raise ValueError("give both white_light and fluorescence sources, or one alternating camera")
         self.sources = sources
@@ -81,7 +84,8 @@ class PairedStream:
         self.stats: collections.Counter = collections.Counter()  # pairs_dropped_stale, bad_frames
         self.last_bad_frame: str | None = None
         self.last_pair_ns = 0
-        self._lock = threading.Lock()  # the pairer and the prepared frames
+        self.on_error = on_error
+        self._lock = threading.Lock()  # the pairer, the prepared frames and the counters
         self._prepared: dict[str, collections.OrderedDict[int, Prepared | Rejected]] = {
             k: collections.OrderedDict() for k in sources}
         self._slot: collections.deque[PreparedPair] = collections.deque(maxlen=1)
@@ -128,43 +132,57 @@ class PairedStream:
     # -- the reader threads ---------------------------------------------------------------------------
     def _set_tolerance(self, fps: dict[str, float | None], source: str) -> None:
         if self.configured_ms:
-            tol = Tolerance(int(self.configured_ms * 1e6), "configured", fps)
+            ns = int(self.configured_ms * 1e6)
+            # one alternating sensor: the tolerance bounds the gap between a cycle's two frames, twice the
+            # configured value as before this module existed
+            tol = Tolerance(2 * ns if self.alternating else ns, "configured", fps)
         else:
             known = [v for v in fps.values() if v]
             if len(known) < len(fps):
-                source, known = "provisional", [PROVISIONAL_FPS]
+                source = "provisional"
+            period_ns = 1e9 / max(known or [PROVISIONAL_FPS])
             # two cameras: a frame's nearest partner is at most half the faster camera's period away; one
-            # alternating sensor: the two frames of a cycle are one period apart
-            period_ns = 1e9 / max(known)
-            tol = Tolerance(int(period_ns if self.alternating else period_ns / 2), source, fps)
+            # alternating sensor: a cycle's two frames are one period apart, so allow 1.5 for jitter
+            tol = Tolerance(int(1.5 * period_ns if self.alternating else period_ns / 2), source, fps)
         self.tolerance = tol
-        self.pairer.tolerance_ns = tol.ns * (2 if self.alternating and tol.source == "configured" else 1)
+        self.pairer.tolerance_ns = tol.ns
         _LOG.info(tol.describe())
 
     def _measure_tolerance(self) -> None:
-        """A source that did not say its rate: once every source's rate is known, measured, use it."""
+        """A source that did not say its rate: once every source's rate is known or measured, use it."""
         fps = {k: s.nominal_fps or s.measured_fps() for k, s in self.sources.items()}
-        if all(fps.values()):
+        if all(fps.values()) and all(0 < v < MAX_FPS for v in fps.values()):
             self._set_tolerance(fps, "measured")
 
     def _wanted(self) -> bool:
         """Prepare on arrival only while the slot is free: with a pair waiting, this frame is likely superseded."""
         return not self._slot
 
-    def _prepare(self, frame: Frame, modality: str) -> Prepared | Rejected:
-        return prepare(frame, self.specs[modality], self.thresholds[modality])
-
     def _arrived(self, label: str, frame: Frame) -> None:
-        modality = self.pairer.modality_of(frame) if self.alternating else label
-        prepared = (prepare_input(frame, self.specs[modality], self.thresholds[modality]) if self._wanted()
-                    else None)
+        """A camera's reader thread, for each frame: prepare, pair, hand over, then measure the gates."""
+        to_measure: list[Prepared] = []
         try:
-            self._pair(label, frame, prepared)
-        finally:  # after the pair (if any) is handed to inference: the gates, while the model runs
+            try:
+                modality = self.pairer.modality_of(frame) if self.alternating else label
+            except Exception as exc:  # an alternating frame without a usable image: counted, never paired
+                with self._lock:
+                    self.stats["bad_frames"] += 1
+                    self.last_bad_frame = f"{type(exc).__name__}: {exc}"
+                return
+            prepared = (prepare_input(frame, self.specs[modality], self.thresholds[modality]) if self._wanted()
+                        else None)
             if isinstance(prepared, Prepared):
-                prepared.measure_gates()
+                to_measure.append(prepared)
+            self._pair(label, frame, prepared, to_measure)
+        except BaseException as exc:  # a bug, not a bad frame: the run stops and says so
+            if self.on_error is None:
+                raise
+            self.on_error(exc)
+        finally:  # after the pair (if any) is handed to inference: the gates, while the model runs
+            for p in to_measure:
+                p.measure_gates()
 
-    def _pair(self, label: str, frame: Frame, prepared: Prepared | Rejected | None) -> None:
+    def _pair(self, label: str, frame: Frame, prepared: Prepared | Rejected | None, to_measure: list[Prepared]) -> None:
         with self._lock:
             if self.tolerance.source == "provisional":
                 self._measure_tolerance()
@@ -186,19 +204,33 @@ class PairedStream:
             w = self._prepared[w_label].pop(pair.white_light.seq, None)
             f = self._prepared[f_label].pop(pair.fluorescence.seq, None)
             self.last_pair_ns = time.monotonic_ns()
+            if w is None and f is None and self._slot:
+                # both frames came while inference had a pair waiting: a fresher pair, prepared on arrival,
+                # follows once the slot frees; preparing this one would only take CPU from the model
+                self.stats["pairs_dropped_stale"] += 1
+                return
         t_paired = time.monotonic_ns()
-        w = w or self._prepare(pair.white_light, "white_light")
-        f = f or self._prepare(pair.fluorescence, "fluorescence")
+        late = []
+        if w is None:
+            w = prepare_input(pair.white_light, self.specs["white_light"], self.thresholds["white_light"])
+            late.append(w)
+        if f is None:
+            f = prepare_input(pair.fluorescence, self.specs["fluorescence"], self.thresholds["fluorescence"])
+            late.append(f)
+        to_measure += [x for x in late if isinstance(x, Prepared)]
         bad = next((x for x in (w, f) if isinstance(x, Rejected)), None)
         if bad is not None:
-            self.stats["bad_frames"] += 1
-            self.last_bad_frame = bad.reason
+            with self._lock:
+                self.stats["bad_frames"] += 1
+                self.last_bad_frame = bad.reason
             return
+        in_pair = frame is pair.white_light or frame is pair.fluorescence
         work = PreparedPair(pair, w.input, f.input, {"white_light": w, "fluorescence": f}, t_paired,
-                            time.monotonic_ns(), prepared.ns if prepared is not None else 0)
+                            time.monotonic_ns(), prepared.ns if in_pair and prepared is not None else 0)
         with self._slot_cond:
             if self._slot:
-                self.stats["pairs_dropped_stale"] += 1
+                with self._lock:
+                    self.stats["pairs_dropped_stale"] += 1
                 if self._slot[0].pair.t_capture_ns > pair.t_capture_ns:  # a fresher pair got there first
                     return
             self._slot.append(work)

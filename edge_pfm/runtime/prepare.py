@@ -43,8 +43,9 @@ class Prepared:
 
     def gated(self) -> tuple[list[str], dict[str, float]]:
         """The gate flags and metrics, waiting for the reader thread that measures them."""
-        if not self._measured.wait(GATES_WAIT_S):
-            return ["gate_timeout"], {}
+        if not self._measured.wait(GATES_WAIT_S):  # once: the frame is gated from now on
+            self.flags, self.metrics = ["gate_timeout"], {}
+            self._measured.set()
         return self.flags, self.metrics
 
 

@@ -20,8 +20,10 @@ RECORD_KEYS = ("n", "t_ns", "wall", "state", "shown_class", "confidence", "smoot
                "model_sha256", "engine", "lesion")
 PAIR_KEYS = ("seq_white", "seq_fluo", "t_capture_white_ns", "t_capture_fluo_ns", "skew_ms", "raw_class", "probs",
              "gates", "gate_metrics", "latency_ms")
-# pair_wait: the newer frame's arrival to its pairing, less its preparation; phase: the older frame waiting for
-# its partner (the cameras' phase offset, not the software's); software: the newer frame's capture to the
+# pair_wait: the newer frame's capture to its pairing, less its preparation (the reader waking, the pairing);
+# preprocess: the frames' preparation on that path; queue: the pair waiting for the inference thread; infer: the
+# backend's call alone; decide: checking the output, placing the map, smoothing; phase: the older frame waiting
+# for its partner (the cameras' phase offset, not the software's); software: the newer frame's capture to the
 # decision (what the software adds)
 LATENCY_STAGES = ("pair_wait", "preprocess", "queue", "infer", "decide", "total", "phase", "software")
 TRUTH_KEYS = ("label", "index", "file_index")
@@ -32,7 +34,7 @@ def latencies(work: PreparedPair, t_infer_ns: int, t_inferred_ns: int, t_decided
     p = work.pair
     newer = max(p.white_light.t_capture_ns, p.fluorescence.t_capture_ns)
     prep = work.arrival_prepare_ns + (work.t_ready_ns - work.t_paired_ns)
-    return {"pair_wait": max(0.0, (work.t_paired_ns - newer - work.arrival_prepare_ns) / 1e6),
+    return {"pair_wait": (work.t_paired_ns - newer - work.arrival_prepare_ns) / 1e6,
             "preprocess": prep / 1e6, "queue": (t_infer_ns - work.t_ready_ns) / 1e6,
             "infer": (t_inferred_ns - t_infer_ns) / 1e6, "decide": (t_decided_ns - t_inferred_ns) / 1e6,
             "total": (t_decided_ns - p.t_capture_ns) / 1e6, "phase": abs(p.skew_ns) / 1e6,

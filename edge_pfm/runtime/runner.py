@@ -48,7 +48,8 @@ class Runner:
         self.cfg = config or RunConfig()
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         sources = {CAMERA: alternating} if alternating is not None else {"white_light": white, "fluorescence": fluo}
-        self.stream = PairedStream(sources, self.bundle.preprocessing, self.cfg.gates, self.cfg.tolerance_ms)
+        self.stream = PairedStream(sources, self.bundle.preprocessing, self.cfg.gates, self.cfg.tolerance_ms,
+                                   on_error=self._crashed)
         self.sources: list[FrameSource] = list(sources.values())
         self.classifier: Classifier | None = classifier  # built in the inference thread when None
         self.engine: DecisionEngine | None = None
@@ -131,16 +132,17 @@ class Runner:
                 continue
             t0 = time.monotonic_ns()
             try:
-                result = clf.classify_inputs(work.white, work.fluo, work.pair.white_light.image.shape, every_map=True)
-            except NonFiniteOutput:
-                t1 = time.monotonic_ns()
-                self._emit(engine.reject(t1), work, None, t0, t1)
-                continue
+                out = clf.backend.infer_outputs(work.white, work.fluo)
             except BackendError as exc:
                 self.counts["infer_errors"] += 1
                 self.last_infer_error = str(exc)
                 continue
-            t1 = time.monotonic_ns()
+            t1 = time.monotonic_ns()  # "infer" is the backend's call alone; checking and deciding is "decide"
+            try:
+                result = clf.classify_outputs(out, work.pair.white_light.image.shape, every_map=True)
+            except NonFiniteOutput:
+                self._emit(engine.reject(t1), work, None, t0, t1)
+                continue
             gate_flags = [f"{m}:{flag}" for m, fl in work.gates.items() for flag in fl]
             self._emit(engine.update(result.prob_vector, t1, gate_flags, result.lesion_map), work,
                        result.prob_vector, t0, t1)
@@ -200,6 +202,7 @@ class Runner:
                 opened.append(sink)
         except BaseException:
             self.stop_event.set()
+            self.stream.stop()  # the sources opened before one failed
             infer_thread.join(5)
             self._close(opened, quiet=True)
             raise
@@ -240,14 +243,19 @@ class Runner:
             if sink.failure is not None:
                 self._output_failed(sink.failure, sink)
 
+    def _crashed(self, exc: BaseException) -> None:
+        """A thread hit a bug: run() raises it; the other threads stop."""
+        if self.error is None:
+            self.error = exc
+        self.stop_event.set()
+        self.ready_event.set()
+
     def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             try:
                 fn()
-            except BaseException as exc:  # surfaced by run(); the other threads stop
-                self.error = exc
-                self.stop_event.set()
-                self.ready_event.set()
+            except BaseException as exc:
+                self._crashed(exc)
 
         return run
 
