@@ -19,7 +19,7 @@ from edge_pfm.runtime.paired_stream import PreparedPair
 RECORD_KEYS = ("n", "t_ns", "wall", "state", "shown_class", "confidence", "smoothed", "flags", "run_id", "backend",
                "model_sha256", "engine", "lesion")
 PAIR_KEYS = ("seq_white", "seq_fluo", "t_capture_white_ns", "t_capture_fluo_ns", "skew_ms", "raw_class", "probs",
-             "gates", "gate_metrics", "latency_ms")
+             "gates", "gate_metrics", "latency_ms", "stamps", "dequeue_delay_ms")
 # pair_wait: the newer frame's capture to its pairing, less its preparation (the reader waking, the pairing);
 # preprocess: the frames' preparation on that path; queue: the pair waiting for the inference thread; infer: the
 # backend's call alone; decide: checking the output, placing the map, smoothing; phase: the older frame waiting
@@ -86,6 +86,10 @@ class DecisionEvent:
             "gates": w.gates,
             "gate_metrics": {m: {k: round(v, 4) for k, v in mt.items()} for m, mt in w.metrics.items()},
             "latency_ms": {k: round(v, 3) for k, v in (self.latency_ms or {}).items()},
+            # where each capture time came from (sources.clock) and how late each reader had its frame
+            "stamps": {"white": p.white_light.stamp, "fluo": p.fluorescence.stamp},
+            "dequeue_delay_ms": {"white": round(p.white_light.dequeue_delay_ns / 1e6, 3),
+                                 "fluo": round(p.fluorescence.dequeue_delay_ns / 1e6, 3)},
         })
         for key in TRUTH_KEYS:
             for m, fr in (("white", p.white_light), ("fluo", p.fluorescence)):

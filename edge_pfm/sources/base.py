@@ -25,9 +25,11 @@ FPS_WINDOW = 32  # frame intervals kept to measure a source's real rate
 @dataclass
 class Frame:
     image: np.ndarray
-    t_capture_ns: int
+    t_capture_ns: int  # CLOCK_MONOTONIC
     seq: int
     meta: dict[str, Any] = field(default_factory=dict)
+    stamp: str = "host"  # where t_capture_ns came from: device, device+offset, host (sources.clock), or scheduled
+    dequeue_delay_ns: int = 0  # how long after t_capture_ns the reader had the frame
 
 
 class SourceError(EdgePfmError, RuntimeError):

@@ -1,10 +1,19 @@
 """A V4L2 camera through OpenCV, by index or path. Sets FOURCC, size, fps, exposure, gain and buffer size where
-the driver supports them. Frames are stamped with time.monotonic_ns() right after grab()."""
+the driver supports them.
+
+Frames are stamped by the driver: after grab(), OpenCV's V4L2 backend gives the buffer's timestamp as
+CAP_PROP_POS_MSEC (modules/videoio/src/cap_v4l.cpp; uvcvideo stamps CLOCK_MONOTONIC), mapped by
+sources.clock.TimestampMapper. Other backends, or `stamps="host"`, stamp time.monotonic_ns() at dequeue,
+which a reader woken late gets wrong by its lateness.
+"""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 from edge_pfm.sources.base import Frame, FrameSource, SourceError
+from edge_pfm.sources.clock import TimestampMapper
 
 
 class OpenCVSource(FrameSource):
@@ -12,9 +21,18 @@ class OpenCVSource(FrameSource):
 
     def __init__(self, device: int | str, modality: str, fourcc: str | None = "MJPG", width: int | None = None,
                  height: int | None = None, fps: float | None = None, exposure: float | None = None,
-                 gain: float | None = None, buffer_size: int = 1, api: int | None = None):
+                 gain: float | None = None, buffer_size: int = 1, api: int | None = None, stamps: str = "auto",
+                 capture: Callable[[], Any] | None = None):
+        """stamps: "auto" (the driver's, where the backend gives them) or "host". capture: makes the
+        cv2.VideoCapture-like object to read (default: cv2.VideoCapture(device, api)); a scripted capture in the
+        tests, a vendor's wrapper in the field."""
+        if stamps not in ("auto", "host"):
+            raise SourceError(f"stamps must be auto or host, not {stamps!r}")
         super().__init__(str(device), modality)
-        self.device, self.api = device, api
+        self.device, self.api, self.stamps, self._make_capture = device, api, stamps, capture
+        self.clock = TimestampMapper()
+        self._device_stamps = False
+        self._last_t = 0
         self.settings = dict(fourcc=fourcc, width=width, height=height, fps=fps, exposure=exposure, gain=gain,
                              buffer_size=buffer_size)
         self.cap = None
@@ -28,7 +46,11 @@ class OpenCVSource(FrameSource):
     def open(self) -> None:
         import cv2
 
-        self.cap = cv2.VideoCapture(self.device, self.api) if self.api is not None else cv2.VideoCapture(self.device)
+        if self._make_capture is not None:
+            self.cap = self._make_capture()
+        else:
+            self.cap = (cv2.VideoCapture(self.device, self.api) if self.api is not None
+                        else cv2.VideoCapture(self.device))
         if not self.cap.isOpened():
             raise SourceError(f"cannot open camera {self.device!r} ({self.modality}); check `v4l2-ctl --list-devices`, "
                               "permissions (video group) and that no other process holds it")
@@ -46,16 +68,38 @@ class OpenCVSource(FrameSource):
             self.cap.set(cv2.CAP_PROP_GAIN, s["gain"])
         fps = float(self.cap.get(cv2.CAP_PROP_FPS) or 0.0)  # what the driver settled on (0: it does not say)
         self._negotiated_fps = fps if 0 < fps < 1000 else None
+        # only V4L2's POS_MSEC is the buffer's capture time (GStreamer's is a position query: opencv#19025)
+        self._device_stamps = self.stamps == "auto" and self.cap.getBackendName() == "V4L2"
 
     def grab(self) -> Frame | None:
+        import cv2
+
         if not self.cap.grab():
             raise SourceError(f"camera {self.device!r}: grab() failed")
-        t = time.monotonic_ns()
+        host = time.monotonic_ns()
+        device = None
+        if self._device_stamps:
+            ms = self.cap.get(cv2.CAP_PROP_POS_MSEC)
+            device = int(round(ms * 1e6)) if ms and ms > 0 else None
+        stamp = self.clock.map(device, host)
         img = self._retrieve(self.cap)
         if img is None:
             raise SourceError(f"camera {self.device!r}: retrieve() failed")
+        self._count_gaps(stamp.t_ns)
         self.seq += 1
-        return Frame(img, t, self.seq)
+        return Frame(img, stamp.t_ns, self.seq, {}, stamp.kind, stamp.dequeue_delay_ns)
+
+    def _count_gaps(self, t_ns: int) -> None:
+        """Frames the driver dropped, from gaps in the capture times (needs the rate)."""
+        fps = self.nominal_fps
+        if fps and self._last_t:
+            periods = (t_ns - self._last_t) * fps / 1e9
+            if periods > 1.5:
+                self.stats["dropped_gaps"] += int(round(periods)) - 1
+        self._last_t = t_ns
+
+    def report(self) -> dict:
+        return {**self.stats, **self.clock.report()}
 
     def close(self) -> None:
         if self.cap is not None:

@@ -81,7 +81,8 @@ class ReplaySource(FrameSource):
         # reader delayed by a busy CPU delivers late but never re-times a frame into its neighbour's slot
         t = self.t0 + self.seq * self.period_ns if self.paced else time.monotonic_ns()
         self.seq += 1
-        return Frame(img, t, self.seq, {"file_index": self.seq - 1})
+        return Frame(img, t, self.seq, {"file_index": self.seq - 1}, "scheduled" if self.paced else "host",
+                     time.monotonic_ns() - t if self.paced else 0)
 
     def close(self) -> None:
         if self.cap is not None:

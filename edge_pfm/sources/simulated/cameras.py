@@ -76,7 +76,9 @@ class SyntheticSource(FrameSource):
         if self.stamp_frames:  # stamping writes: give each frame its own copy
             img = stamp(self.pool.copy_of(img), self.k - 1, self.modality)
         self.seq += 1
-        return Frame(img, t, self.seq, {"label": scene.label, "index": self.k - 1})
+        # stamped like a driver's buffer: the exposure time, and how late this reader got the frame
+        return Frame(img, t, self.seq, {"label": scene.label, "index": self.k - 1}, "device",
+                     time.monotonic_ns() - t)
 
 
 def _parse_kv(text: str) -> dict[str, str]:

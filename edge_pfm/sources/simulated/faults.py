@@ -89,7 +89,7 @@ class FaultySource(FrameSource):
                 image = np.zeros((0, 0, 3), np.uint8)  # empty frame
             else:
                 image = None  # a driver that hands back nothing
-        return Frame(image, t, frame.seq, frame.meta)
+        return Frame(image, t, frame.seq, frame.meta, frame.stamp, frame.dequeue_delay_ns)
 
     def close(self) -> None:
         pass  # the inner source stays open across injected disconnects
