@@ -95,9 +95,7 @@ class PairedStream:
     def open(self) -> Tolerance:
         """Open every source and set the pairing tolerance from their rates. -> the tolerance (also logged)."""
         for s in self.sources.values():
-            if not s.opened:
-                s.open()
-                s.opened = True
+            s.ensure_open()
         self._set_tolerance({k: s.nominal_fps for k, s in self.sources.items()}, "negotiated")
         return self.tolerance
 

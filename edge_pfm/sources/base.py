@@ -68,7 +68,7 @@ class FrameSource:
 
     # -- what a source implements ------------------------------------------------------------------
     def open(self) -> None:
-        self.opened = True
+        pass
 
     def grab(self) -> Frame | None:
         raise NotImplementedError
@@ -99,14 +99,18 @@ class FrameSource:
     def start(self, on_frame: Callable[[Frame], None] | None = None) -> FrameSource:
         """Open (unless open already) and start the reader thread. `on_frame(frame)` is called in the reader thread
         for every frame; without it the newest frames are kept for take()."""
-        if not self.opened:
-            self.open()
-            self.opened = True
+        self.ensure_open()
         self.connected = True
         self._on_frame = on_frame
         self._thread = threading.Thread(target=self._run, name=f"source-{self.modality}", daemon=True)
         self._thread.start()
         return self
+
+    def ensure_open(self) -> None:
+        """open() once, whoever asks first (the runtime opens every camera before it writes the run header)."""
+        if not self.opened:
+            self.open()
+            self.opened = True
 
     def stop(self) -> None:
         self._stop.set()

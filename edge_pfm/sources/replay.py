@@ -47,7 +47,6 @@ class ReplaySource(FrameSource):
             self.fps = self.fps_override or self.cap.get(cv2.CAP_PROP_FPS) or 30.0
         self.period_ns = int(1e9 / self.fps)
         self.t0 = time.monotonic_ns()
-        self.opened = True
 
     def _read_next(self) -> np.ndarray | None:
         import cv2

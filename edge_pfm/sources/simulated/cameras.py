@@ -52,7 +52,6 @@ class SyntheticSource(FrameSource):
 
     def open(self) -> None:
         self.t0 = time.monotonic_ns() + int(self.phase_ns)
-        self.opened = True
 
     def grab(self) -> Frame | None:
         from edge_pfm.sources.simulated.stamp import stamp
