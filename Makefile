@@ -2,7 +2,10 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+# extras installed into .venv; CI adds gst (.ci/run installs the system packages it builds against)
+EXTRAS ?= export,test
+comma  := ,
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: test demo lint bench clean
 
@@ -10,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@echo "== bootstrapping $(VENV) (first run downloads ~400 MB of wheels)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[export,test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	@touch $@
 
 test: $(STAMP)

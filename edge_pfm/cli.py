@@ -8,9 +8,11 @@ from edge_pfm import __version__
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from edge_pfm.config import load_config
     from edge_pfm.info import describe
 
-    print(describe(args.bundle))
+    cams = (load_config(args.config) if args.config else {}).get("cameras", {})
+    print(describe(args.bundle, args.cache_dir, _camera_sources(args, cams, required=False), args.seconds))
     return 0
 
 
@@ -30,6 +32,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from edge_pfm.decision import DecisionConfig
     from edge_pfm.outputs import LOG_RETENTION, MIB, MIN_FREE_BYTES, VIDEO_RETENTION, Retention
     from edge_pfm.runtime import RunConfig, Runner, format_summary
+    from edge_pfm.runtime.modality import ModalityRule
     from edge_pfm.runtime.quality import GateConfig
 
     cfg = load_config(args.config) if args.config else {}
@@ -40,6 +43,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.no_gates:
             gates = GateConfig(enabled=False)
         decision = DecisionConfig.from_dict(cfg.get("decision", {}))
+        modality = ModalityRule.from_dict(cfg.get("modality", {}))
         out = cfg.get("outputs", {})
         outputs = {"log_retention": Retention.from_config(out, "log", LOG_RETENTION),
                    "video_retention": Retention.from_config(out, "video", VIDEO_RETENTION),
@@ -54,7 +58,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                        cache_dir=args.cache_dir or run_cfg.get("cache_dir"),
                        tolerance_ms=args.tolerance_ms or run_cfg.get("tolerance_ms"),
                        seconds=args.seconds, log=args.log, video=args.video, preview=args.preview,
-                       gates=gates, decision=decision, **outputs)
+                       gates=gates, decision=decision, modality=modality, **outputs)
     from edge_pfm.memory import limit_heap_fragmentation
 
     limit_heap_fragmentation()
@@ -130,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="versions, available backends, GPU/TensorRT, bundle summary")
     p.add_argument("--bundle", help="bundle directory to summarise")
+    p.add_argument("--cache-dir", help="engine cache with the checks and the measured pick (default "
+                                       "~/.cache/edge-pfm/engines)")
+    p.add_argument("--white", help="also probe this white-light camera (the run's source syntax)")
+    p.add_argument("--fluo", help="also probe this fluorescence camera")
+    p.add_argument("--alternating", help="also probe this alternating-illumination camera")
+    p.add_argument("--config", help="device.toml: its [cameras] are probed")
+    p.add_argument("--seconds", type=float, default=2.0, help="how long to probe the cameras (default 2)")
+    p.add_argument("--loop", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("build", help="build (or take from the cache) each engine and check it against the bundle's "

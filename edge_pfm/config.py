@@ -1,18 +1,20 @@
 """Device configuration file (TOML): cameras, gates, decision smoothing. CLI flags override it.
 
     [cameras.white_light]          # or [cameras.fluorescence]
-    source = "/dev/video0"
+    source = "/dev/v4l/by-id/usb-Vendor_Cam_SN1234-video-index0"   # a stable name: /dev/videoN can renumber
     fourcc = "MJPG"
     width = 1920
     height = 1080
     fps = 30
     [cameras.fluorescence]
-    source = "/dev/video2"
+    source = "serial:SN5678"       # or the camera's USB serial number
     exposure = 300                 # manual exposure: the fluorescence camera needs it
     gain = 8
     [gates.white_light]
     blur_min = 2.1
     glare_max = 0.04
+    [modality]                     # each camera's frames must look like its modality (runtime.modality)
+    fluo_green_share_min = 0.40
     [decision]
     method = "ema"
     alpha = 0.3
@@ -36,7 +38,7 @@ from typing import Any
 
 from edge_pfm.errors import EdgePfmError
 
-CAMERA_KEYS = {"source", "fourcc", "width", "height", "fps", "exposure", "gain", "buffer_size"}
+CAMERA_KEYS = {"source", "fourcc", "width", "height", "fps", "exposure", "gain", "buffer_size", "stamps"}
 OUTPUT_KEYS = {f"{o}_{k}" for o in ("log", "video") for k in ("rotate_mb", "rotate_minutes", "cap_mb")} | {"min_free_mb"}
 
 
@@ -70,9 +72,9 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {p} does not exist") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: invalid TOML ({exc})") from exc
-    unknown = set(cfg) - {"cameras", "gates", "decision", "run", "outputs"}
+    unknown = set(cfg) - {"cameras", "gates", "decision", "modality", "run", "outputs"}
     if unknown:
-        raise ConfigError(f"{p}: unknown sections {sorted(unknown)} (known: cameras, gates, decision, run, outputs)")
+        raise ConfigError(f"{p}: unknown sections {sorted(unknown)} (known: cameras, gates, decision, modality, run, outputs)")
     bad = set(cfg.get("outputs", {})) - OUTPUT_KEYS
     if bad:
         raise ConfigError(f"{p}: [outputs] unknown keys {sorted(bad)} (known: {sorted(OUTPUT_KEYS)})")

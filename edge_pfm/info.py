@@ -19,7 +19,15 @@ def _version(module: str) -> str:
         return f"broken ({type(exc).__name__}: {exc})"
 
 
-def describe(bundle: str | None = None) -> str:
+def describe(bundle: str | None = None, cache_dir: str | None = None, cameras: dict | None = None,
+             seconds: float = 2.0) -> str:
+    """Versions, backends, cached engines, the bundle (with cache_dir's checks and pick), and, given `cameras`
+    ({label: unstarted FrameSource}), what each camera delivers for `seconds` (sources.probe)."""
+    from pathlib import Path
+
+    from edge_pfm.engine.trt_build import DEFAULT_CACHE_DIR
+
+    cache = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR
     lines = [
         f"edge-pfm {__version__}  python {platform.python_version()}  {platform.machine()}  {sys.platform}",
     ]
@@ -30,9 +38,8 @@ def describe(bundle: str | None = None) -> str:
     ok, why = tensorrt_status()
     lines.append(f"  TensorRT backend: {'available' if ok else 'unavailable'} ({why})")
     from edge_pfm.engine.cache import find_any_engine
-    from edge_pfm.engine.trt_build import DEFAULT_CACHE_DIR
 
-    for e in find_any_engine(DEFAULT_CACHE_DIR) if DEFAULT_CACHE_DIR.is_dir() else []:
+    for e in find_any_engine(cache) if cache.is_dir() else []:
         lines.append(f"  cached engine {e['file']}: {e.get('precision')} TensorRT {e.get('trt_version')} "
                      f"{e.get('gpu_name')} sm{e.get('compute_capability')}")
     if bundle:
@@ -44,13 +51,17 @@ def describe(bundle: str | None = None) -> str:
         sel = select_backend(b, "auto", trt_status=(ok, why))
         lines.append(f"  backend  auto -> {sel.backend} {sel.precision}: {sel.reason}; {sel.precision_reason}")
         lines += _references(b)
-        lines += _precisions(b, sel.backend)
+        lines += _precisions(b, sel.backend, cache)
         from edge_pfm.lesion import map_verdict
 
         lines.append(f"  {map_verdict(b, sel.precision).describe()}")
         from edge_pfm.thread_plan import plan_threads
 
         lines.append(f"  {plan_threads(sel.backend).describe()}")
+    if cameras:
+        from edge_pfm.sources.probe import probe
+
+        lines += probe(cameras, seconds)
     return "\n".join(lines)
 
 
@@ -67,11 +78,10 @@ def _references(bundle) -> list[str]:
     return lines
 
 
-def _precisions(bundle, backend: str) -> list[str]:
-    from edge_pfm.engine.trt_build import DEFAULT_CACHE_DIR
+def _precisions(bundle, backend: str, cache) -> list[str]:
     from edge_pfm.precision_pick import ACCURACY_ORDER, allowed, cached_pick
 
-    pick = cached_pick(bundle, backend, DEFAULT_CACHE_DIR)
+    pick = cached_pick(bundle, backend, cache)
     if pick is not None:
         return [f"  {line}" for line in pick.describe()]
     lines = [f"  precision auto -> fp32: nothing measured on this device yet (edge-pfm build --bundle {bundle.root}); "

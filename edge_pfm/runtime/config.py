@@ -1,11 +1,12 @@
 """What a run is told: backend, pairing, outputs, gates and decision settings (the `edge-pfm run` flags and the
-config file's [run], [gates], [decision] and [outputs] sections)."""
+config file's [run], [gates], [decision], [modality] and [outputs] sections)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from edge_pfm.decision import DecisionConfig
 from edge_pfm.outputs import LOG_RETENTION, MIN_FREE_BYTES, VIDEO_RETENTION, Retention
+from edge_pfm.runtime.modality import ModalityRule
 from edge_pfm.runtime.quality import GateConfig
 
 
@@ -23,6 +24,7 @@ class RunConfig:
     preview: bool = False
     gates: GateConfig = field(default_factory=GateConfig)
     decision: DecisionConfig = field(default_factory=DecisionConfig)
+    modality: ModalityRule = field(default_factory=ModalityRule)  # each camera looks like its modality
     log_retention: Retention = LOG_RETENTION
     video_retention: Retention = VIDEO_RETENTION
     min_free_bytes: int = MIN_FREE_BYTES  # the preflight's spare space on each output's filesystem

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_pfm.preprocess import PreprocessSpec
+from edge_pfm.runtime.modality import ModalityWatch
 from edge_pfm.runtime.pairing import AlternatingPairer, Pair, TimestampPairer
 from edge_pfm.runtime.prepare import Prepared, Rejected, prepare_input
 from edge_pfm.runtime.quality import GateConfig
@@ -68,9 +69,11 @@ class Tolerance:
 
 class PairedStream:
     def __init__(self, sources: dict[str, FrameSource], specs: dict[str, PreprocessSpec], gates: GateConfig,
-                 tolerance_ms: float | None = None, on_error: Callable[[BaseException], None] | None = None):
+                 tolerance_ms: float | None = None, on_error: Callable[[BaseException], None] | None = None,
+                 watch: ModalityWatch | None = None):
         """sources: {"white_light": s, "fluorescence": s}, or {"camera": s} for one alternating sensor.
-        on_error(exc): a reader thread hit a bug (not a bad frame): the runner stops and raises it."""
+        on_error(exc): a reader thread hit a bug (not a bad frame): the runner stops and raises it.
+        watch: judges each camera's frames against its modality now and then (two cameras only)."""
         if set(sources) not in ({"white_light", "fluorescence"}, {CAMERA}):
             raise ValueError("give both white_light and fluorescence sources, or one alternating camera")
         self.sources = sources
@@ -85,6 +88,7 @@ class PairedStream:
         self.last_bad_frame: str | None = None
         self.last_pair_ns = 0
         self.on_error = on_error
+        self.watch = None if self.alternating else watch
         self._lock = threading.Lock()  # the pairer, the prepared frames and the counters
         self._prepared: dict[str, collections.OrderedDict[int, Prepared | Rejected]] = {
             k: collections.OrderedDict() for k in sources}
@@ -179,6 +183,8 @@ class PairedStream:
         finally:  # after the pair (if any) is handed to inference: the gates, while the model runs
             for p in to_measure:
                 p.measure_gates()
+            if self.watch is not None and self.watch.wants(label, frame.t_capture_ns):
+                self.watch.observe(label, frame.t_capture_ns, frame.image)
 
     def _pair(self, label: str, frame: Frame, prepared: Prepared | Rejected | None, to_measure: list[Prepared]) -> None:
         with self._lock:

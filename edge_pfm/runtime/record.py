@@ -1,7 +1,8 @@
 """The decision record: one line of the decision log per decision, its schema in one place.
 
 Every record has RECORD_KEYS; a record made from a pair (not a no_signal) also has PAIR_KEYS, and the pair's
-truth where the sources know it (label_white/label_fluo from synthetic cameras, file_index_* from replays).
+truth where the sources know it (label_white/label_fluo from synthetic cameras, file_index_* from replays,
+offset_* from GStreamer sources that number their buffers).
 Latency (ms) runs from the older frame's capture to the decision, split into LATENCY_STAGES.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ PAIR_KEYS = ("seq_white", "seq_fluo", "t_capture_white_ns", "t_capture_fluo_ns",
 # for its partner (the cameras' phase offset, not the software's); software: the newer frame's capture to the
 # decision (what the software adds)
 LATENCY_STAGES = ("pair_wait", "preprocess", "queue", "infer", "decide", "total", "phase", "software")
-TRUTH_KEYS = ("label", "index", "file_index")
+TRUTH_KEYS = ("label", "index", "file_index", "offset")  # offset: a GStreamer buffer's number (videotestsrc, v4l2src)
 
 
 def latencies(work: PreparedPair, t_infer_ns: int, t_inferred_ns: int, t_decided_ns: int) -> dict[str, float]:

@@ -24,6 +24,7 @@ from edge_pfm.outputs import preflight
 from edge_pfm.runtime.config import RunConfig
 from edge_pfm.runtime.health import SourceHealth, signal_problem
 from edge_pfm.runtime.latency_window import LatencyWindow
+from edge_pfm.runtime.modality import ModalityWatch
 from edge_pfm.runtime.paired_stream import CAMERA, PairedStream, PreparedPair
 from edge_pfm.runtime.record import LATENCY_STAGES, DecisionEvent, RunContext, latencies
 from edge_pfm.runtime.sinks import MemorySink, ObserverSink, RunStart, Sink, sinks_from_config
@@ -39,6 +40,10 @@ LATENCY_WINDOW = 20_000  # latency samples kept per stage: the summary covers th
 BACKEND_LOAD_S = 120.0  # the engine is built or loaded before the cameras start
 
 
+class CamerasMismatched(RuntimeFailure):
+    """A camera's first frames look like the other modality (swapped cameras): the run does not start."""
+
+
 class Runner:
     def __init__(self, bundle: str | Path | Bundle, white: FrameSource | None = None, fluo: FrameSource | None = None,
                  alternating: FrameSource | None = None, config: RunConfig | None = None, classifier: Classifier | None = None,
@@ -48,8 +53,9 @@ class Runner:
         self.cfg = config or RunConfig()
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         sources = {CAMERA: alternating} if alternating is not None else {"white_light": white, "fluorescence": fluo}
+        self.modality = None if alternating is not None else ModalityWatch(self.cfg.modality)
         self.stream = PairedStream(sources, self.bundle.preprocessing, self.cfg.gates, self.cfg.tolerance_ms,
-                                   on_error=self._crashed)
+                                   on_error=self._crashed, watch=self.modality)
         self.sources: list[FrameSource] = list(sources.values())
         self.classifier: Classifier | None = classifier  # built in the inference thread when None
         self.engine: DecisionEngine | None = None
@@ -144,6 +150,8 @@ class Runner:
                 self._emit(engine.reject(t1), work, None, t0, t1)
                 continue
             gate_flags = [f"{m}:{flag}" for m, fl in work.gates.items() for flag in fl]
+            if self.modality is not None:
+                gate_flags += self.modality.flags()  # a camera that now looks like the other one: swapped?
             self._emit(engine.update(result.prob_vector, t1, gate_flags, result.lesion_map), work,
                        result.prob_vector, t0, t1)
 
@@ -208,8 +216,11 @@ class Runner:
             raise
         self.t_start_ns = time.monotonic_ns()
         self.stream.start()
-        self.started.set()
         try:
+            why = self.modality.refusal() if self.modality is not None else None
+            if why:  # before the first decision: a swapped camera would be classified with full confidence
+                raise CamerasMismatched(why)
+            self.started.set()
             deadline = None if seconds is None else time.monotonic() + seconds
             while not self.stop_event.is_set():
                 if deadline is not None and time.monotonic() >= deadline:
@@ -317,6 +328,7 @@ class Runner:
             "gated": self.engine.stats["gated"] if self.engine else 0,
             "rejected_nonfinite": self.engine.stats["rejected_nonfinite"] if self.engine else 0,
             "bad_frames": self.stream.stats["bad_frames"],
+            "modality": self.modality.report() if self.modality is not None else None,
             "infer_errors": self.counts["infer_errors"],
             "latency_ms": {k: percentiles(v) for k, v in self.timings.items()},
             "backend": self.classifier.backend.describe() if self.classifier else None,

@@ -21,6 +21,7 @@ def format_summary(s: dict[str, Any]) -> str:
              f"gated {s['gated']}, rejected {s['rejected_nonfinite']}, bad frames {s['bad_frames']}",
              f"decisions {s['decisions']}",
              f"sources {s['sources']}",
+             *([f"modality (judged frames, camera:looks like) {s['modality']}"] if s.get("modality") else []),
              *([f"{s['tolerance']['describe']}"] if s.get("tolerance") else []),
              *([f"thread plan {s['thread_plan']}"] if s.get("thread_plan") else []),
              *([s["lesion_map"]] if s.get("lesion_map") else []),

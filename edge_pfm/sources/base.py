@@ -65,6 +65,7 @@ class FrameSource:
         self._on_frame: Callable[[Frame], None] | None = None
         self._last_shape: tuple[int, ...] | None = None
         self._intervals: collections.deque[int] = collections.deque(maxlen=FPS_WINDOW)
+        self._last_gap_t = 0
 
     # -- what a source implements ------------------------------------------------------------------
     def open(self) -> None:
@@ -94,6 +95,15 @@ class FrameSource:
             return None
         self._last_shape = img.shape
         return img
+
+    def _count_gaps(self, t_ns: int) -> None:
+        """Frames the driver dropped, from gaps in the capture times (needs the rate)."""
+        fps = self.nominal_fps
+        if fps and self._last_gap_t:
+            periods = (t_ns - self._last_gap_t) * fps / 1e9
+            if periods > 1.5:
+                self.stats["dropped_gaps"] += int(round(periods)) - 1
+        self._last_gap_t = t_ns
 
     # -- the reader thread -----------------------------------------------------------------------
     def start(self, on_frame: Callable[[Frame], None] | None = None) -> FrameSource:
@@ -140,9 +150,8 @@ class FrameSource:
                 self.stats["read_errors"] += 1
                 self.connected = False
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                if not self.reconnect:
+                if not self.reconnect or self._stop.wait(backoff):  # stopped while failing: do not reopen
                     break
-                self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
                 try:
                     self.close()

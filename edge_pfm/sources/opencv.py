@@ -32,7 +32,6 @@ class OpenCVSource(FrameSource):
         self.device, self.api, self.stamps, self._make_capture = device, api, stamps, capture
         self.clock = TimestampMapper()
         self._device_stamps = False
-        self._last_t = 0
         self.settings = dict(fourcc=fourcc, width=width, height=height, fps=fps, exposure=exposure, gain=gain,
                              buffer_size=buffer_size)
         self.cap = None
@@ -88,15 +87,6 @@ class OpenCVSource(FrameSource):
         self._count_gaps(stamp.t_ns)
         self.seq += 1
         return Frame(img, stamp.t_ns, self.seq, {}, stamp.kind, stamp.dequeue_delay_ns)
-
-    def _count_gaps(self, t_ns: int) -> None:
-        """Frames the driver dropped, from gaps in the capture times (needs the rate)."""
-        fps = self.nominal_fps
-        if fps and self._last_t:
-            periods = (t_ns - self._last_t) * fps / 1e9
-            if periods > 1.5:
-                self.stats["dropped_gaps"] += int(round(periods)) - 1
-        self._last_t = t_ns
 
     def report(self) -> dict:
         return {**self.stats, **self.clock.report()}
