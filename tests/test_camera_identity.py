@@ -25,6 +25,7 @@ def test_each_modality_looks_like_itself_and_grey_or_dark_frames_claim_nothing(p
     assert looks_like(grey, rule) is None
     assert looks_like((pairs[0][0] // 40).astype(np.uint8), rule) is None  # too dark to say
     assert looks_like(grey[..., 0], rule) is None  # a mono camera
+    assert looks_like(None, rule) is None and looks_like(np.empty((0, 0, 3), np.uint8), rule) is None
 
 
 def _watch(frames_by_camera, rule=None):

@@ -51,8 +51,8 @@ def colour_shares(image: np.ndarray) -> tuple[float, float, float, float]:
 
 def looks_like(image: np.ndarray, rule: ModalityRule) -> str | None:
     """'white_light', 'fluorescence', or None (a grey or dark frame, or one camera's frames in mono)."""
-    if image.ndim != 3 or image.shape[2] < 3:
-        return None
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] < 3 or image.size == 0:
+        return None  # an empty or broken frame is preprocessing's to refuse (bad_frames), not a modality
     b, g, r, level = colour_shares(image)
     if level < rule.dark_mean_max:
         return None
@@ -89,7 +89,7 @@ class ModalityWatch:
             self.counts[f"{modality}:{verdict or 'unclear'}"] += 1
             first = self._first[modality]
             if len(first) < self.rule.first_frames:
-                first.append((verdict, colour_shares(image) if image.ndim == 3 else None))
+                first.append((verdict, colour_shares(image) if verdict is not None else None))
                 if all(len(f) >= self.rule.first_frames for f in self._first.values()):
                     self._ready.set()
             self._judged[modality].append(verdict)
