@@ -22,7 +22,7 @@ def _version(module: str) -> str:
 def describe(bundle: str | None = None, cache_dir: str | None = None, cameras: dict | None = None,
              seconds: float = 2.0) -> str:
     """Versions, backends, cached engines, the bundle (with cache_dir's checks and pick), and, given `cameras`
-    ({label: unstarted FrameSource}), what each camera delivers for `seconds` (sources.probe)."""
+    ({label: unstarted FrameSource}), what each camera delivers for `seconds` (runtime.camera_probe)."""
     from pathlib import Path
 
     from edge_pfm.engine.trt_build import DEFAULT_CACHE_DIR
@@ -59,7 +59,7 @@ def describe(bundle: str | None = None, cache_dir: str | None = None, cameras: d
 
         lines.append(f"  {plan_threads(sel.backend).describe()}")
     if cameras:
-        from edge_pfm.sources.probe import probe
+        from edge_pfm.runtime.camera_probe import probe
 
         lines += probe(cameras, seconds)
     return "\n".join(lines)
