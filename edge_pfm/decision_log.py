@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_pfm.errors import RuntimeFailure
+from edge_pfm.errors import InvalidArgument, RuntimeFailure, run_command
 from edge_pfm.outputs import LOG_RETENTION, Retention, enforce_cap, files_in_order, next_segment, rotatable
 
 HEADER = "run_header"
@@ -203,12 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("log", help="the decision log (--log of edge-pfm run); its rotated files are read too")
     ap.add_argument("line", nargs="?", type=int, help="decision number, 1-based (default: the last)")
     args = ap.parse_args(argv)
-    try:
-        print(describe_trace(trace(args.log, args.line)))
-    except (OSError, IndexError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    def body() -> None:
+        if not Path(args.log).is_file():
+            raise InvalidArgument(f"{args.log}: no such decision log (give the --log path of edge-pfm run)")
+        try:
+            print(describe_trace(trace(args.log, args.line)))
+        except IndexError as exc:
+            raise InvalidArgument(str(exc)) from None
+
+    return run_command(body)
 
 
 if __name__ == "__main__":

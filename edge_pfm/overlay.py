@@ -72,6 +72,8 @@ class AnnotatedVideo:
         self.failure: VideoWriteError | None = None
         self.removed: list[Path] = []
         self._file_frames, self._opened, self._size, self._stuck = 0, 0.0, -1, 0
+        self._frame_bytes = 0.0  # bytes a frame took in the last finished file
+        self._overshoot = 0  # bytes a finished file passed rotate_bytes by (the encoder's unflushed buffer)
         self._last = None  # the last item drawn (show_failure redraws it)
         self.rate = collections.deque(maxlen=30)
         self.thread = threading.Thread(target=self._loop, name="video", daemon=True)
@@ -106,7 +108,13 @@ class AnnotatedVideo:
         if not self._file_frames:
             return False
         size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
-        return bool((r.rotate_bytes and size >= r.rotate_bytes)
+        # rotate before the file would pass rotate_bytes (so the cap holds): room for two more frames, their AVI
+        # index entries and what FFmpeg has not flushed yet (its 32 KiB buffer)
+        room = 2 * size / self._file_frames + 64 * 1024
+        if self._frame_bytes:  # a finished file measured the true bytes a frame: lagging getsize is not needed
+            size = max(size, self._file_frames * self._frame_bytes)
+            room = max(room, 2 * self._frame_bytes)
+        return bool((r.rotate_bytes and size + room >= r.rotate_bytes)
                     or (r.rotate_seconds and time.monotonic() - self._opened >= r.rotate_seconds))
 
     def _check_growth(self) -> None:
@@ -124,9 +132,14 @@ class AnnotatedVideo:
             if self.writer is not None and self._rotate_due():
                 self.writer.release()
                 self.writer = None
+                final = os.path.getsize(self.path)
+                self._frame_bytes = final / self._file_frames
+                if self.retention.rotate_bytes:  # FFmpeg's buffer lets a file pass the size a little: measured
+                    self._overshoot = max(self._overshoot, final - self.retention.rotate_bytes)
                 os.replace(self.path, next_segment(Path(self.path)))
+                # room for the new file to grow into, with twice the overshoot seen, so the total stays under the cap
                 self.removed += enforce_cap(Path(self.path), self.retention.cap_bytes, f"video {self.path}",
-                                            self.retention.rotate_bytes or 0)
+                                            (self.retention.rotate_bytes or 0) + 2 * self._overshoot)
             if self.writer is None:
                 self._open_writer(frame)
             self.writer.write(frame)

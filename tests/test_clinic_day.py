@@ -182,3 +182,35 @@ def test_every_line_says_which_engine_made_it(calibrated_bundle, tmp_path):
     assert h["engine"]["flavour"] == "onnxruntime" and h["config_sha256"] == runner.cfg.digest()
     r = subprocess.run([sys.executable, "-m", "edge_pfm.decision_log", str(log), "3"], capture_output=True, text=True)
     assert r.returncode == 0 and "engine onnxruntime" in r.stdout and "matches" in r.stdout, r.stdout + r.stderr
+
+
+def test_video_and_log_rotate_by_size_and_by_time_under_their_caps(calibrated_bundle, tmp_path):
+    """A real run: the video rotates by size under a cap that removes its oldest files, the log by age. Every kept
+    video file is a whole, readable AVI; the log's files hold every decision once, in order."""
+    import cv2
+
+    video, log = tmp_path / "v.avi", tmp_path / "d.jsonl"
+    rotate, cap = int(0.4 * (1 << 20)), int(2.0 * (1 << 20))
+    config = _config(tmp_path, video_rotate_mb=0.4, video_rotate_minutes=0, video_cap_mb=2.0, log_rotate_mb=0,
+                     log_rotate_minutes=0.04, log_cap_mb=0)  # the log: a new file every 2.4 s
+    r = _run("run", "--bundle", calibrated_bundle, "--backend", "onnxruntime", "--white", "synthetic", "--fluo",
+             "synthetic", "--seconds", "8", "--video", video, "--log", log, "--config", config)
+    assert r.returncode == 0, r.stderr[-3000:]
+    videos = files_in_order(video)
+    assert len(videos) >= 3 and "removed the oldest file" in r.stderr  # it rotated, and the cap removed some
+    assert videos[0].name != "v.000001.avi"  # the oldest went first
+    assert sum(f.stat().st_size for f in videos) <= cap
+    for f in videos:
+        assert f.stat().st_size <= rotate + (256 << 10), f  # past the size by at most FFmpeg's unflushed frames
+        cap_ = cv2.VideoCapture(str(f))
+        frames = 0
+        while cap_.read()[0]:
+            frames += 1
+        cap_.release()
+        assert frames > 0, f"{f} does not read back"
+    logs = files_in_order(log)
+    assert len(logs) >= 3  # 8 s at one file per 2.4 s
+    records, bad = read_log(log)
+    numbers = [rec["n"] for rec in records]
+    assert bad == 0 and numbers == list(range(1, len(numbers) + 1)) and len(numbers) > 100
+    assert all(f.read_text().splitlines()[0].startswith('{"type":"run_header"') for f in logs)

@@ -58,6 +58,24 @@ def test_backend_unavailable(calibrated_bundle, command):
     assert r.returncode == ExitCode.UNAVAILABLE and "TensorRT" in _one_line_error(r)
 
 
+def test_a_bug_exits_1_with_its_traceback():
+    """An unexpected exception is not an anticipated failure: run_command lets it through, so the command exits 1
+    and the traceback names where it happened (what a bug report needs)."""
+    r = subprocess.run([sys.executable, "-c", "import sys; from edge_pfm.errors import run_command; "
+                        "sys.exit(run_command(lambda: {}['no such key']))"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == ExitCode.BUG
+    assert "Traceback" in r.stderr and "KeyError: 'no such key'" in r.stderr
+
+
+@pytest.mark.parametrize("argv, says", [(["missing.jsonl"], "missing.jsonl: no such decision log"),
+                                        (["{log}", "99"], "holds 0 decisions; there is no decision 99")])
+def test_the_log_reader_says_what_is_wrong_in_one_line(tmp_path, argv, says):
+    log = tmp_path / "empty.jsonl"
+    log.write_text("")
+    r = _run("edge_pfm.decision_log", *[a.format(log=log) for a in argv])
+    assert r.returncode == ExitCode.BAD_INPUT and says in _one_line_error(r)
+
+
 def test_runtime_failure_on_a_full_disk(calibrated_bundle):
     """/dev/full: every write fails with ENOSPC, as on a full filesystem."""
     r = _run("edge_pfm", "run", "--bundle", str(calibrated_bundle), "--backend", "onnxruntime", "--white", "synthetic",
