@@ -56,9 +56,14 @@ class PairChecker:
         self.last = {"w": wi, "f": fi}
 
 
+WARM_UP_S = 300  # pools, caches and the allocator fill in the first minutes: the trend is taken after them
+
+
 def _trend(rows: list[dict], value) -> float | None:
-    """Least-squares slope in MB/h over the per-minute samples: a leak is a trend, not one noisy end sample."""
-    pts = [(r["t_s"], value(r)) for r in rows if value(r) is not None]
+    """Least-squares slope in MB/h over the per-minute samples after the warm-up (all of them in a short run): a
+    leak is a trend, not one noisy end sample."""
+    settled = [r for r in rows if r["t_s"] >= WARM_UP_S]
+    pts = [(r["t_s"], value(r)) for r in (settled if len(settled) >= 3 else rows) if value(r) is not None]
     if len(pts) < 3:
         return None
     return round(float(np.polyfit([t for t, _ in pts], [v for _, v in pts], 1)[0]) * 3600, 2)
@@ -141,7 +146,6 @@ def main() -> int:
     result = {
         "minutes": args.minutes, "rss_start_mb": rss_start, "rss_end_mb": round(rss_end, 1),
         "rss_growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2), "rss_series": rss,
-        # least-squares slope over the per-minute samples: a leak is a trend, not one noisy end sample
         "rss_trend_mb_per_hour": _trend(rss, lambda r: r["rss_mb"]),
         "python_heap_trend_mb_per_hour": _trend(rss, lambda r: r.get("python_heap_mb")),
         "native_in_use_trend_mb_per_hour": _trend(rss, lambda r: (r["native"] or {}).get("in_use")),
