@@ -3,7 +3,8 @@
 
 One pass over paired calibration data (through edge_pfm's own preprocessing) gives symmetric
 activation ranges by each method; the INT8 recipe is chosen on val pairs (calibration/mixed.py): the range
-method, and, when full INT8 misses the margin (val agreement lower bound >= 99.3 %), the most sensitive layers
+method, and, when full INT8 misses the margin (val agreement lower bound >= 99.3 % and a >= 95 % predicted
+chance that the gate's held-out set passes: at most 4 of 2000 val pairs differing), the most sensitive layers
 kept float, as long as >= 80 % of the conv/matmul layers stay Int8. From the recipe: model.int8.onnx (explicit
 Q/DQ) and calibration.cache (TensorRT text format). model.fp16.onnx is the FP16-typed model strongly typed
 TensorRT builds for FP16. Each ONNX passes onnx.checker's full check and a TensorRT-RTX build before it is
@@ -15,7 +16,8 @@ to BUNDLE.int8-rejected/).
 Three disjoint sets, checked by content hash: a labelled --data without --eval is split (export/splits.py: its
 split column, else grouped and stratified; the trainer's own when the model was trained on it): train
 calibrates, val tunes the recipe, test gates. A --data with --eval (or unlabelled) keeps 20 % of its pairs back
-as val (at least 100 pairs in all, at most 1000 val); --synthetic renders its own val pairs. Pairs are read from
+as val (at least 100 pairs in all, at most 1000 val); --synthetic renders its own val pairs (at the
+held-out pairs' resolution when those are synthetic too). Pairs are read from
 disk in chunks. The bundle is updated atomically: on any failure it is left exactly as it was (exit 2 for bad
 input). No PyTorch needed.
 

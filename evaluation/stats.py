@@ -50,3 +50,29 @@ def paired_delta(ref_correct: np.ndarray, new_correct: np.ndarray, seed: int = 0
     lo, hi = np.percentile(boot, [2.5, 97.5])
     return {"n": n, "delta": float(diff.mean()), "ci95": [float(lo), float(hi)], "lost": lost, "gained": gained,
             "mcnemar_p_loss": mcnemar_exact(lost, gained)}
+
+
+def max_failures(n: int, floor: float) -> int:
+    """The most failures of n trials whose Wilson lower bound still reaches `floor` (-1: not even none)."""
+    k = -1
+    while k + 1 <= n and wilson(n - (k + 1), n)[0] >= floor - 1e-9:
+        k += 1
+    return k
+
+
+def predicted_pass(successes: int, n: int, future_n: int, floor: float) -> float:
+    """The chance that a new sample of future_n trials from the same population shows a Wilson lower bound >=
+    `floor`, given `successes` of n seen: the beta-binomial predictive of the failures under the Jeffreys
+    posterior of the failure rate. It is how val predicts the gate's held-out set: the same bound, its own
+    sampling noise on both sides."""
+    allowed = max_failures(future_n, floor)
+    if allowed < 0:
+        return 0.0
+    a, b = n - successes + 0.5, successes + 0.5
+    log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+    def log_pmf(k: int) -> float:
+        return (math.lgamma(future_n + 1) - math.lgamma(k + 1) - math.lgamma(future_n - k + 1)
+                + math.lgamma(k + a) + math.lgamma(future_n - k + b) - math.lgamma(future_n + a + b) - log_beta)
+
+    return min(1.0, sum(math.exp(log_pmf(k)) for k in range(allowed + 1)))

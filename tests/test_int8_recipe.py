@@ -9,7 +9,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from calibration.data import PairReader, synthetic_pair_chunks, synthetic_pairs
-from calibration.mixed import ValSet, choose_recipe, layer_block, margin_target, quantizable_layers
+from calibration.mixed import ValScore, ValSet, choose_recipe, layer_block, margin_target, quantizable_layers
 from calibration.qdq import quantize_qdq
 from calibration.ranges import METHODS, compute_all_ranges, entropy_amax
 from edge_pfm.bundle import Bundle
@@ -114,10 +114,35 @@ def test_entropy_clips_a_gaussians_outliers():
 
 
 def test_a_val_set_too_small_for_the_margin_asks_for_full_agreement():
-    meets, words = margin_target(300)
+    meets, words = margin_target(300, gate_pairs=2000)
     assert "every val pair" in words and "545" in words
-    meets_big, words_big = margin_target(2000)
-    assert "lower bound" in words_big
+    assert meets(ValScore(300, 300, 0.0)) and not meets(ValScore(299, 300, 0.0))
+    # a gate on too few held-out pairs: no val set can predict it passing
+    assert "too small" in margin_target(2000, gate_pairs=300)[1]
+
+
+def test_the_margin_is_what_predicts_the_gate_passing_on_its_own_held_out_set():
+    from calibration.mixed import PASS_PROBABILITY, allowed_disagreements
+    from evaluation.stats import predicted_pass
+
+    # the lower bound alone allows 6 of 2000 val pairs to differ: a ~91 % chance for the gate's 2000 pairs
+    assert allowed_disagreements(2000) == 6 and 0.85 < predicted_pass(1994, 2000, 2000, 0.99) < PASS_PROBABILITY
+    allowed = allowed_disagreements(2000, gate_pairs=2000)
+    assert allowed == 4 and predicted_pass(2000 - allowed, 2000, 2000, 0.99) >= PASS_PROBABILITY
+    meets, words = margin_target(2000, gate_pairs=2000)
+    assert meets(ValScore(1996, 2000, 0.0)) and not meets(ValScore(1995, 2000, 0.0)) and "at most 4 of 2000" in words
+
+
+def test_predicted_pass_matches_a_simulation_of_val_and_gate():
+    from evaluation.stats import max_failures, predicted_pass
+
+    rng = np.random.default_rng(0)
+    allowed = max_failures(2000, 0.99)
+    assert allowed == 11  # the README's figure: 11 of 2000 may differ at the gate
+    for seen in (2, 5, 9):  # a rate drawn from the Jeffreys posterior, then the gate's own 2000-pair sample
+        rate = rng.beta(seen + 0.5, 2000 - seen + 0.5, 200_000)
+        simulated = float((rng.binomial(2000, rate) <= allowed).mean())
+        assert abs(predicted_pass(2000 - seen, 2000, 2000, 0.99) - simulated) < 0.005, seen
 
 
 def test_a_qat_that_loses_is_discarded_and_the_bundle_keeps_the_trained_weights(tiny_checkpoint, tmp_path):
