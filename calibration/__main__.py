@@ -3,9 +3,9 @@
 
 One pass over paired calibration data (through edge_pfm's own preprocessing) gives symmetric
 activation ranges by each method; the INT8 recipe is chosen on val pairs (calibration/mixed.py): the range
-method, and, when full INT8 misses the margin (val agreement lower bound >= 99.3 % and a >= 95 % predicted
-chance that the gate's held-out set passes: at most 4 of 2000 val pairs differing), the most sensitive layers
-kept float, as long as >= 80 % of the conv/matmul layers stay Int8. From the recipe: model.int8.onnx (explicit
+method, and, when full INT8 misses the margin (val agreement lower bound >= 99.3 % and a >= 90 % predicted
+chance that the gate's held-out set passes: at most 6 of 2000 val pairs differing against 2000 held-out
+pairs), the most sensitive layers kept float, as long as >= 80 % of the conv/matmul layers stay Int8. From the recipe: model.int8.onnx (explicit
 Q/DQ) and calibration.cache (TensorRT text format). model.fp16.onnx is the FP16-typed model strongly typed
 TensorRT builds for FP16. Each ONNX passes onnx.checker's full check and a TensorRT-RTX build before it is
 written (exit 2 with the parser's node and message otherwise). INT8 and FP16 accuracy are measured against FP32

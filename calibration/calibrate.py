@@ -53,7 +53,7 @@ FP16_METHOD = ("model.fp16.onnx run on ONNX Runtime CPU (FP16-typed graph, float
                "float32; ORT computes FP16 ops without a CPU kernel in float32 between FP16 tensors)")
 RANGES = ("auto", "ptq", "qat")
 EVAL_SYNTHETIC = 2000  # synthetic held-out pairs by default: the gate's 99 % needs >= ~380, a narrow interval 2000
-# synthetic val pairs: the margin needs >= 545 at full agreement, and at 2000 (with 2000 held-out pairs) allows 5
+# synthetic val pairs: the margin needs >= 545 at full agreement, and at 2000 (with 2000 held-out pairs) allows 6
 # disagreements; rendered like the synthetic held-out pairs (at their resolution): val must predict the gate
 VAL_SYNTHETIC = 2000
 VAL_SHARE, VAL_MAX, VAL_MIN_DATA = 0.2, 1000, 100  # val held back from a --data without a split column
