@@ -1,4 +1,4 @@
-"""`edge-pfm` command line: info, build, run, selftest, bench."""
+"""`edge-pfm` command line: info, build, run, record, selftest, bench."""
 from __future__ import annotations
 
 import argparse
@@ -25,18 +25,15 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    import json
-
-    from edge_pfm.config import ConfigError, load_config
+def _run_config(args: argparse.Namespace, cfg: dict):
+    """The RunConfig of `run` and `record`: the flags over the config file's sections."""
+    from edge_pfm.config import ConfigError
     from edge_pfm.decision import DecisionConfig
     from edge_pfm.outputs import LOG_RETENTION, MIB, MIN_FREE_BYTES, VIDEO_RETENTION, Retention
-    from edge_pfm.runtime import RunConfig, Runner, format_summary
+    from edge_pfm.runtime import RunConfig
     from edge_pfm.runtime.modality import ModalityRule
     from edge_pfm.runtime.quality import GateConfig
 
-    cfg = load_config(args.config) if args.config else {}
-    cams = cfg.get("cameras", {})
     run_cfg = cfg.get("run", {})
     try:
         gates = GateConfig.from_dict(cfg.get("gates", {}))
@@ -50,25 +47,56 @@ def _cmd_run(args: argparse.Namespace) -> int:
                    "min_free_bytes": int(float(out.get("min_free_mb", MIN_FREE_BYTES / MIB)) * MIB)}
     except (ValueError, TypeError) as exc:  # the dataclasses' own checks
         raise ConfigError(f"{args.config}: {exc}") from None
+    return RunConfig(backend=args.backend or run_cfg.get("backend", "auto"),
+                     precision=args.precision or run_cfg.get("precision"),
+                     threads=args.threads or run_cfg.get("threads"),
+                     cache_dir=args.cache_dir or run_cfg.get("cache_dir"),
+                     tolerance_ms=args.tolerance_ms or run_cfg.get("tolerance_ms"),
+                     seconds=args.seconds, log=args.log, video=getattr(args, "video", None),
+                     preview=getattr(args, "preview", False), gates=gates, decision=decision, modality=modality,
+                     **outputs)
 
-    sources = _camera_sources(args, cams)
-    config = RunConfig(backend=args.backend or run_cfg.get("backend", "auto"),
-                       precision=args.precision or run_cfg.get("precision"),
-                       threads=args.threads or run_cfg.get("threads"),
-                       cache_dir=args.cache_dir or run_cfg.get("cache_dir"),
-                       tolerance_ms=args.tolerance_ms or run_cfg.get("tolerance_ms"),
-                       seconds=args.seconds, log=args.log, video=args.video, preview=args.preview,
-                       gates=gates, decision=decision, modality=modality, **outputs)
-    from edge_pfm.memory import limit_heap_fragmentation
 
-    limit_heap_fragmentation()
-    runner = Runner(args.bundle, config=config, **sources)
-    summary = runner.run(install_signal_handlers=True)
+def _write_summary(args: argparse.Namespace, summary: dict) -> None:
+    import json
+
+    from edge_pfm.runtime import format_summary
+
     print(format_summary(summary))
     if args.summary_json:
         from edge_pfm.fileio import atomic_write_text
 
         atomic_write_text(args.summary_json, json.dumps(summary, indent=2) + "\n")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from edge_pfm.config import load_config
+    from edge_pfm.memory import limit_heap_fragmentation
+    from edge_pfm.runtime import Runner
+
+    cfg = load_config(args.config) if args.config else {}
+    config = _run_config(args, cfg)
+    sources = _camera_sources(args, cfg.get("cameras", {}))
+    limit_heap_fragmentation()
+    runner = Runner(args.bundle, config=config, **sources)
+    _write_summary(args, runner.run(install_signal_handlers=True))
+    return 0
+
+
+def _cmd_record(args: argparse.Namespace) -> int:
+    from edge_pfm.config import load_config
+    from edge_pfm.memory import limit_heap_fragmentation
+    from edge_pfm.recording import record
+
+    cfg = load_config(args.config) if args.config else {}
+    config = _run_config(args, cfg)
+    sources = _camera_sources(args, cfg.get("cameras", {}))
+    limit_heap_fragmentation()
+    summary = record(args.bundle, sources, args.out, args.mode, pairs=args.pairs, every_s=args.every,
+                     keep_gated=args.keep_gated, codec=args.codec, max_mb=args.max_mb, config=config)
+    _write_summary(args, summary)
+    rec = summary["outputs"].get("recording") or summary["outputs"].get("dataset") or {}
+    print(f"recorded into {args.out}: " + ", ".join(f"{k} {v}" for k, v in rec.items() if k != "path"))
     return 0
 
 
@@ -125,6 +153,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _camera_and_run_options(p: argparse.ArgumentParser) -> None:
+    """The camera, backend and output options `record` shares with `run`."""
+    p.add_argument("--white", help="white-light source: 0 | /dev/videoN | gst:PIPELINE | FILE | FOLDER | synthetic[:k=v,...]")
+    p.add_argument("--fluo", help="fluorescence source (same syntax)")
+    p.add_argument("--alternating", help="one source with alternating white/fluorescence illumination")
+    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"))
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"))
+    p.add_argument("--threads", type=int, help="inference threads (default: the thread plan; edge-pfm info shows it)")
+    p.add_argument("--tolerance-ms", type=float, help="pairing tolerance (default: half a frame period)")
+    p.add_argument("--log", help="append every decision to this JSONL file (rotated under a cap: [outputs] in --config)")
+    p.add_argument("--seconds", type=float, help="stop after this long (default: until Ctrl-C or the sources end)")
+    p.add_argument("--loop", action="store_true", help="loop video/folder sources")
+    p.add_argument("--no-gates", action="store_true", help="disable the quality gates")
+    p.add_argument("--config", help="device.toml with cameras, gates, decision settings")
+    p.add_argument("--summary-json", help="also write the exit summary here")
+    p.add_argument("--cache-dir", help="engine cache, check records and the measured pick (default "
+                                       "~/.cache/edge-pfm/engines; edge-pfm build writes them)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="edge-pfm",
@@ -162,24 +209,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="classify live (or recorded, or synthetic) camera pairs")
     p.add_argument("--bundle", required=True)
-    p.add_argument("--white", help="white-light source: 0 | /dev/videoN | gst:PIPELINE | FILE | FOLDER | synthetic[:k=v,...]")
-    p.add_argument("--fluo", help="fluorescence source (same syntax)")
-    p.add_argument("--alternating", help="one source with alternating white/fluorescence illumination")
-    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"))
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"))
-    p.add_argument("--threads", type=int, help="inference threads (default: the thread plan; edge-pfm info shows it)")
-    p.add_argument("--tolerance-ms", type=float, help="pairing tolerance (default: half a frame period)")
-    p.add_argument("--log", help="append every decision to this JSONL file (rotated under a cap: [outputs] in --config)")
     p.add_argument("--video", help="write an annotated side-by-side video (.avi, MJPG; rotated under a cap)")
     p.add_argument("--preview", action="store_true", help="show a preview window (needs a display)")
-    p.add_argument("--seconds", type=float, help="stop after this long (default: until Ctrl-C or the sources end)")
-    p.add_argument("--loop", action="store_true", help="loop video/folder sources")
-    p.add_argument("--no-gates", action="store_true", help="disable the quality gates")
-    p.add_argument("--config", help="device.toml with cameras, gates, decision settings")
-    p.add_argument("--summary-json", help="also write the exit summary here")
-    p.add_argument("--cache-dir", help="engine cache, check records and the measured pick (default "
-                                       "~/.cache/edge-pfm/engines; edge-pfm build writes them)")
+    _camera_and_run_options(p)
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("record", help="record both cameras for the build machine: their own frames as lossless "
+                                      "videos with their timing (--mode video), or gated paired stills as an "
+                                      "unlabelled dataset (--mode dataset)",
+                       description="Record what the device's cameras see, through the run's own pairing and gates. "
+                                   "--mode video: each camera's frames into OUT/<modality>.NNN.avi (FFV1, "
+                                   "lossless) with a frame record beside each (capture time, stamp kind, dequeue "
+                                   "delay); replay with `edge-pfm run --white OUT/white_light.000.avi --fluo "
+                                   "OUT/fluorescence.000.avi`, which keeps the recorded timing. --mode dataset "
+                                   "--pairs N: N pairs that pass the gates, in the paired dataset layout with empty "
+                                   "labels, for labelling and for `python -m calibration --data OUT`. Both check "
+                                   "the free space first, resume a folder that holds an earlier recording, and "
+                                   "lose at most the frame or pair in flight when killed.")
+    p.add_argument("--bundle", required=True, help="the bundle the device runs (its preprocessing and gates)")
+    p.add_argument("--out", required=True, help="the recording's folder (an existing recording is resumed)")
+    p.add_argument("--mode", choices=("video", "dataset"), default="video")
+    p.add_argument("--pairs", type=int, help="dataset: stop when this many pairs are kept")
+    p.add_argument("--every", type=float, default=0.0, metavar="SECONDS",
+                   help="dataset: keep at most one pair every SECONDS (default 0: every pair that passes)")
+    p.add_argument("--keep-gated", action="store_true", help="dataset: keep pairs the quality gates flag too")
+    p.add_argument("--codec", choices=("ffv1", "mjpg"), default="ffv1",
+                   help="video: ffv1 (lossless, the default) or mjpg (near-lossless, a quarter of the CPU)")
+    p.add_argument("--max-mb", type=float, help="video: stop when the recording reaches this size")
+    _camera_and_run_options(p)
+    p.set_defaults(func=_cmd_record)
 
     p = sub.add_parser("selftest", help="prove this device: check and time every allowed precision, bench, a short "
                                         "two-camera run; one JSON report and one summary to send back")

@@ -30,6 +30,7 @@ from edge_pfm.runtime.record import LATENCY_STAGES, DecisionEvent, RunContext, l
 from edge_pfm.runtime.sinks import MemorySink, ObserverSink, RunStart, Sink, sinks_from_config
 from edge_pfm.runtime.summary import percentiles
 from edge_pfm.sources.base import FrameSource
+from edge_pfm.sources.replay import link_replays
 
 if TYPE_CHECKING:
     from edge_pfm.classifier import Classifier
@@ -57,6 +58,7 @@ class Runner:
         self.stream = PairedStream(sources, self.bundle.preprocessing, self.cfg.gates, self.cfg.tolerance_ms,
                                    on_error=self._crashed, watch=self.modality)
         self.sources: list[FrameSource] = list(sources.values())
+        link_replays(self.sources)  # the replays of one recording share its time base (sources.replay)
         self.classifier: Classifier | None = classifier  # built in the inference thread when None
         self.engine: DecisionEngine | None = None
         self.thread_plan: Any = None  # the backend's thread plan, once it is loaded
