@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from calibration.accuracy import GATE
 from calibration.data import Pair
 from calibration.qdq import quantize_qdq
 from calibration.sessions import cpu_session
@@ -37,6 +38,7 @@ from export.quant_scheme import QUANTIZABLE_OPS, input_layers, name_nodes
 
 MARGIN = 0.993
 PASS_PROBABILITY = 0.90  # the chance val must predict that the gate's held-out set passes
+GATE_FLOOR = GATE["int8_top1_agreement"]  # the gate's agreement floor on its held-out set
 MIN_INT8_SHARE = 0.80
 SENSITIVITY_PAIRS = 256  # ranking needs a continuous score, not many pairs
 CACHE_MB = 256  # val feeds kept in memory up to this; a larger val set is re-read for every trial
@@ -164,7 +166,7 @@ class Recipe:
 
 
 def allowed_disagreements(n: int, margin: float = MARGIN, gate_pairs: int | None = None,
-                          gate_floor: float = 0.99) -> int:
+                          gate_floor: float = GATE_FLOOR) -> int:
     """The most of n val pairs that may disagree with FP32 (module docstring: the margin); -1: not even none."""
     allowed = max_failures(n, margin)
     if gate_pairs:
@@ -174,7 +176,7 @@ def allowed_disagreements(n: int, margin: float = MARGIN, gate_pairs: int | None
 
 
 def margin_target(n: int, margin: float = MARGIN, gate_pairs: int | None = None,
-                  gate_floor: float = 0.99) -> tuple[Callable[[ValScore], bool], str]:
+                  gate_floor: float = GATE_FLOOR) -> tuple[Callable[[ValScore], bool], str]:
     """(does a val score of n pairs meet the target, the target in words). `gate_pairs`: the held-out pairs the
     gate decides on (None: the lower bound alone)."""
     allowed = allowed_disagreements(n, margin, gate_pairs, gate_floor)
@@ -189,7 +191,7 @@ def margin_target(n: int, margin: float = MARGIN, gate_pairs: int | None = None,
                                         f"bound{gate_words} ({why})")
 
 
-def _pairs_for(margin: float, gate_pairs: int | None = None, gate_floor: float = 0.99) -> int | None:
+def _pairs_for(margin: float, gate_pairs: int | None = None, gate_floor: float = GATE_FLOOR) -> int | None:
     """The fewest val pairs that can meet the margin at full agreement (None: none can)."""
     n = 1
     while allowed_disagreements(n, margin, gate_pairs, gate_floor) < 0:
@@ -206,7 +208,7 @@ def _pairs_for(margin: float, gate_pairs: int | None = None, gate_floor: float =
 def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_types: tuple[str, ...], val: ValSet,
                   methods: Sequence[str] | None = None, margin: float = MARGIN, min_share: float = MIN_INT8_SHARE,
                   log: Callable[[str], None] = lambda m: None, gate_pairs: int | None = None,
-                  gate_floor: float = 0.99) -> Recipe:
+                  gate_floor: float = GATE_FLOOR) -> Recipe:
     """The range method and the nodes kept float (module docstring). `ranges`: {method: amax}; `methods`: the
     ones to choose among (default all in `ranges`); `gate_pairs`, `gate_floor`: the held-out set the gate will
     decide on, and its agreement floor (margin_target).

@@ -69,29 +69,31 @@ def _write_summary(args: argparse.Namespace, summary: dict) -> None:
         atomic_write_text(args.summary_json, json.dumps(summary, indent=2) + "\n")
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _configured_run(args: argparse.Namespace):
+    """-> (RunConfig, the Runner's sources) from the flags and --config, as `run` and `record` take them."""
     from edge_pfm.config import load_config
     from edge_pfm.memory import limit_heap_fragmentation
-    from edge_pfm.runtime import Runner
 
     cfg = load_config(args.config) if args.config else {}
     config = _run_config(args, cfg)
     sources = _camera_sources(args, cfg.get("cameras", {}))
     limit_heap_fragmentation()
+    return config, sources
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from edge_pfm.runtime import Runner
+
+    config, sources = _configured_run(args)
     runner = Runner(args.bundle, config=config, **sources)
     _write_summary(args, runner.run(install_signal_handlers=True))
     return 0
 
 
 def _cmd_record(args: argparse.Namespace) -> int:
-    from edge_pfm.config import load_config
-    from edge_pfm.memory import limit_heap_fragmentation
     from edge_pfm.recording import record
 
-    cfg = load_config(args.config) if args.config else {}
-    config = _run_config(args, cfg)
-    sources = _camera_sources(args, cfg.get("cameras", {}))
-    limit_heap_fragmentation()
+    config, sources = _configured_run(args)
     summary = record(args.bundle, sources, args.out, args.mode, pairs=args.pairs, every_s=args.every,
                      keep_gated=args.keep_gated, codec=args.codec, max_mb=args.max_mb, config=config)
     _write_summary(args, summary)

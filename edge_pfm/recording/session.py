@@ -6,15 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from edge_pfm.errors import InvalidArgument
+from edge_pfm.recording.sidecar import camera_info
 from edge_pfm.sources.base import FrameSource
 
 MODES = ("video", "dataset")
-
-
-def camera_info(sources: dict[str, FrameSource]) -> dict[str, Any]:
-    """Each camera's source, rate and settings, as the recording's manifest keeps them."""
-    return {s.modality: {"source": s.describe(), "nominal_fps": s.nominal_fps,
-                         "settings": dict(getattr(s, "settings", {}) or {})} for s in sources.values()}
 
 
 def record(bundle: str | Path, sources: dict[str, FrameSource], out: str | Path, mode: str = "video", *,
@@ -34,7 +29,8 @@ def record(bundle: str | Path, sources: dict[str, FrameSource], out: str | Path,
     if mode == "dataset":
         if not pairs:
             raise InvalidArgument("--mode dataset needs --pairs N: how many pairs to keep")
-        sink: Any = DatasetRecording(out, pairs, every_s, keep_gated, camera_info(sources))
+        sink: Any = DatasetRecording(out, pairs, every_s, keep_gated,
+                                    {s.modality: camera_info(s) for s in sources.values()})
     else:
         if pairs:
             raise InvalidArgument("--pairs is for --mode dataset; a video recording ends at --seconds or Ctrl-C")

@@ -32,6 +32,12 @@ def sidecar_path(video: str | os.PathLike) -> Path:
     return video.with_name(video.stem + SUFFIX)
 
 
+def camera_info(source: Any) -> dict[str, Any]:
+    """What a recording keeps about a camera (a FrameSource): its source, rate and settings."""
+    return {"source": source.describe(), "nominal_fps": source.nominal_fps,
+            "settings": dict(getattr(source, "settings", {}) or {})}
+
+
 def plain_meta(meta: dict[str, Any]) -> dict[str, Any]:
     """The JSON-able scalars of a frame's meta (a buffer offset, a label, a file index)."""
     return {k: v for k, v in meta.items() if isinstance(v, (str, int, float, bool)) or v is None}

@@ -30,7 +30,7 @@ from typing import Any
 
 from edge_pfm.fileio import atomic_write_json, read_json
 from edge_pfm.outputs import MIB, OutputPlan, Retention, free_bytes
-from edge_pfm.recording.sidecar import SidecarWriter, read_sidecar, sidecar_path, truncate_sidecar
+from edge_pfm.recording.sidecar import SidecarWriter, camera_info, read_sidecar, sidecar_path, truncate_sidecar
 from edge_pfm.runtime.sinks import RunStart, Sink
 from edge_pfm.sources.base import Frame, FrameSource, SourceError
 
@@ -273,8 +273,8 @@ class VideoRecording(Sink):
                                      "codec, or record into a new folder")
         wrapped = {}
         for key, src in sources.items():
-            settings = dict(getattr(src, "settings", {}) or {})
-            rec = CameraRecorder(self.dir, src.modality, self.codec, src, self.part_bytes, settings)
+            rec = CameraRecorder(self.dir, src.modality, self.codec, src, self.part_bytes,
+                                 camera_info(src)["settings"])
             self.recorders[src.modality] = rec
             wrapped[key] = RecordedSource(src, rec)
         return wrapped
@@ -294,8 +294,7 @@ class VideoRecording(Sink):
 
     def open(self, run: RunStart) -> None:
         manifest = {"format": FORMAT, "codec": self.codec, "fourcc": CODECS[self.codec],
-                    "cameras": {m: {"source": r.source.describe(), "nominal_fps": r.source.nominal_fps,
-                                    "settings": r.settings} for m, r in self.recorders.items()},
+                    "cameras": {m: camera_info(r.source) for m, r in self.recorders.items()},
                     "run_id": run.header.get("run_id")}
         path = self.dir / MANIFEST
         if path.exists():  # a resumed recording keeps its first manifest and lists each run
