@@ -34,7 +34,7 @@ from calibration.accuracy import (
 )
 from calibration.calib_cache import CalibrationCache, trt_version_int
 from calibration.data import PairReader, dataset_pairs, synthetic_pair_chunks, synthetic_pairs, warn_if_few
-from calibration.mixed import MARGIN, MIN_INT8_SHARE, Recipe, ValSet, choose_recipe
+from calibration.mixed import FULL_AGREEMENT, MARGIN, MIN_INT8_SHARE, Recipe, ValSet, choose_recipe
 from calibration.qdq import quantize_qdq
 from calibration.ranges import METHODS, compute_all_ranges
 from edge_pfm.bundle import Bundle, write_manifest
@@ -117,7 +117,19 @@ class CalibrationReport:
     @property
     def refusal(self) -> str:
         return ("INT8 accuracy gate failed: the bundle stays FP32 (unchanged); the refused report is in "
-                f"{self.rejected_dir}/\n  - " + "\n  - ".join(self.reasons) + "\n" + ADVICE)
+                f"{self.rejected_dir}/\n  - " + "\n  - ".join(self.reasons) + "\n" + _val_advice(self.report)
+                + ADVICE)
+
+
+def _val_advice(report: dict) -> str:
+    """When val was too small for the recipe's margin, more val pairs come before any other remedy."""
+    recipe = report.get("recipe") or {}
+    if not str(recipe.get("target", "")).startswith(FULL_AGREEMENT):
+        return ""
+    return (f"first: the INT8 recipe was chosen on {(recipe.get('val') or {}).get('samples')} val pairs, too few "
+            f"for its margin ({recipe['target']}); give it more: with --data, val is {VAL_SHARE:.0%} of the pairs "
+            f"(at most {VAL_MAX}) or the rows a `split` column marks val (edge-pfm record --pairs N records more); "
+            "with --synthetic, --val-synthetic N\n")
 
 
 class _Refused(Exception):

@@ -175,6 +175,9 @@ def allowed_disagreements(n: int, margin: float = MARGIN, gate_pairs: int | None
     return allowed
 
 
+FULL_AGREEMENT = "every val pair agreeing"  # the target of a val set too small for the margin
+
+
 def margin_target(n: int, margin: float = MARGIN, gate_pairs: int | None = None,
                   gate_floor: float = GATE_FLOOR) -> tuple[Callable[[ValScore], bool], str]:
     """(does a val score of n pairs meet the target, the target in words). `gate_pairs`: the held-out pairs the
@@ -187,7 +190,7 @@ def margin_target(n: int, margin: float = MARGIN, gate_pairs: int | None = None,
             f"val agreement 95 % lower bound >= {margin:.1%}{gate_words}: at most {allowed} of {n} val pairs differ")
     need = _pairs_for(margin, gate_pairs, gate_floor)
     why = f"that needs >= {need}" if need else "no val set can: the gate's held-out set is too small for its floor"
-    return (lambda s: s.agree == s.n), (f"every val pair agreeing: {n} val pairs cannot show a {margin:.1%} lower "
+    return (lambda s: s.agree == s.n), (f"{FULL_AGREEMENT}: {n} val pairs cannot show a {margin:.1%} lower "
                                         f"bound{gate_words} ({why})")
 
 

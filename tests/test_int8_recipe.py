@@ -184,3 +184,18 @@ def test_synthetic_chunks_rendered_ahead_are_the_pairs_in_order():
     stream = synthetic_pair_chunks(400, 9, (64, 48), chunk=8)
     assert len(next(stream)) == 8
     stream.close()  # cancels what was rendered ahead
+
+
+def test_a_refusal_whose_val_was_too_small_for_the_margin_asks_for_more_val_pairs_first(tmp_path):
+    from calibration.calibrate import CalibrationReport
+    from calibration.mixed import margin_target
+
+    _, small = margin_target(40, gate_pairs=2000)
+    _, enough = margin_target(2000, gate_pairs=2000)
+    refused = CalibrationReport(tmp_path, False, ["agreement not shown"],
+                                {"recipe": {"target": small, "val": {"samples": 40}}}, "").refusal
+    assert "first: the INT8 recipe was chosen on 40 val pairs, too few" in refused
+    assert refused.index("first:") < refused.index("what to try")
+    plain = CalibrationReport(tmp_path, False, ["agreement not shown"],
+                              {"recipe": {"target": enough, "val": {"samples": 2000}}}, "").refusal
+    assert "first:" not in plain and "what to try" in plain
