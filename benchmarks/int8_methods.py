@@ -70,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     w, h = parse_size(args.eval_resolution)
     # calibration, val and calibrate's own held-out pairs at one resolution, as the demo calibrates (synthetic
     # val is rendered at the held-out resolution: a small --eval-resolution would choose the recipe on small pairs)
-    calib_args = ["--synthetic", str(args.calib_pairs), "--resolution", f"{w}x{h}",
-                  "--eval-synthetic", "16", "--eval-resolution", f"{w}x{h}",
-                  "--allow-degraded"]  # artifacts only: the comparison evaluates below, on one shared set
+    def calib_args(gate_pairs: int = 16) -> list[str]:
+        # the recipe's margin is sized for the gate's held-out pairs: the mixed run gets the demo's gate
+        # (eval_pairs), the others 16 (artifacts only: the comparison evaluates below, on one shared set)
+        return ["--synthetic", str(args.calib_pairs), "--resolution", f"{w}x{h}", "--eval-synthetic",
+                str(gate_pairs), "--eval-resolution", f"{w}x{h}", "--allow-degraded"]
+
     rows, models = {}, {}
 
     ptq = out / "ptq"
@@ -81,13 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(mixed, ignore_errors=True)
     shutil.copytree(ptq, mixed)
     rc, seconds = _timed(calibrate, ["--bundle", str(ptq), "--ranges", "ptq", "--method", "percentile",
-                                     "--val-synthetic", "0", *calib_args])
+                                     "--val-synthetic", "0", *calib_args()])
     assert rc == 0
     rows["PTQ (ours: percentile, stems float)"] = {"seconds": seconds, "fp32": "ptq", "int8": "ptq_int8"}
     models.update({"ptq": ptq / "model.onnx", "ptq_int8": ptq / "model.int8.onnx"})
-    # the recipe's margin is sized for the gate's held-out pairs: give the mixed run the demo's gate (eval_pairs)
-    rc, seconds = _timed(calibrate, ["--bundle", str(mixed), "--ranges", "ptq", *calib_args,
-                                     "--eval-synthetic", str(args.eval_pairs)])
+    rc, seconds = _timed(calibrate, ["--bundle", str(mixed), "--ranges", "ptq", *calib_args(args.eval_pairs)])
     assert rc == 0
     recipe = json.loads((mixed / "accuracy.json").read_text())["recipe"]
     rows[f"mixed PTQ (ours: {recipe['kind']}, {recipe['method']}, {len(recipe['float_layers'])} nodes float)"] = {
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     facts, train_s = _timed(train.train_checkpoint, qat_ckpt, train.TrainPlan(
         qat_from=args.checkpoint, synthetic=args.synthetic, qat_epochs=args.qat_epochs, progress=False))
     assert export(["--checkpoint", str(qat_ckpt), "--out", str(qat)]) == 0
-    rc, seconds = _timed(calibrate, ["--bundle", str(qat), "--val-synthetic", "0", *calib_args])
+    rc, seconds = _timed(calibrate, ["--bundle", str(qat), "--val-synthetic", "0", *calib_args()])
     assert rc == 0
     verdict = "kept" if facts["qat"]["kept"] else "discarded: the trained weights, PTQ ranges"
     rows[f"QAT (ours: {args.qat_epochs} epochs distilled, {verdict})"] = {
