@@ -204,6 +204,6 @@ def pair_loader(samples: PairSamples, batch_size: int, shuffle: bool, seed: int 
 
 def _quiet_worker(_: int) -> None:
     torch.set_num_threads(1)  # a loader worker decodes and resizes; the training step owns the cores
-    import cv2
-
-    cv2.setNumThreads(1)
+    # Not cv2.setNumThreads: OpenCV's pthreads pool is not fork-safe, and in a worker forked after the parent ran
+    # an OpenCV parallel loop (a resize, a PNG write) it waits forever for the parent's threads (opencv-python
+    # 4.14, measured: tests/test_streamed_data.py); the worker's own OpenCV calls run.

@@ -122,3 +122,30 @@ def test_streamed_evaluation_batches_cover_every_pair_once_in_order(data):
     seen = torch.cat([b[2] for b in StreamedPairs(samples, 1).batches(3)])
     assert seen.tolist() == samples.labels.tolist()
     assert np.array_equal(StreamedPairs(samples).labels.numpy(), samples.labels)
+
+
+def test_loader_workers_start_after_the_caller_ran_opencv_in_parallel(data):
+    """A team's loop reads or resizes with OpenCV before its first batch; the forked workers must still start
+    (OpenCV's thread pool is not fork-safe: cv2.setNumThreads in such a worker waited forever)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = f"""
+import sys, numpy as np, cv2, torch
+sys.path.insert(0, {str(ROOT)!r})
+from edge_pfm.dataset import PairedDataset
+from edge_pfm.roles import ClassRoles
+from export.data import PairSamples, pair_loader
+from export.train import default_preprocessing
+big = np.random.default_rng(0).integers(0, 255, (1440, 2560, 3), dtype=np.uint8)
+for _ in range(5):  # the caller's own OpenCV work: a parallel resize starts OpenCV's thread pool
+    cv2.resize(big, (640, 360), interpolation=cv2.INTER_AREA)
+ds = PairedDataset({str(data)!r})
+samples = PairSamples(ds, range(len(ds)), default_preprocessing("pfm_tiny"), ClassRoles.default_for(ds.classes).lesion)
+print(sum(len(b[2]) for b in pair_loader(samples, 4, shuffle=True, workers=1)))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == str(len(PairedDataset(data)))
