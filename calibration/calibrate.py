@@ -392,6 +392,7 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
                 "calibration": {"method": recipe.method, "ranges": ranges_used, "samples": len(calib),
                                 "data_sha256": data_hash, "source": calib_source},
                 "recipe": recipe_record,
+                "builds": build_checks,  # kept with a refused report too: the census of what the gate refused
                 "fp16_method": FP16_METHOD, "results": results,
                 "gate": {"passed": not reasons, "reasons": reasons, "thresholds": GATE, "rule": gate_rule(protected)},
             }

@@ -7,6 +7,12 @@ paired dataset layout. It exists to show the --model door:
     python examples/their_pfm.py --data DATASET --conformance 32 --out conformance  # their tensors of 32 pairs
     python -m export --model examples/their_pfm.py:make_model --weights their.pt \\
         --spec examples/their_pfm.spec.json --check-preprocessing conformance --out bundle   # edge-pfm from here
+
+or, exported by their own script (plain torch.onnx.export, legacy or dynamo) with PyTorch's reference outputs:
+
+    python examples/their_pfm.py --export-onnx dynamo --weights their.pt --references 8 --out their.onnx
+    python -m export --onnx their.onnx --spec examples/their_pfm.spec.json \\
+        --reference-inputs their.inputs.json --reference-outputs their.outputs.json --out bundle
 """
 from __future__ import annotations
 
@@ -131,15 +137,82 @@ def write_conformance(data: str, out: str, n: int = 32) -> int:
     return count
 
 
+class LogitsOnly(nn.Module):
+    """Their deployment export: the dict output's logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, white: torch.Tensor, fluo: torch.Tensor) -> torch.Tensor:
+        return self.model(white, fluo)["logits"]
+
+
+def export_onnx(weights: str, out: str, dynamo: bool, references: int = 0, seed: int = 0) -> list[str]:
+    """Their own deployment export, no edge-pfm: plain torch.onnx.export (dynamo, or the legacy exporter at opset
+    17) with a dynamic batch. With references > 0, also that many batches of 2 random inputs and PyTorch's logits
+    for them, in polygraphy's --save-inputs / --save-outputs format, beside `out`. -> the files written."""
+    from pathlib import Path
+
+    model = make_model(4, 16)
+    model.load_state_dict(torch.load(weights, weights_only=True)["state_dict"])
+    wrapped = LogitsOnly(model).eval()
+    x = (torch.randn(2, 3, IMG, IMG), torch.randn(2, 3, IMG, IMG))
+    names = {"input_names": ["white", "fluo"], "output_names": ["logits"]}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # what they did after pytorch#94434's export error
+    try:
+        with torch.no_grad():
+            if dynamo:
+                n = torch.export.Dim("n", min=1, max=64)
+                torch.onnx.export(wrapped, x, out, dynamo=True, dynamic_shapes=({0: n}, {0: n}), **names)
+            else:
+                torch.onnx.export(wrapped, x, out, dynamo=False, opset_version=17,
+                                  dynamic_axes={k: {0: "N"} for k in ("white", "fluo", "logits")}, **names)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    written = [out] + ([out + ".data"] if Path(out + ".data").exists() else [])
+    if references:
+        from polygraphy.comparator import RunResults
+        from polygraphy.json import save_json
+
+        gen = torch.Generator().manual_seed(seed)
+        feeds, outputs = [], []
+        with torch.no_grad():
+            for _ in range(references):
+                w, f = (torch.randn(2, 3, IMG, IMG, generator=gen) for _ in range(2))
+                feeds.append({"white": w.numpy(), "fluo": f.numpy()})
+                outputs.append({"logits": wrapped(w, f).numpy()})
+        stem = str(Path(out).with_suffix(""))
+        save_json(feeds, stem + ".inputs.json")
+        results = RunResults()
+        results.append(("pytorch", outputs))
+        results.save(stem + ".outputs.json")
+        written += [stem + ".inputs.json", stem + ".outputs.json"]
+    return written
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", help="the paired dataset (training, --conformance)")
     ap.add_argument("--epochs", type=int, default=6)
-    ap.add_argument("--out", required=True, help="the weights to write, or with --conformance the folder")
+    ap.add_argument("--out", required=True,
+                    help="the weights to write; with --conformance the folder; with --export-onnx the .onnx")
     ap.add_argument("--conformance", type=int, metavar="N",
                     help="instead of training: write N raw pairs and their pipeline's tensors to --out")
+    ap.add_argument("--export-onnx", choices=("legacy", "dynamo"),
+                    help="instead of training: export --weights with plain torch.onnx.export to --out")
+    ap.add_argument("--weights", help="with --export-onnx: the weights their trainer wrote")
+    ap.add_argument("--references", type=int, default=0, metavar="N",
+                    help="with --export-onnx: also N batches of PyTorch reference outputs (polygraphy JSON)")
     a = ap.parse_args()
-    if a.conformance is not None:
+    if a.export_onnx:
+        if not a.weights:
+            ap.error("--export-onnx needs --weights")
+        print("wrote " + ", ".join(export_onnx(a.weights, a.out, a.export_onnx == "dynamo", a.references)))
+    elif not a.data:
+        ap.error("--data is required to train or to write a conformance set")
+    elif a.conformance is not None:
         print(f"wrote {write_conformance(a.data, a.out, a.conformance)} pairs and their tensors to {a.out}")
     else:
         print(f"val accuracy {train(a.data, a.epochs, a.out):.3f}; wrote {a.out}")

@@ -38,3 +38,6 @@ def test_readme_quickstart_runs_literally(tmp_path):
     import json  # bring your own model: the example team model through --model
     byo = json.loads((ROOT / "build/byo/bundle/manifest.json").read_text())
     assert byo["model"]["source"] == "user-model" and byo["parity"]["passed"] is True
+    # ... and their own plain export through --onnx, parity-checked against their PyTorch references
+    onnx_door = json.loads((ROOT / "build/byo/bundle_onnx/manifest.json").read_text())
+    assert onnx_door["parity"]["passed"] is True and "their.outputs.json" in onnx_door["parity"]["reference"]

@@ -48,38 +48,6 @@ def their_weights(their_pfm, tmp_path_factory):
     return out
 
 
-class LogitsOnly(torch.nn.Module):
-    """Their deployment export: the dict output's logits."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, white, fluo):
-        return self.model(white, fluo)["logits"]
-
-
-def _plain_export(their_pfm, weights, path, dynamo: bool):
-    model = their_pfm.make_model(4, 16)
-    model.load_state_dict(torch.load(weights, weights_only=True)["state_dict"])
-    x = (torch.randn(2, 3, 96, 96), torch.randn(2, 3, 96, 96))
-    names = {"input_names": ["white", "fluo"], "output_names": ["logits"]}
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)  # what a team does after pytorch#94434's error
-    try:
-        with torch.no_grad():
-            if dynamo:
-                b = torch.export.Dim("n", min=1, max=64)
-                torch.onnx.export(LogitsOnly(model).eval(), x, str(path), dynamo=True, dynamic_shapes=({0: b}, {0: b}),
-                                  **names)
-            else:
-                torch.onnx.export(LogitsOnly(model).eval(), x, str(path), dynamo=False, opset_version=17,
-                                  dynamic_axes={n: {0: "N"} for n in ("white", "fluo", "logits")}, **names)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-    return path
-
-
 def _run(module: str, *argv, block_torch: bool = False) -> subprocess.CompletedProcess:
     block = "sys.modules['torch'] = None; " if block_torch else ""  # `import torch` now raises ImportError
     code = (f"import runpy, sys; {block}sys.argv = [{module!r}, *{list(map(str, argv))!r}]; "
@@ -92,12 +60,17 @@ def test_their_plain_onnx_calibrates_without_torch_with_matmuls_in_int8(their_pf
                                                                         their_tensors, tmp_path, dynamo):
     import onnx
 
-    onnx_path = _plain_export(their_pfm, their_weights, tmp_path / "their.onnx", dynamo)
+    onnx_path = tmp_path / "their.onnx"  # their own export script, with PyTorch's outputs as references
+    their_pfm.export_onnx(str(their_weights), str(onnx_path), dynamo, references=2)
     bundle = tmp_path / "bundle"
-    r = _run("export", "--onnx", onnx_path, "--spec", SPEC, "--check-preprocessing", their_tensors, "--out", bundle,
+    r = _run("export", "--onnx", onnx_path, "--spec", SPEC, "--check-preprocessing", their_tensors, "--reference-inputs",
+             tmp_path / "their.inputs.json", "--reference-outputs", tmp_path / "their.outputs.json", "--out", bundle,
              block_torch=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads((bundle / "manifest.json").read_text())["preprocessing_check"]["passed"] is True
+    exported = json.loads((bundle / "manifest.json").read_text())
+    assert exported["preprocessing_check"]["passed"] is True
+    parity = exported["parity"]  # PyTorch's own outputs against ONNX Runtime on the bundle's graph
+    assert parity["passed"] is True and parity["pairs"] == 4 and parity["max_abs_diff"] <= 1e-4, parity
     data, heldout = their_data
     c = _run("calibration", "--bundle", bundle, "--data", data, "--eval", heldout, "--allow-degraded",
              block_torch=True)
