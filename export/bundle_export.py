@@ -11,6 +11,7 @@ from edge_pfm.fileio import atomic_directory, atomic_write_json, atomic_write_te
 from edge_pfm.lesion import check_map_classes, judge_map
 from export.artifact_check import check_artifact, summary_line
 from export.checkpoint import library_versions, load_checkpoint
+from export.model_spec import native_spec, write_spec_metadata
 from export.onnx_export import onnx_from_torch
 from export.onnx_graph import BATCH_DIM, LESION_MAP, OUTPUT_NAME, ExportError, check_graph, save_onnx
 from export.parity import report_markdown, run_parity
@@ -63,6 +64,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opset: int = 17, max_
     with atomic_directory(out) as tmp:
         _log(f"[2/4] exporting ONNX (opset {opset}, symbolic batch)")
         proto = onnx_from_torch(model, opset=opset, example_batch=2)
+        spec = native_spec(meta["classes"], meta["roles"], specs, lesion_output["stride"] if lesion_output else None)
+        write_spec_metadata(proto, spec)
         graph = check_graph(proto)
         onnx_path = save_onnx(proto, tmp / "model.onnx")
         _log(f"      {graph['nodes']} nodes; census {graph['op_census']}")
@@ -111,6 +114,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opset: int = 17, max_
                         *([lesion_output] if lesion_output else [])],
             "batch": {"min": 1, "opt": 1, "max": int(max_batch)},
             "artifacts": {},
+            "spec": spec,
             "provenance": {
                 "checkpoint_sha256": meta["sha256"], "checkpoint": Path(meta["path"]).name,
                 "exporter": f"edge-pfm {edge_pfm.__version__} (torch.onnx legacy exporter)",

@@ -32,6 +32,7 @@ from edge_pfm.preprocess import PreprocessSpec
 from edge_pfm.roles import ClassRoles, RolesError
 
 SPEC_TAG = "edge-pfm/model-spec v1"
+SPEC_METADATA_KEY = "edge_pfm.spec"  # the ONNX metadata_props entry: a loose model.onnx still says how to feed it
 INPUT_KEYS = {"name", "channels", "size", "mean", "std", "colour_order", "resize", "interpolation", "crop_pct"}
 TOP_KEYS = {"spec", "classes", "roles", "inputs", "outputs", "model_args", "call", "family"}
 MAP_KINDS = ("probabilities", "logits")
@@ -146,3 +147,23 @@ class ModelSpec:
             raise fail("model_args", "must be an object of keyword arguments for the factory")
         return cls(tuple(classes), roles, names, specs, outputs["logits"], lesion_out, model_args, call,
                    str(d.get("family", "user")), d)
+
+
+def native_spec(classes: tuple[str, ...], roles: ClassRoles, preprocessing: dict[str, PreprocessSpec],
+                lesion_stride: int | None) -> dict[str, Any]:
+    """The spec of our own PFM, as a team would write it: a native checkpoint's bundle records one too."""
+    raw = {"spec": SPEC_TAG, "family": "PFM", "classes": list(classes), "roles": roles.to_dict(),
+           "inputs": {m: {"name": m, **{k: v for k, v in preprocessing[m].to_dict().items() if k in INPUT_KEYS}}
+                      for m in MODALITIES},
+           "outputs": {"logits": "logits", "lesion_map": None if lesion_stride is None else
+                       {"name": "lesion_map", "kind": "probabilities", "stride": lesion_stride}}}
+    ModelSpec.from_dict(raw, "native spec")  # it must read back as any team's does
+    return raw
+
+
+def write_spec_metadata(proto: Any, raw: dict[str, Any]) -> None:
+    """The spec into an ONNX ModelProto's metadata_props (replacing what was there)."""
+    import json
+
+    del proto.metadata_props[:]
+    proto.metadata_props.add(key=SPEC_METADATA_KEY, value=json.dumps(raw, sort_keys=True))

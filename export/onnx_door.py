@@ -14,7 +14,6 @@ manifest says so: a parity figure is never invented.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import edge_pfm
 from edge_pfm.bundle import MANIFEST, MODALITIES, SCHEMA, schema_version_for, write_manifest
 from edge_pfm.fileio import atomic_directory, atomic_write_json, sha256_file
 from export.artifact_check import check_artifact, summary_line
-from export.model_spec import ModelSpec
+from export.model_spec import ModelSpec, write_spec_metadata
 from export.onnx_graph import (
     BATCH_DIM,
     IR_VERSION_FOR_OPSET,
@@ -41,7 +40,6 @@ from export.references import fp32_references
 # JetPack 6.1/6.2's TensorRT 10.3 parses opsets 9-20 (onnx-tensorrt docs/operators.md for TensorRT 10.x);
 # INT8 Q/DQ with per-channel scales needs >= 13. Outside [MIN, MAX] the graph is converted, or refused.
 MIN_OPSET, MAX_OPSET = 13, 20
-SPEC_METADATA_KEY = "edge_pfm.spec"
 
 
 def convert_opset(proto, path: Path):
@@ -210,8 +208,7 @@ def adapt_graph(proto, spec: ModelSpec, path: Path):
         got = [d.dim_value or d.dim_param for d in n_classes]
         raise ExportError(f"{path}: the logits output has shape {got}, but the spec names {len(spec.classes)} classes "
                           f"{list(spec.classes)}: fix the spec's classes or the model's head")
-    del proto.metadata_props[:]
-    proto.metadata_props.add(key=SPEC_METADATA_KEY, value=json.dumps(spec.raw, sort_keys=True))
+    write_spec_metadata(proto, spec.raw)
     proto.ir_version = IR_VERSION_FOR_OPSET.get(default_opset(proto), proto.ir_version)
     proto.producer_name = proto.producer_name or "unknown"
     return proto

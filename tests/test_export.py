@@ -196,3 +196,19 @@ def test_topological_sort_repairs_node_order(tiny_bundle):
     model.graph.node[0].input.append("nobody_makes_this")
     with pytest.raises(ExportError, match="nobody_makes_this"):
         topological_sort(model)
+
+
+def test_a_native_model_onnx_carries_its_spec(tiny_bundle):
+    """Like a team's, a native bundle's spec is in the manifest and in model.onnx's metadata_props: a loose
+    model.onnx still says how to feed it, and the spec reads back as the bundle's own contract."""
+    from export.model_spec import SPEC_METADATA_KEY, ModelSpec
+
+    proto = onnx.load(str(tiny_bundle / "model.onnx"))
+    props = {p.key: p.value for p in proto.metadata_props}
+    raw = json.loads(props[SPEC_METADATA_KEY])
+    b = Bundle.load(tiny_bundle)
+    assert raw == b.manifest["spec"]
+    spec = ModelSpec.from_dict(raw)
+    assert spec.classes == tuple(b.classes) and spec.roles.to_dict() == b.manifest["model"]["roles"]
+    assert spec.preprocessing == b.preprocessing
+    assert (spec.lesion_map is not None) == ("lesion_map" in [o["name"] for o in b.manifest["outputs"]])
