@@ -38,7 +38,8 @@ FPS = 30
 def run(argv: list, log: Path, ok: tuple[int, ...] = (0,), block_torch: bool = False) -> tuple[int, float]:
     """Run a command (a module's CLI when argv[0] starts with '-m'), its output to `log`; -> (exit code, seconds)."""
     argv = [str(a) for a in argv]
-    if block_torch:  # `import torch` raises ImportError in that process
+    if block_torch:
+        assert argv[0] == "-m", "block_torch runs a module: ['-m', module, ...]"  # `import torch` raises ImportError in that process
         module, args = argv[1], argv[2:]
         argv = [sys.executable, "-c", f"import runpy, sys; sys.modules['torch'] = None; sys.argv = [{module!r}, "
                 f"*{args!r}]; runpy.run_module({module!r}, run_name='__main__')"]
@@ -57,9 +58,11 @@ def census(check: dict | None) -> str:
     if not t.get("checked"):
         return f"not built ({t.get('reason', 'no build check')})"
     conv = t["compute_by_datatype"]
+    if not conv:
+        return f"{t['layers']} layers {t['by_datatype']}; no conv/matmul census"
     lead = max(conv, key=conv.get)
     return (f"{t['layers']} layers {t['by_datatype']}; conv/matmul {lead} {conv[lead]} of {sum(conv.values())} "
-            f"({t['flavour']} {t['version']}, {t['build_seconds']:.1f} s)")
+            f"({t['flavour']} {t['version']})")
 
 
 def door(bundle: Path, calib_rc: int) -> dict:
@@ -108,7 +111,8 @@ def offline_classes(bundle: Path, heldout: Path, n: int) -> list[str]:
         return [clf.classify(*ds.load(i)[:2]).label for i in range(min(n, len(ds)))]
 
 
-def score_replay(log: Path, labels: list[int], classes: list[str], offline: list[str], hold: int) -> dict:
+def score_replay(log: Path, truth: list[str], offline: list[str], hold: int) -> dict:
+    """Decisions of the replay against each held-out pair's label (`truth`) and the bundle's offline class."""
     from evaluation.stats import wilson
 
     records = [r for r in map(json.loads, log.read_text().splitlines()) if "state" in r]  # not the run header
@@ -116,21 +120,21 @@ def score_replay(log: Path, labels: list[int], classes: list[str], offline: list
     same = [r for r in pairs if r["file_index_white"] // hold == r["file_index_fluo"] // hold]
     classified = [r for r in same if r["raw_class"] is not None]
     as_offline = sum(r["raw_class"] == offline[r["file_index_white"] // hold] for r in classified)
-    truth = sum(r["raw_class"] == classes[labels[r["file_index_white"] // hold]] for r in classified)
+    right = sum(r["raw_class"] == truth[r["file_index_white"] // hold] for r in classified)
     last: dict[int, dict] = {}
     for r in same:
         last[r["file_index_white"] // hold] = r
-    shown_right = sum(r["shown_class"] == classes[labels[k]] for k, r in last.items())
+    shown_right = sum(r["shown_class"] == truth[k] for k, r in last.items())
     states: dict[str, int] = {}
     for r in records:
         states[r["state"]] = states.get(r["state"], 0) + 1
     return {"records": len(records), "pair_decisions": len(pairs), "same_held_out_pair": len(same),
             "classified": len(classified), "raw_class_as_offline": as_offline,
-            "raw_class_correct": truth, "raw_class_accuracy_ci95": list(wilson(truth, len(classified))),
+            "raw_class_correct": right, "raw_class_accuracy_ci95": list(wilson(right, len(classified))),
             "pairs_seen": len(last), "shown_class_correct_at_pair_end": shown_right,
             "shown_ci95": list(wilson(shown_right, len(last))), "states": states,
             "backend": pairs[0]["backend"] if pairs else None, "engine": pairs[0]["engine"] if pairs else None,
-            "offline_accuracy": sum(o == classes[y] for o, y in zip(offline, labels)) / len(labels)}
+            "offline_accuracy": sum(o == t for o, t in zip(offline, truth)) / len(truth)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,13 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     videos = work / "videos"
     videos.mkdir()
     labels = write_videos(heldout, args.video_pairs, args.hold, videos)
+    from edge_pfm.dataset import PairedDataset
+
+    truth = [PairedDataset(heldout).classes[y] for y in labels]
     decisions = work / "decisions.jsonl"
     _, seconds["edge-pfm run (replay)"] = run(
         ["-m", "edge_pfm", "run", "--bundle", bundles / "model", "--white", videos / "white.avi", "--fluo",
          videos / "fluo.avi", "--log", decisions, "--summary-json", work / "run_summary.json"], logs / "run.log")
-    classes = json.loads((bundles / "model" / "manifest.json").read_text())["model"]["classes"]
     offline = offline_classes(bundles / "model", heldout, args.video_pairs)
-    replay = score_replay(decisions, labels, classes, offline, args.hold)
+    replay = score_replay(decisions, truth, offline, args.hold)
 
     val = torch.load(weights, weights_only=True)["val_accuracy"]
     rows = [["their trainer's val accuracy (their 20 % split)", f"{val:.1%}", "", ""]]

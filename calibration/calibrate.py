@@ -42,7 +42,7 @@ from edge_pfm.dataset import PairedDataset
 from edge_pfm.errors import EdgePfmError, ExitCode
 from edge_pfm.fileio import atomic_directory, atomic_write_json, atomic_write_text
 from edge_pfm.lesion import check_map_classes, map_measurement, map_verdict
-from export.artifact_check import check_artifact, summary_line
+from export.artifact_check import build_census, check_artifact, summary_line
 from export.fp16 import fp16_model
 from export.onnx_graph import save_onnx
 from export.progress import log as _log
@@ -392,7 +392,7 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
                 "calibration": {"method": recipe.method, "ranges": ranges_used, "samples": len(calib),
                                 "data_sha256": data_hash, "source": calib_source},
                 "recipe": recipe_record,
-                "builds": build_checks,  # kept with a refused report too: the census of what the gate refused
+                "builds": {n: build_census(c) for n, c in build_checks.items()},  # a refused report keeps them too
                 "fp16_method": FP16_METHOD, "results": results,
                 "gate": {"passed": not reasons, "reasons": reasons, "thresholds": GATE, "rule": gate_rule(protected)},
             }

@@ -81,6 +81,15 @@ def check_artifact(path: str | Path, precision: str | None = None, max_batch: in
     return record
 
 
+CENSUS_KEYS = ("checked", "reason", "flavour", "version", "precision", "layers", "by_datatype", "compute_by_datatype")
+
+
+def build_census(record: dict) -> dict:
+    """A build check without its timing, engine size and log: what a report compared byte for byte may keep."""
+    return {"onnx_checker": record["onnx_checker"],
+            "tensorrt": {k: record["tensorrt"][k] for k in CENSUS_KEYS if k in record["tensorrt"]}}
+
+
 def summary_line(name: str, record: dict) -> str:
     t = record["tensorrt"]
     if not t.get("checked"):

@@ -168,7 +168,8 @@ def _fit_normalisation(frames: Iterable[np.ndarray], theirs: np.ndarray, spec: P
 def _advice(modality: str, frames: Callable[[], Iterable[np.ndarray]], theirs: np.ndarray, spec: PreprocessSpec,
             now: float, has_spec: bool) -> str | None:
     """The one spec field whose change brings the difference within the bound, said as an instruction. A native
-    checkpoint has no spec: its preprocessing is what it was trained with, so the team's pipeline is what changes."""
+    checkpoint's spec is not the user's to edit: its preprocessing is what it was trained with, so the team's pipeline
+    is what changes."""
     def say(change: str, d: float) -> str:
         if has_spec:
             return f"set {change} in the spec: the mean difference falls from {now:.2f} to {d:.2f} grey levels"
@@ -230,7 +231,8 @@ def check_preprocessing(bundle: str | Path | Bundle, conformance_dir: str | Path
     cs = load_conformance_set(conformance_dir, bundle)
     specs = bundle.preprocessing
     ours = {m: _ours(cs.frames(m), specs[m]) for m in MODALITIES}
-    has_spec = bool(bundle.manifest.get("spec"))
+    # a team's door (user-model, user-onnx) can change its spec; a native checkpoint's spec is what it trained with
+    has_spec = str(bundle.manifest["model"].get("source", "")).startswith("user-")
     modalities, problems, advice = {}, [], []
     bound = PREPROCESSING_BOUND
     for m in MODALITIES:

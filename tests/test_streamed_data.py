@@ -146,6 +146,16 @@ ds = PairedDataset({str(data)!r})
 samples = PairSamples(ds, range(len(ds)), default_preprocessing("pfm_tiny"), ClassRoles.default_for(ds.classes).lesion)
 print(sum(len(b[2]) for b in pair_loader(samples, 4, shuffle=True, workers=1)))
 """
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split()[-1] == str(len(PairedDataset(data)))
+    import os
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own group: a hung worker goes with it
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the loader's worker hung after the caller's OpenCV work")
+    assert proc.returncode == 0, err[-2000:]
+    assert out.split()[-1] == str(len(PairedDataset(data)))
