@@ -81,34 +81,35 @@ def door(bundle: Path, calib_rc: int) -> dict:
             "calibration_exit": calib_rc}
 
 
-def write_videos(heldout: Path, n: int, hold: int, out: Path) -> list[int]:
-    """white.avi and fluo.avi (FFV1, lossless) of the first n held-out pairs, each for `hold` frames; -> labels."""
-    import cv2
-
+def held_out_pairs(heldout: Path, n: int) -> list[tuple]:
+    """The first n held-out pairs, read once: (white BGR, fluorescence BGR, class name)."""
     from edge_pfm.dataset import PairedDataset
 
     ds = PairedDataset(heldout)
-    frames = [ds.load(i) for i in range(min(n, len(ds)))]
-    h, w = frames[0][0].shape[:2]
+    return [(w, f, ds.classes[y]) for w, f, y in map(ds.load, range(min(n, len(ds))))]
+
+
+def write_videos(pairs: list[tuple], hold: int, out: Path) -> None:
+    """white.avi and fluo.avi (FFV1, lossless) of the pairs, each for `hold` frames."""
+    import cv2
+
+    h, w = pairs[0][0].shape[:2]
     for k, name in ((0, "white.avi"), (1, "fluo.avi")):
         vw = cv2.VideoWriter(str(out / name), cv2.VideoWriter_fourcc(*"FFV1"), FPS, (w, h))
         if not vw.isOpened():
             raise SystemExit("OpenCV's FFV1 writer is unavailable")
-        for f in frames:
+        for pair in pairs:
             for _ in range(hold):
-                vw.write(f[k])
+                vw.write(pair[k])
         vw.release()
-    return [f[2] for f in frames]
 
 
-def offline_classes(bundle: Path, heldout: Path, n: int) -> list[str]:
-    """The bundle's class for each of the first n held-out PNG pairs, through the Python API."""
+def offline_classes(bundle: Path, pairs: list[tuple]) -> list[str]:
+    """The bundle's class for each pair as read from its PNGs, through the Python API."""
     from edge_pfm.classifier import Classifier
-    from edge_pfm.dataset import PairedDataset
 
-    ds = PairedDataset(heldout)
     with Classifier(bundle) as clf:
-        return [clf.classify(*ds.load(i)[:2]).label for i in range(min(n, len(ds)))]
+        return [clf.classify(w, f).label for w, f, _ in pairs]
 
 
 def score_replay(log: Path, truth: list[str], offline: list[str], hold: int) -> dict:
@@ -186,15 +187,14 @@ def main(argv: list[str] | None = None) -> int:
 
     videos = work / "videos"
     videos.mkdir()
-    labels = write_videos(heldout, args.video_pairs, args.hold, videos)
-    from edge_pfm.dataset import PairedDataset
-
-    truth = [PairedDataset(heldout).classes[y] for y in labels]
+    pairs = held_out_pairs(heldout, args.video_pairs)
+    write_videos(pairs, args.hold, videos)
+    truth = [label for _, _, label in pairs]
     decisions = work / "decisions.jsonl"
     _, seconds["edge-pfm run (replay)"] = run(
         ["-m", "edge_pfm", "run", "--bundle", bundles / "model", "--white", videos / "white.avi", "--fluo",
          videos / "fluo.avi", "--log", decisions, "--summary-json", work / "run_summary.json"], logs / "run.log")
-    offline = offline_classes(bundles / "model", heldout, args.video_pairs)
+    offline = offline_classes(bundles / "model", pairs)
     replay = score_replay(decisions, truth, offline, args.hold)
 
     val = torch.load(weights, weights_only=True)["val_accuracy"]
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(["figure", "--model", "--onnx (legacy export)", "--onnx (dynamo export)"], rows)
     print()
     print_table(["edge-pfm run on two replayed videos (--model bundle)", "measured"], [
-        ["videos", f"{len(labels)} held-out pairs x {args.hold} frames, {FPS} fps, FFV1, {SIZE[0]}x{SIZE[1]}"],
+        ["videos", f"{len(pairs)} held-out pairs x {args.hold} frames, {FPS} fps, FFV1, {SIZE[0]}x{SIZE[1]}"],
         ["backend, engine", f"{replay['backend']}, {replay['engine']}"],
         ["decision records (states)", f"{replay['records']} {replay['states']}"],
         ["pair decisions, both frames of one held-out pair", f"{replay['same_held_out_pair']} of "
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(["step", "seconds"], [[k, round(v, 1)] for k, v in seconds.items()])
     write_json(args.json, {"pairs": args.pairs, "heldout": args.heldout, "their_val_accuracy": val, "doors": doors, "replay": replay, "seconds": seconds,
-                           "video": {"pairs": len(labels), "hold_frames": args.hold, "fps": FPS}})
+                           "video": {"pairs": len(pairs), "hold_frames": args.hold, "fps": FPS}})
     good = all(d["parity"]["passed"] for d in doors.values()) and replay["raw_class_as_offline"] == replay["classified"]
     return 0 if good else 1
 
