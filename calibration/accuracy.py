@@ -161,6 +161,25 @@ def _recipe_lines(recipe: dict | None) -> list[str]:
             + (f"; {recipe['reason']}" if recipe.get("reason") else "")]
 
 
+def range_note_lines(notes: dict | None, shown: int = 5) -> list[str]:
+    """What calibration.ranges did not take from a histogram: degenerate tensors (their largest |x|) and non-finite
+    ones (float readers), a few named."""
+    notes = notes or {}
+    lines = []
+    if notes.get("fallbacks"):
+        fb = notes["fallbacks"]
+        named = "; ".join(f"`{t}`: {why}" for t, why in list(fb.items())[:shown])
+        lines.append(f"range fallbacks: {len(fb)} tensor(s) had a degenerate histogram and take their largest |x| "
+                     f"for every method: {named}" + (f"; {len(fb) - shown} more in calibration.json" if len(fb) > shown
+                                                     else ""))
+    if notes.get("non_finite"):
+        nf = notes["non_finite"]
+        lines.append(f"non-finite inside the graph: {len(nf)} tensor(s) ({', '.join(f'`{t}`' for t in list(nf)[:shown])}"
+                     f"); their range is their finite values', and the {len(notes.get('float_nodes', []))} "
+                     "quantizable node(s) reading them stay float")
+    return lines
+
+
 def _pct_ci(ci: list) -> str:
     return "-" if ci[0] is None else f"[{ci[0]:+.2%}, {ci[1]:+.2%}]"
 
@@ -173,6 +192,7 @@ def markdown(report: dict, classes: tuple[str, ...], protected: tuple[str, ...])
              f"disjoint from the {report['calibration']['samples']} calibration pairs",
              f"- calibration: {report['calibration']['method']}, ranges: {report['calibration'].get('ranges', 'ptq')}, "
              f"data sha256 `{report['calibration']['data_sha256'][:16]}`",
+             *(f"- {line}" for line in range_note_lines(report["calibration"].get("range_notes"))),
              *_recipe_lines(report.get("recipe")),
              f"- FP16: {report['fp16_method']}",
              "- intervals are 95 %: Wilson for agreement, paired bootstrap for changes (with exact McNemar p of a loss)",

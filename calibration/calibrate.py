@@ -31,6 +31,7 @@ from calibration.accuracy import (
     gate_rule,
     lesion_report,
     markdown,
+    range_note_lines,
 )
 from calibration.calib_cache import CalibrationCache, trt_version_int
 from calibration.data import PairReader, dataset_pairs, synthetic_pair_chunks, synthetic_pairs, warn_if_few
@@ -197,7 +198,7 @@ def _recipe(fp32: Path, all_ranges: dict, qat: dict | None, val: ValSet | None, 
     if qat is None and val is not None:
         return choose_recipe(fp32, all_ranges, DEFAULT_QUANTIZED_OPS, val,
                              methods=None if plan.method == "auto" else [plan.method], margin=plan.margin, log=_log,
-                             gate_pairs=gate_pairs)
+                             gate_pairs=gate_pairs, fixed_float=all_ranges.float_nodes)
     graph = name_nodes(onnx.load(str(fp32)))
     ops = QAT_QUANTIZED_OPS if qat is not None else DEFAULT_QUANTIZED_OPS
     total = sum(n.op_type in QUANTIZABLE_OPS for n in graph.graph.node)
@@ -327,6 +328,8 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
     _log(f"[2/6] activation ranges ({', '.join(METHODS)}: one histogram pass, symmetric) over {len(calib)} pairs on "
          "the FP32 graph")
     all_ranges = compute_all_ranges(fp32, PairReader(calib, specs, names, progress="calibrating"))
+    for line in range_note_lines(all_ranges.notes()):
+        _log(f"      {line}")
     qat = None
     if plan.ranges == "qat" and not bundle.has("qat_ranges.json"):
         raise CalibrationError(f"--ranges qat: {bundle.root} has no qat_ranges.json; export a checkpoint trained with "
@@ -368,12 +371,13 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
             shutil.copytree(bundle.root, tmp, dirs_exist_ok=True)
             _log("[4/6] INT8 Q/DQ model and TensorRT calibration cache from the same ranges; FP16-typed model")
             quantize_qdq(fp32, amax, tmp / "model.int8.onnx", op_types=quantized_ops,
-                         keep_float=tuple(plan.keep_float), float_nodes=tuple(recipe.float_layers))
+                         keep_float=tuple(plan.keep_float),
+                         float_nodes=tuple(dict.fromkeys([*recipe.float_layers, *all_ranges.float_nodes])))
             save_onnx(fp16_model(fp32), tmp / "model.fp16.onnx")
             atomic_write_text(tmp / "calibration.cache", cache.to_text())
             atomic_write_json(tmp / "calibration.json", {"method": recipe.method, "ranges": ranges_used,
                                                          "symmetric": True, "float_layers": recipe.float_layers,
-                                                         "amax": amax})
+                                                         "range_notes": all_ranges.notes(), "amax": amax})
             build_checks = {}
             for name in ("model.int8.onnx", "model.fp16.onnx"):
                 build_checks[name] = check_artifact(tmp / name, max_batch=bundle.max_batch)
@@ -390,7 +394,8 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
             report = {
                 "eval": {"samples": int(len(labels)), "source": eval_source},
                 "calibration": {"method": recipe.method, "ranges": ranges_used, "samples": len(calib),
-                                "data_sha256": data_hash, "source": calib_source},
+                                "data_sha256": data_hash, "source": calib_source,
+                                "range_notes": all_ranges.notes()},
                 "recipe": recipe_record,
                 "builds": {n: build_census(c) for n, c in build_checks.items()},  # a refused report keeps them too
                 "fp16_method": FP16_METHOD, "results": results,

@@ -48,6 +48,11 @@ class DatasetPairs(Sequence):
             mask = np.zeros(wl.shape[:2], bool)
         return wl, fl, label, mask
 
+    def describe(self, k: int) -> str:
+        """Pair k by its files, for an error message."""
+        s = self.ds.samples[self.indices[k]]
+        return f"{s.name!r} ({s.white}, {s.fluorescence})"
+
     def subset(self, indices: Iterable[int]) -> DatasetPairs:
         return DatasetPairs(self.ds, [self.indices[k] for k in indices], self.lesion_classes)
 
@@ -139,6 +144,10 @@ class PairReader:
         self._it: Iterator[dict[str, np.ndarray]] | None = None
         self.served = 0
         self.bar = None  # shared with the chunks() sub-readers
+
+    def describe(self, k: int) -> str:
+        """Pair k of this reader, by its files where it has them (a dataset's), else by its index."""
+        return self.pairs.describe(k) if hasattr(self.pairs, "describe") else f"#{k} (an in-memory pair)"
 
     def feed(self, pair: Pair) -> dict[str, np.ndarray]:
         return pair_feed(pair, self.specs, self.input_names)

@@ -211,10 +211,11 @@ def _pairs_for(margin: float, gate_pairs: int | None = None, gate_floor: float =
 def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_types: tuple[str, ...], val: ValSet,
                   methods: Sequence[str] | None = None, margin: float = MARGIN, min_share: float = MIN_INT8_SHARE,
                   log: Callable[[str], None] = lambda m: None, gate_pairs: int | None = None,
-                  gate_floor: float = GATE_FLOOR) -> Recipe:
+                  gate_floor: float = GATE_FLOOR, fixed_float: Sequence[str] = ()) -> Recipe:
     """The range method and the nodes kept float (module docstring). `ranges`: {method: amax}; `methods`: the
     ones to choose among (default all in `ranges`); `gate_pairs`, `gate_floor`: the held-out set the gate will
-    decide on, and its agreement floor (margin_target).
+    decide on, and its agreement floor (margin_target); `fixed_float`: nodes float whatever the search finds (those
+    reading a non-finite tensor: calibration.ranges), not counted as the search's.
 
     The search's units are each block's conv/matmul layers and each block's residual Adds (export.quant_scheme:
     quantized for TensorRT's fusions; keeping them float costs no conv/matmul Int8). Units are ranked by their
@@ -241,13 +242,15 @@ def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_type
     meets, target = margin_target(len(val), margin, gate_pairs, gate_floor)
     trials = 0
 
+    fixed = tuple(fixed_float)
+
     def recipe(kind: str, method: str, float_nodes: list[str], s: ValScore | None, reason: str = "", **kw) -> Recipe:
-        floats = [n for n in float_nodes if n in set(layers)]
+        floats = [n for n in dict.fromkeys([*float_nodes, *fixed]) if n in set(layers)]
         return Recipe(kind, method, float_nodes, s, target, len(all_layers), len(layers) - len(floats), reason,
                       trials=trials, seconds=time.perf_counter() - t0, **kw)
 
     methods = list(methods or ranges)
-    full = {m: quantize_qdq(fp32, ranges[m], None, op_types=op_types) for m in methods}
+    full = {m: quantize_qdq(fp32, ranges[m], None, op_types=op_types, float_nodes=fixed) for m in methods}
     by_method = {m: val.score(q) for m, q in full.items()}
     trials += len(methods)
     method = max(methods, key=lambda m: (by_method[m].agree, -by_method[m].kl))
@@ -260,6 +263,8 @@ def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_type
         return recipe("ptq", method, [], best, methods=summary)
     log(f"      {method} misses the target ({target}): layer sensitivity")
     qmodel = full[method]
+    layers = [n for n in layers if n not in fixed]  # the search's own: what it may keep float
+    adds = [n for n in adds if n not in fixed]
     quantized = layers + adds
     sub = min(SENSITIVITY_PAIRS, len(val))
 
@@ -272,7 +277,8 @@ def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_type
     def score(float_nodes: Sequence[str]) -> ValScore:  # the model quantize_qdq writes, on all of val
         nonlocal trials
         trials += 1
-        return val.score(quantize_qdq(fp32, ranges[method], None, op_types=op_types, float_nodes=tuple(float_nodes)))
+        return val.score(quantize_qdq(fp32, ranges[method], None, op_types=op_types,
+                                      float_nodes=fixed + tuple(float_nodes)))
 
     units: dict[str, list[str]] = {}
     for name in layers:
