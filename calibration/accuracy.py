@@ -29,9 +29,11 @@ EPS = 1e-9  # tolerance for threshold comparisons
 def evaluate_stream(models: dict[str, object], chunks: Iterable[list[Pair]], specs: dict, input_names: dict,
                     check_pair: Callable[[Pair], None] = lambda p: None, batch: int = 16,
                     progress: str | None = "evaluating",
-                    lesion: dict | None = None, spin: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Run every model (path or ModelProto) on every labelled pair, one chunk at a time, each pair preprocessed
-    once -> ({model: logits (N, classes)}, labels (N,)). `check_pair` may refuse a pair (raise) before it runs.
+                    lesion: dict | None = None, spin: bool = True,
+                    labelled: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Run every model (path or ModelProto) on every labelled pair (any pair with `labelled=False`: its label is
+    then -1 where it has none), one chunk at a time, each pair preprocessed once -> ({model: logits (N, classes)},
+    labels (N,)). `check_pair` may refuse a pair (raise) before it runs.
     `lesion`, if given and the models have a lesion_map output, is filled with {"maps": {model: (N, 1, h, w)}}
     and, when the pairs carry lesion masks (synthetic ones do), "targets": (N, 1, h, w). `spin=False` when the
     chunks are rendered by other processes meanwhile (calibration.sessions.cpu_session)."""
@@ -45,7 +47,7 @@ def evaluate_stream(models: dict[str, object], chunks: Iterable[list[Pair]], spe
     bar = progress_bar(desc=f"{progress} {', '.join(models)}", enabled=bool(progress))
     for chunk in chunks:
         for pair in chunk:
-            if pair[2] is None:
+            if pair[2] is None and labelled:
                 raise ValueError("every held-out pair needs a label (labels.csv)")
             check_pair(pair)
         feeds = [pair_feed(p, specs, input_names) for p in chunk]
@@ -56,7 +58,7 @@ def evaluate_stream(models: dict[str, object], chunks: Iterable[list[Pair]], spe
                 logits[name].append(outs[0])
                 if len(outs) > 1:
                     maps[name].append(outs[1])
-        labels += [p[2] for p in chunk]
+        labels += [-1 if p[2] is None else p[2] for p in chunk]
         if lesion is not None:  # None: a lesion pair without an outline, unscored
             targets += [lesion_target(p[3], specs["white_light"]) if len(p) > 3 and p[3] is not None else None
                         for p in chunk]
@@ -105,18 +107,34 @@ def evaluate(logits: dict[str, np.ndarray], labels: np.ndarray, classes: tuple[s
     return out
 
 
-def gate(results: dict, protected: tuple[str, ...], model: str = "int8") -> list[str]:
+def agreement_report(logits: dict[str, np.ndarray], source: str) -> dict:
+    """Top-1 agreement of each model with logits["fp32"] on pairs that need no labels (--agreement-data)."""
+    ref = logits["fp32"].argmax(1)
+    out = {"source": source, "samples": int(len(ref))}
+    for name, lg in logits.items():
+        if name != "fp32":
+            agree = int((lg.argmax(1) == ref).sum())
+            out[name] = {"samples": int(len(ref)), "top1_agreement": agree / len(ref) if len(ref) else float("nan"),
+                         "agreement_ci95": list(wilson(agree, len(ref))), "disagreements": int(len(ref) - agree)}
+    return out
+
+
+def gate(results: dict, protected: tuple[str, ...], model: str = "int8", agreement: dict | None = None) -> list[str]:
     """Reasons the INT8 model must not ship (empty list = pass), decided on 95 % intervals (module docstring).
-    `protected`: the classes whose recall must not drop (the critical role, ClassRoles.protected)."""
+    `protected`: the classes whose recall must not drop (the critical role, ClassRoles.protected). `agreement`
+    (agreement_report): an unlabelled set the agreement criterion is decided on instead of the held-out set."""
     reasons = []
     m = results[model]
-    lo, hi = m["agreement_ci95"]
+    a = agreement[model] if agreement else m
+    lo, hi = a["agreement_ci95"]
     floor = GATE["int8_top1_agreement"]
     if lo < floor - EPS:
-        n = m["samples"]
-        reasons.append(f"INT8 top-1 agreement with FP32 is {m['top1_agreement']:.2%} ({m['disagreements']} of {n} "
-                       f"differ), 95 % interval {lo:.2%}-{hi:.2%}: not shown to be >= {floor:.0%}"
-                       + (f" (with {n} pairs even 100 % cannot show it: evaluate on >= 2000)" if n < 400 else ""))
+        n = a["samples"]
+        where = f" on {agreement['source']}" if agreement else ""
+        reasons.append(f"INT8 top-1 agreement with FP32{where} is {a['top1_agreement']:.2%} ({a['disagreements']} of "
+                       f"{n} differ), 95 % interval {lo:.2%}-{hi:.2%}: not shown to be >= {floor:.0%}"
+                       + (f" (with {n} pairs even 100 % cannot show it: measure it on >= 2000, e.g. unlabelled pairs "
+                          "recorded on the device: --agreement-data DIR)" if n < 400 else ""))
     tol, alpha = GATE["top_class_recall_drop"], GATE["alpha"]
     for top in protected:
         rc = m["recall_change"][top]
@@ -156,8 +174,16 @@ def _recipe_lines(recipe: dict | None) -> list[str]:
                 f"{val['agreement_ci95'][0]:.2%}-{val['agreement_ci95'][1]:.2%}); target: {recipe['target']}"
                 if val else recipe["target"])
     floats = ", ".join(f"`{n}`" for n in recipe["float_layers"]) or "none"
+    c = recipe.get("confirm")
+    confirmed = (f"; confirmed on {c['samples']} pairs the search never saw: {c['agreement']:.2%} ({c['disagreements']} "
+                 f"differ, 95 % CI {c['agreement_ci95'][0]:.2%}-{c['agreement_ci95'][1]:.2%})" if c else
+                 f"; {recipe['confirm_note']}" if recipe.get("confirm_note") else "")
+    missed = [x for x in recipe.get("confirmations", []) if not x["met"]]
+    if missed:
+        confirmed += "; " + ", ".join(f"{x['recipe']} met val but missed confirmation ({x['disagreements']} of "
+                                      f"{x['samples']} differ)" for x in missed)
     return [f"- INT8 recipe: {recipe['kind']}, {recipe['method']} ranges; layers kept float beyond the inputs' first: "
-            f"{floats}; {evidence}; Int8: {recipe['int8_share']['counted']}"
+            f"{floats}; {evidence}{confirmed}; Int8: {recipe['int8_share']['counted']}"
             + (f"; {recipe['reason']}" if recipe.get("reason") else "")]
 
 
@@ -180,6 +206,16 @@ def range_note_lines(notes: dict | None, shown: int = 5) -> list[str]:
     return lines
 
 
+def _agreement_lines(agreement: dict | None) -> list[str]:
+    if not agreement:
+        return []
+    return [f"- agreement set (the gate's agreement criterion; labels not needed): {agreement['samples']} pairs "
+            f"({agreement['source']}): " + ", ".join(
+                f"{name.upper()} {a['top1_agreement']:.2%} [{a['agreement_ci95'][0]:.2%}, {a['agreement_ci95'][1]:.2%}]"
+                f" ({a['disagreements']} differ)" for name, a in agreement.items() if isinstance(a, dict))
+            + "; the held-out labelled set below decides accuracy and recall"]
+
+
 def _pct_ci(ci: list) -> str:
     return "-" if ci[0] is None else f"[{ci[0]:+.2%}, {ci[1]:+.2%}]"
 
@@ -193,6 +229,8 @@ def markdown(report: dict, classes: tuple[str, ...], protected: tuple[str, ...])
              f"- calibration: {report['calibration']['method']}, ranges: {report['calibration'].get('ranges', 'ptq')}, "
              f"data sha256 `{report['calibration']['data_sha256'][:16]}`",
              *(f"- {line}" for line in range_note_lines(report["calibration"].get("range_notes"))),
+             *([f"- **training data unknown**: {report['training_data']}"] if report.get("training_data") else []),
+             *_agreement_lines(report.get("agreement")),
              *_recipe_lines(report.get("recipe")),
              f"- FP16: {report['fp16_method']}",
              "- intervals are 95 %: Wilson for agreement, paired bootstrap for changes (with exact McNemar p of a loss)",

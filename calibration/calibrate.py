@@ -16,14 +16,12 @@ import json
 import shutil
 import warnings
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-
-import numpy as np
 
 from calibration.accuracy import (
     ADVICE,
     GATE,
+    agreement_report,
     confusion_png,
     evaluate,
     evaluate_stream,
@@ -34,13 +32,20 @@ from calibration.accuracy import (
     range_note_lines,
 )
 from calibration.calib_cache import CalibrationCache, trt_version_int
-from calibration.data import PairReader, dataset_pairs, synthetic_pair_chunks, synthetic_pairs, warn_if_few
-from calibration.mixed import FULL_AGREEMENT, MARGIN, MIN_INT8_SHARE, Recipe, ValSet, choose_recipe
+from calibration.data import PairReader, warn_if_few
+from calibration.data_plan import (
+    VAL_MAX,
+    VAL_SHARE,
+    VAL_SYNTHETIC,
+    CalibrationError,
+    pair_digest,
+    plan_data,
+)
+from calibration.mixed import FULL_AGREEMENT, MARGIN, MIN_INT8_SHARE, Recipe, ValSet, _pairs_for, choose_recipe
 from calibration.qdq import quantize_qdq
 from calibration.ranges import METHODS, compute_all_ranges
 from edge_pfm.bundle import Bundle, write_manifest
-from edge_pfm.dataset import PairedDataset
-from edge_pfm.errors import EdgePfmError, ExitCode
+from edge_pfm.errors import ExitCode
 from edge_pfm.fileio import atomic_directory, atomic_write_json, atomic_write_text
 from edge_pfm.lesion import check_map_classes, map_measurement, map_verdict
 from export.artifact_check import build_census, check_artifact, summary_line
@@ -53,15 +58,6 @@ from export.references import MIN_PAIRS, frames_to_pixels, scene_pixels, write_r
 FP16_METHOD = ("model.fp16.onnx run on ONNX Runtime CPU (FP16-typed graph, float32 I/O, LayerNormalization in "
                "float32; ORT computes FP16 ops without a CPU kernel in float32 between FP16 tensors)")
 RANGES = ("auto", "ptq", "qat")
-EVAL_SYNTHETIC = 2000  # synthetic held-out pairs by default: the gate's 99 % needs >= ~380, a narrow interval 2000
-# synthetic val pairs: the margin needs >= 545 at full agreement, and at 2000 (with 2000 held-out pairs) allows 6
-# disagreements; rendered like the synthetic held-out pairs (at their resolution): val must predict the gate
-VAL_SYNTHETIC = 2000
-VAL_SHARE, VAL_MAX, VAL_MIN_DATA = 0.2, 1000, 100  # val held back from a --data without a split column
-
-
-class CalibrationError(EdgePfmError, RuntimeError):
-    """Calibration cannot run on this bundle or data; the message says why and what to change."""
 
 
 class GateRefused(CalibrationError):
@@ -81,6 +77,9 @@ class CalibrationPlan:
     eval: str | Path | None = None  # held-out labelled dataset; None: data's test split, or synthetic pairs
     eval_synthetic: int | None = None  # synthetic held-out pairs (None: 2000 when synthetic ones are used)
     val_synthetic: int = VAL_SYNTHETIC  # synthetic val pairs (recipe tuning) with synthetic calibration; 0: none
+    val: str | Path | None = None  # a val set of its own (labels not needed: val measures agreement with FP32)
+    agreement_data: str | Path | None = None  # the gate's agreement set (labels not needed); eval keeps the rest
+    confirm: bool = True  # measure the recipe on pairs the search did not see (calibration.data_plan)
     margin: float = MARGIN  # the val agreement lower bound the recipe must show (calibration.mixed)
     resolution: tuple[int, int] = (1280, 720)  # synthetic camera resolution
     eval_resolution: tuple[int, int] | None = None  # default: resolution
@@ -128,9 +127,10 @@ def _val_advice(report: dict) -> str:
     if not str(recipe.get("target", "")).startswith(FULL_AGREEMENT):
         return ""
     return (f"first: the INT8 recipe was chosen on {(recipe.get('val') or {}).get('samples')} val pairs, too few "
-            f"for its margin ({recipe['target']}); give it more: with --data, val is {VAL_SHARE:.0%} of the pairs "
-            f"(at most {VAL_MAX}) or the rows a `split` column marks val (edge-pfm record --pairs N records more); "
-            "with --synthetic, --val-synthetic N\n")
+            f"for its margin ({recipe['target']}); give it more: --val DIR (pairs the model never trained on, no "
+            f"labels needed: edge-pfm record --mode dataset records them), or with --data, val is {VAL_SHARE:.0%} of "
+            f"the pairs (at most {VAL_MAX}) or the rows a `split` column marks val; with --synthetic, "
+            "--val-synthetic N\n")
 
 
 class _Refused(Exception):
@@ -138,55 +138,8 @@ class _Refused(Exception):
         self.report = report
 
 
-def pair_digest(pair) -> str:
-    h = hashlib.sha256()
-    h.update(pair[0].tobytes())
-    h.update(pair[1].tobytes())
-    return h.hexdigest()
-
-
-def require_synthetic_training(bundle: Bundle, what: str) -> None:
-    """Synthetic scenes calibrate and measure only a model trained on them (the provenance says so); a model
-    trained on real images, or one whose training nobody recorded (a team's ONNX), needs its own data."""
-    trained_on = str(bundle.manifest.get("provenance", {}).get("training", {}).get("data", ""))
-    if not trained_on.startswith("synthetic:"):
-        raise CalibrationError(
-            f"{what} uses synthetic scenes, but {bundle.root} was trained on "
-            f"{trained_on or 'data its manifest does not record'}: synthetic ranges and accuracy would say nothing "
-            "about it. Calibrate on pairs from your cameras (--data DIR) and evaluate on a labelled held-out set "
-            "(--eval DIR)")
-
-
-def _training_splits(bundle: Bundle, plan: CalibrationPlan):
-    """The dataset's train/val/test (export.splits). When the bundle was trained on this dataset (the same path,
-    or the same split digests), the split the trainer made, with its seed, checked by the test set's content
-    digest: the gate must not see a training pair."""
-    from export.splits import dataset_splits
-
-    ds = PairedDataset(plan.data, bundle.classes)
-    training = bundle.manifest.get("provenance", {}).get("training", {})
-    recorded = training.get("splits", {})
-    trained_on = str(training.get("data", ""))
-    same_path = bool(trained_on) and not trained_on.startswith("synthetic:") and (
-        Path(trained_on).resolve() == Path(plan.data).resolve())
-    if same_path and "test_sha256" not in recorded:
-        raise CalibrationError(f"{bundle.root} was trained on {plan.data}, but its checkpoint does not record which "
-                               "pairs it held out (it predates train/val/test splits): give a held-out set the model "
-                               "never saw (--eval DIR)")
-    splits = dataset_splits(ds, seed=int(recorded.get("seed", plan.seed)))
-    same_data = same_path or any(recorded.get(f"{k}_sha256") == splits.digests[k] for k in ("train", "val", "test"))
-    if same_data and recorded.get("test_sha256") != splits.digests["test"]:
-        raise CalibrationError(f"{plan.data} is the dataset {bundle.root} was trained on, but its test split is not "
-                               "the one the trainer held out (the files or labels.csv changed since): the gate could "
-                               "see training pairs. Give a held-out set the model never saw (--eval DIR)")
-    whose = " (the trainer's split)" if same_data else ""
-    _log(f"      {plan.data}: {splits.source}; train {len(splits.train)}, val {len(splits.val)}, test "
-         f"{len(splits.test)} pairs{whose}")
-    return splits
-
-
 def _recipe(fp32: Path, all_ranges: dict, qat: dict | None, val: ValSet | None, plan: CalibrationPlan,
-            gate_pairs: int) -> Recipe:
+            gate_pairs: int, confirm: ValSet | None = None) -> Recipe:
     """The range method and float layers (calibration.mixed), or the fixed recipe where nothing is chosen: QAT
     ranges (trained for the whole scheme) or no val set."""
     import onnx
@@ -198,7 +151,7 @@ def _recipe(fp32: Path, all_ranges: dict, qat: dict | None, val: ValSet | None, 
     if qat is None and val is not None:
         return choose_recipe(fp32, all_ranges, DEFAULT_QUANTIZED_OPS, val,
                              methods=None if plan.method == "auto" else [plan.method], margin=plan.margin, log=_log,
-                             gate_pairs=gate_pairs, fixed_float=all_ranges.float_nodes)
+                             gate_pairs=gate_pairs, fixed_float=all_ranges.float_nodes, confirm=confirm)
     graph = name_nodes(onnx.load(str(fp32)))
     ops = QAT_QUANTIZED_OPS if qat is not None else DEFAULT_QUANTIZED_OPS
     total = sum(n.op_type in QUANTIZABLE_OPS for n in graph.graph.node)
@@ -265,63 +218,12 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
         raise CalibrationError(f"--map-classes: {bundle.root} has no lesion-map output (its model was trained "
                                "without lesion masks)")
     fp32 = bundle.model_path("fp32")
-    lesion_classes = tuple(bundle.roles.lesion)
-    splits = None
-    if (plan.data is not None and plan.eval is None and plan.eval_synthetic is None
-            and PairedDataset(plan.data, classes).labelled):
-        splits = _training_splits(bundle, plan)  # one labelled dataset: train calibrates, test gates
-    if plan.data is None or (plan.eval is None and splits is None):
-        require_synthetic_training(bundle, "calibration (--synthetic)" if plan.data is None else
-                                   "the held-out set (--eval-synthetic)")
-    _log(f"[1/6] calibration data ({plan.data or 'synthetic'}{', its train split' if splits else ''})")
-    val_pairs = None  # (chunks factory, n, source)
-    if plan.data is None:
-        calib = synthetic_pairs(min(plan.synthetic, plan.samples), plan.seed, plan.resolution, classes)
-        calib_source = f"synthetic:{len(calib)}:seed={plan.seed}:{plan.resolution[0]}x{plan.resolution[1]}"
-        if plan.val_synthetic:
-            # at the held-out pairs' resolution when they are synthetic: val predicts the gate (measured: val at
-            # 1280x720 met the margin with 4 of 2000 differing, the gate's 640x360 pairs then had 13)
-            val_size = plan.resolution if plan.eval is not None else (plan.eval_resolution or plan.resolution)
-            n_val, val_seed, (w, h) = plan.val_synthetic, plan.seed + 20_000, val_size
-            val_pairs = (partial(synthetic_pair_chunks, n_val, val_seed, val_size, classes=classes), n_val,
-                         f"synthetic:{n_val}:seed={val_seed}:{w}x{h}")
-    else:
-        everything, _ = dataset_pairs(plan.data, classes, lesion_classes)
-        held_from_data = everything.subset(splits.test) if splits else None
-        if splits:
-            calib, val = everything.subset(splits.train), everything.subset(splits.val)
-            val_pairs = (val.chunks, len(val), f"{plan.data} (val split)")
-        elif len(everything) >= VAL_MIN_DATA:  # ranges from the rest; val tunes the recipe; the held-out set gates
-            rng = np.random.default_rng(plan.seed)
-            n_val = min(VAL_MAX, round(VAL_SHARE * len(everything)))
-            picked = set(rng.choice(len(everything), n_val, replace=False).tolist())
-            val = everything.subset(sorted(picked))
-            calib = everything.subset([i for i in range(len(everything)) if i not in picked])
-            val_pairs = (val.chunks, len(val), f"{plan.data} ({n_val} pairs held back from calibration, seed {plan.seed})")
-        else:
-            calib = everything
-        if len(calib) > plan.samples:
-            idx = np.random.default_rng(plan.seed).choice(len(calib), plan.samples, replace=False)
-            calib = calib.subset(sorted(idx))
-        calib_source = str(plan.data) + (" (train split)" if splits else "")
+    data = plan_data(bundle, plan, lambda gate_pairs: _pairs_for(plan.margin, gate_pairs))
+    calib, calib_source = data.calib, data.calib_source
+    eval_source, eval_chunks, n_eval, eval_rendered = data.eval_source, data.eval_chunks, data.n_eval, data.eval_rendered
     warn_if_few(len(calib))
     calib_digest_list = [pair_digest(p) for p in calib]  # one streamed pass
     data_hash = hashlib.sha256("".join(calib_digest_list).encode()).hexdigest()
-
-    eval_rendered = False  # synthetic pairs are rendered by other processes while they are evaluated
-    if splits is not None:
-        eval_source, eval_chunks, n_eval = f"{plan.data} (test split)", held_from_data.chunks(), len(held_from_data)
-    elif plan.eval is not None:
-        held, held_ds = dataset_pairs(plan.eval, classes, lesion_classes)
-        if not held_ds.labelled:
-            raise CalibrationError(f"the held-out set {plan.eval} needs a label for every pair (labels.csv)")
-        eval_source, eval_chunks, n_eval = str(plan.eval), held.chunks(), len(held)
-    else:
-        size = plan.eval_resolution or plan.resolution
-        n_eval = EVAL_SYNTHETIC if plan.eval_synthetic is None else plan.eval_synthetic
-        eval_source = f"synthetic:{n_eval}:seed={plan.seed + 10_000}:{size[0]}x{size[1]}"
-        eval_chunks = synthetic_pair_chunks(n_eval, plan.seed + 10_000, size, classes=classes)
-        eval_rendered = True
     calib_digests = set(calib_digest_list)
 
     specs, names = bundle.preprocessing, bundle.input_names
@@ -340,15 +242,22 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
         if unknown:
             raise CalibrationError(f"qat_ranges.json names tensors the graph does not have, e.g. {unknown[:3]}; "
                                    "re-export the QAT checkpoint")
-    val_set = None
-    if val_pairs is not None:
-        chunks, n_val, val_source = val_pairs
-        _log(f"[3/6] the INT8 recipe, chosen on {n_val} val pairs ({val_source})")
-        val_set = ValSet(chunks, n_val, specs, names, fp32, val_source, digest=pair_digest)
-        if val_set.digests & calib_digests:
-            raise CalibrationError(f"{len(val_set.digests & calib_digests)} val pair(s) ({val_source}) are also "
-                                   "calibration pairs: the sets must be disjoint (checked by content hash)")
-    recipe = _recipe(fp32, all_ranges, qat, val_set, plan, n_eval)
+    val_set = confirm_set = None
+    tuned = set(calib_digests)  # every pair that shaped the recipe: none may be a confirmation or held-out pair
+    if data.val is not None:
+        _log(f"[3/6] the INT8 recipe, chosen on {data.val.n} val pairs ({data.val.source})"
+             + (f", confirmed on {data.confirm.n} more ({data.confirm.source})" if data.confirm else
+                f"; {data.confirm_note}"))
+        for role, pairs in (("val", data.val), ("confirmation", data.confirm)):
+            if pairs is None:
+                continue
+            vs = ValSet(pairs.chunks, pairs.n, specs, names, fp32, pairs.source, digest=pair_digest)
+            if vs.digests & tuned:
+                raise CalibrationError(f"{len(vs.digests & tuned)} {role} pair(s) ({pairs.source}) are also "
+                                       "calibration (or val) pairs: the sets must be disjoint (checked by content hash)")
+            tuned |= vs.digests
+            val_set, confirm_set = (vs, confirm_set) if role == "val" else (val_set, vs)
+    recipe = _recipe(fp32, all_ranges, qat, val_set, plan, data.gate_agreement_pairs, confirm_set)
     amax = dict(all_ranges[recipe.method])
     ranges_used, quantized_ops = f"ptq ({recipe.method})", DEFAULT_QUANTIZED_OPS
     if qat is not None:
@@ -356,7 +265,7 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
         ranges_used = f"qat ({len(qat)} quantized tensors) + {recipe.method} (the rest, for the cache)"
         quantized_ops = QAT_QUANTIZED_OPS  # what QAT trained on the int8 grid (export.quant_scheme)
         _log(f"      {ranges_used}")
-    held_out_of_tuning = calib_digests | (val_set.digests if val_set is not None else set())
+    held_out_of_tuning = tuned
 
     def never_calibrated(pair) -> None:
         if pair_digest(pair) in held_out_of_tuning:
@@ -384,19 +293,31 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
                 _log(f"      {summary_line(name, build_checks[name])}")
 
             recipe_record, recipe_reasons = _recipe_verdict(recipe, build_checks["model.int8.onnx"])
+            if val_set is not None:
+                recipe_record["confirm_source"] = data.confirm.source if data.confirm else None
+                recipe_record["confirm_note"] = data.confirm_note
             _log(f"[5/6] accuracy on {n_eval} held-out pairs: FP32 vs INT8 vs FP16, ONNX Runtime CPU")
             lesion: dict = {}
             logits, labels = evaluate_stream({"fp32": fp32, "int8": tmp / "model.int8.onnx",
                                               "fp16": tmp / "model.fp16.onnx"}, eval_chunks, specs, names, never_calibrated,
                                              lesion=lesion, spin=not eval_rendered)
             results = evaluate(logits, labels, classes)
-            reasons = gate(results, protected) + recipe_reasons
+            agreement = None
+            if data.agreement is not None:
+                _log(f"      agreement on {data.agreement.n} pairs ({data.agreement.source}): FP32 vs INT8 vs FP16")
+                agreement = agreement_report(
+                    evaluate_stream({"fp32": fp32, "int8": tmp / "model.int8.onnx", "fp16": tmp / "model.fp16.onnx"},
+                                    data.agreement.chunks(), specs, names, never_calibrated, labelled=False,
+                                    progress="agreement")[0], data.agreement.source)
+            reasons = gate(results, protected, agreement=agreement) + recipe_reasons
             report = {
                 "eval": {"samples": int(len(labels)), "source": eval_source},
                 "calibration": {"method": recipe.method, "ranges": ranges_used, "samples": len(calib),
                                 "data_sha256": data_hash, "source": calib_source,
                                 "range_notes": all_ranges.notes()},
                 "recipe": recipe_record,
+                **({"agreement": agreement} if agreement else {}),
+                **({"training_data": data.training_note} if data.training_note else {}),
                 "builds": {n: build_census(c) for n, c in build_checks.items()},  # a refused report keeps them too
                 "fp16_method": FP16_METHOD, "results": results,
                 "gate": {"passed": not reasons, "reasons": reasons, "thresholds": GATE, "rule": gate_rule(protected)},
