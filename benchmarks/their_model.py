@@ -1,6 +1,7 @@
 """A team's own model through edge-pfm, end to end, as a team meets it: the README's "Bring your own model" commands
-(their trainer on a paired dataset on disk, the --model door with the preprocessing check, calibration on
---data/--eval, edge-pfm info), then what the issue's acceptance asks beyond them:
+(their trainer on a paired dataset on disk whose labels.csv has a split column, the --model door with the
+preprocessing check and --trained-on, calibration on --data/--eval, edge-pfm info), then what the issue's
+acceptance asks beyond them:
 
 - the same weights exported by their own script (plain torch.onnx.export, legacy and dynamo, with PyTorch's
   reference outputs in polygraphy JSON) through the --onnx door and calibrated, both in processes where
@@ -9,7 +10,7 @@
   --hold frames at 30 fps, scored against the pairs' labels and against the same bundle classifying the PNGs.
 
     python benchmarks/their_model.py [--work build/their_model] [--json build/bench/their_model.json]
-        [--pairs 400] [--heldout 400] [--video-pairs 40] [--hold 30]
+        [--pairs 400] [--heldout 400] [--seed 0] [--video-pairs 40] [--hold 30]
 
 --pairs/--heldout default to the README's 400 and 400; more of both shows what a better-trained model of theirs
 meets (the INT8 gate needs about 1,700 held-out pairs to show 99 % agreement with a few flips).
@@ -31,7 +32,7 @@ from benchmarks._common import print_table, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE, SPEC = ROOT / "examples/their_pfm.py", ROOT / "examples/their_pfm.spec.json"
-PAIRS, SIZE, EPOCHS, CONFORMANCE = 400, (320, 240), 30, 32  # the README's commands
+PAIRS, SIZE, SPLIT, CONFORMANCE = 400, (320, 240), (0.7, 0.15, 0.15), 32  # the README's commands
 FPS = 30
 
 
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="build/bench/their_model.json")
     ap.add_argument("--pairs", type=int, default=PAIRS, help="their training pairs (the README's 400)")
     ap.add_argument("--heldout", type=int, default=PAIRS, help="held-out pairs (the README's 400)")
+    ap.add_argument("--seed", type=int, default=0, help="their trainer's --seed (the README's 0)")
     ap.add_argument("--video-pairs", type=int, default=40)
     ap.add_argument("--hold", type=int, default=30, help="frames each held-out pair stays in the videos")
     args = ap.parse_args(argv)
@@ -158,14 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     data, heldout, weights = work / "data", work / "heldout", work / "their.pt"
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    write_dataset(data, args.pairs, seed=3, size=SIZE)
+    write_dataset(data, args.pairs, seed=3, size=SIZE, split=SPLIT)
     write_dataset(heldout, args.heldout, seed=4, size=SIZE)
     seconds["datasets"] = time.perf_counter() - t0
-    _, seconds["their_training"] = run([EXAMPLE, "--data", data, "--epochs", EPOCHS, "--out", weights],
+    _, seconds["their_training"] = run([EXAMPLE, "--data", data, "--seed", args.seed, "--out", weights],
                                        logs / "train.log")
     run([EXAMPLE, "--data", heldout, "--conformance", CONFORMANCE, "--out", work / "conformance"],
         logs / "conformance.log")
-    check = ["--spec", SPEC, "--check-preprocessing", work / "conformance"]
+    check = ["--spec", SPEC, "--check-preprocessing", work / "conformance", "--trained-on", data]
     bundles, doors = work / "bundles", {}
     _, seconds["export --model"] = run(["-m", "export", "--model", f"{EXAMPLE}:make_model", "--weights", weights,
                                         *check, "--out", bundles / "model"], logs / "export_model.log")
@@ -197,8 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     offline = offline_classes(bundles / "model", pairs)
     replay = score_replay(decisions, truth, offline, args.hold)
 
-    val = torch.load(weights, weights_only=True)["val_accuracy"]
-    rows = [["their trainer's val accuracy (their 20 % split)", f"{val:.1%}", "", ""]]
+    from evaluation.stats import wilson
+
+    ckpt = torch.load(weights, weights_only=True)
+    val, trained = ckpt["val_accuracy"], ckpt["training"]
+    rows = [["their trainer's val accuracy (best epoch; the split column's val)",
+             f"{val:.1%} (n={trained['samples']['val']}, epoch {ckpt['epoch']} of {trained['epochs_run']}, seed "
+             f"{args.seed})", "", ""]]
     for figure, pick in (
             ("parity: max |dlogit| (pairs, reference)", lambda d: f"{d['parity']['max_abs_diff']:.1e} "
              f"({d['parity']['pairs']}, {d['parity']['reference']})"),
@@ -207,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                                                          ["mean_abs_grey_levels"] for m in ("white_light",
                                                                                             "fluorescence")),
                                                         d["preprocessing_check"]["top1_agreement"])),
-            ("FP32 held-out accuracy", lambda d: f"{d['fp32_accuracy']:.2%} (n={d['held_out']})"),
+            ("FP32 held-out accuracy [95 % CI]", lambda d: "{:.2%} [{:.2%}, {:.2%}] (n={})".format(
+                d["fp32_accuracy"], *wilson(round(d["fp32_accuracy"] * d["held_out"]), d["held_out"]),
+                d["held_out"])),
             ("TensorRT-RTX model.onnx", lambda d: census(d["builds"]["model.onnx"])),
             ("TensorRT-RTX model.fp16.onnx", lambda d: census(d["builds"].get("model.fp16.onnx"))),
             ("TensorRT-RTX model.int8.onnx", lambda d: census(d["builds"].get("model.int8.onnx"))),
@@ -237,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         ["the same pairs classified offline (Classifier on the PNGs)", f"{replay['offline_accuracy']:.1%}"]])
     print()
     print_table(["step", "seconds"], [[k, round(v, 1)] for k, v in seconds.items()])
-    write_json(args.json, {"pairs": args.pairs, "heldout": args.heldout, "their_val_accuracy": val, "doors": doors, "replay": replay, "seconds": seconds,
+    write_json(args.json, {"pairs": args.pairs, "heldout": args.heldout, "seed": args.seed, "their_val_accuracy": val,
+                           "their_training": trained, "their_best_epoch": ckpt["epoch"],
+                           "trained_on": json.loads((bundles / "model/manifest.json").read_text())["provenance"]
+                           ["training"], "doors": doors, "replay": replay, "seconds": seconds,
                            "video": {"pairs": len(pairs), "hold_frames": args.hold, "fps": FPS}})
     good = all(d["parity"]["passed"] for d in doors.values()) and replay["raw_class_as_offline"] == replay["classified"]
     return 0 if good else 1

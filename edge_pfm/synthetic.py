@@ -251,21 +251,53 @@ def render_pair(
 def scenes(n: int, seed: int = 0, size: tuple[int, int] = (1280, 720),
            classes: tuple[str, ...] = SCENES) -> Iterator[Scene]:
     """n scenes, classes balanced and shuffled, deterministic in seed."""
+    for label, scene_seed in _scene_plan(n, seed, classes):
+        yield render_pair(label, scene_seed, size)
+
+
+def _scene_plan(n: int, seed: int, classes: tuple[str, ...]) -> list[tuple[str, int]]:
+    """(label, render seed) of each of scenes()'s n scenes, in order, without rendering any."""
     rng = np.random.default_rng(seed)
     labels = [classes[i % len(classes)] for i in range(n)]
     order = rng.permutation(n)
     seeds = rng.integers(0, 2**31 - 1, size=n)
-    for i in order:
-        yield render_pair(labels[i], int(seeds[i]), size)
+    return [(labels[i], int(seeds[i])) for i in order]
+
+
+def split_column(labels: list[str], fractions: tuple[float, float, float]) -> list[str]:
+    """train / val / test for each of `labels`, stratified: of each class's pairs, in order, the first go to
+    train, then val, then test, by `fractions` (rounded; at least one val and one test pair per class, which
+    export.splits requires). The scenes are already shuffled, so taking them in order is a random split."""
+    from edge_pfm.dataset import SPLITS
+
+    if len(fractions) != 3 or any(not 0 <= x <= 1 for x in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"split fractions (train, val, test) must be three numbers in [0, 1] summing to 1, "
+                         f"got {fractions}")
+    out, seen = [], {}
+    totals = {c: labels.count(c) for c in set(labels)}
+    for label in labels:
+        k, total = seen.get(label, 0), totals[label]
+        n_val = max(1, round(total * fractions[1]))
+        n_test = max(1, round(total * fractions[2]))
+        if total - n_val - n_test < 1:
+            raise ValueError(f"{total} pair(s) of class {label!r} cannot fill train, val and test; write more pairs")
+        out.append(SPLITS[0] if k < total - n_val - n_test else SPLITS[1] if k < total - n_test else SPLITS[2])
+        seen[label] = k + 1
+    return out
 
 
 def write_dataset(out_dir: str | Path, n: int, seed: int = 0, size: tuple[int, int] = (1280, 720),
-                  classes: tuple[str, ...] = SCENES, progress: bool = False) -> Path:
-    """Write n synthetic pairs in the paired dataset layout (see edge_pfm.dataset)."""
+                  classes: tuple[str, ...] = SCENES, progress: bool = False,
+                  split: tuple[float, float, float] | None = None) -> Path:
+    """Write n synthetic pairs in the paired dataset layout (see edge_pfm.dataset). With `split` (the train,
+    val and test fractions, e.g. (0.7, 0.15, 0.15)), labels.csv gets a split column, stratified by class
+    (split_column), as a team that keeps its own test set writes it; without, no split column."""
     import cv2
 
     from edge_pfm.dataset import CLASSES_FILE, FLUO_DIR, LABELS_FILE, WHITE_DIR
 
+    # before any image is rendered: a bad fraction costs nothing
+    splits = split_column([label for label, _ in _scene_plan(n, seed, classes)], split) if split else None
     out = Path(out_dir)
     (out / WHITE_DIR).mkdir(parents=True, exist_ok=True)
     (out / FLUO_DIR).mkdir(parents=True, exist_ok=True)
@@ -280,7 +312,11 @@ def write_dataset(out_dir: str | Path, n: int, seed: int = 0, size: tuple[int, i
             logging.getLogger(__name__).info("wrote %d/%d synthetic pairs to %s", i + 1, n, out)
     with open(out / LABELS_FILE, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["sample", "label"])
-        writer.writerows(rows)
+        if splits is None:
+            writer.writerow(["sample", "label"])
+            writer.writerows(rows)
+        else:
+            writer.writerow(["sample", "label", "split"])
+            writer.writerows((*row, k) for row, k in zip(rows, splits))
     (out / CLASSES_FILE).write_text("\n".join(classes) + "\n")
     return out

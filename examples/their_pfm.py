@@ -3,10 +3,15 @@ own PFM (export/model.py): plain conv branches with BatchNorm, a transformer enc
 tokens, a head with a BatchNorm1d after a Linear (one that cannot fold into a conv), and its own trainer on the
 paired dataset layout. It exists to show the --model door:
 
-    python examples/their_pfm.py --data DATASET --epochs 6 --out their.pt          # their training
+    python examples/their_pfm.py --data DATASET --seed 0 --out their.pt              # their training
     python examples/their_pfm.py --data DATASET --conformance 32 --out conformance  # their tensors of 32 pairs
     python -m export --model examples/their_pfm.py:make_model --weights their.pt \\
-        --spec examples/their_pfm.spec.json --check-preprocessing conformance --out bundle   # edge-pfm from here
+        --spec examples/their_pfm.spec.json --check-preprocessing conformance --trained-on DATASET \\
+        --out bundle   # edge-pfm from here
+
+Their trainer is what a careful team writes: it honours the dataset's `split` column (trains on train, picks the
+checkpoint on val, never reads test), warms the learning rate up and decays it on a cosine, flips pairs at
+random, keeps the best-val checkpoint rather than the last epoch, and stops early when val stops improving.
 
 or, exported by their own script (plain torch.onnx.export, legacy or dynamo) with PyTorch's reference outputs:
 
@@ -69,43 +74,129 @@ def their_preprocess(img_bgr, mean, std):
     return ((x - np.float32(mean)) / np.float32(std)).transpose(2, 0, 1).copy()
 
 
-def train(data: str, epochs: int, out: str, seed: int = 0) -> float:
-    """Their trainer: 80/20 split, AdamW; -> validation accuracy. Saves {'state_dict': ..., 'epoch': ...}."""
+VAL_SHARE = 0.2  # without a split column: this share of each class picks the checkpoint
+LR, WEIGHT_DECAY, BATCH, WARMUP = 3e-3, 0.05, 32, 3  # AdamW; linear warmup (epochs), then cosine to zero
+EPOCHS, PATIENCE = 80, 20  # at most EPOCHS; stop after PATIENCE epochs without a better val checkpoint
+
+
+def training_sets(ds, seed: int) -> tuple[list[int], list[int], str]:
+    """(train indices, val indices, how they were chosen). A `split` column is the team's own split and is used
+    as given: train trains, val picks the checkpoint, and test is never read here (it is what the model is
+    judged on later, so it must stay unseen). Without one: a seeded split, stratified by class, 80 % train and
+    20 % val, and stderr says so: every pair of such a folder has then been seen in training or selection."""
+    from edge_pfm.dataset import DatasetError
+
+    if ds.has_splits:
+        train = [i for i, s in enumerate(ds.samples) if s.split == "train"]
+        val = [i for i, s in enumerate(ds.samples) if s.split == "val"]
+        if not train or not val:
+            raise DatasetError(f"{ds.root / 'labels.csv'}: its split column has {len(train)} train and {len(val)} "
+                             "val rows; training needs both (test rows are never read)")
+        return train, val, "labels.csv split column"
+    gen = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for c in range(len(ds.classes)):
+        idx = [i for i, s in enumerate(ds.samples) if s.label == c]
+        idx = [idx[k] for k in torch.randperm(len(idx), generator=gen).tolist()]
+        n_val = max(1, round(len(idx) * VAL_SHARE)) if len(idx) > 1 else 0
+        val, train = val + idx[:n_val], train + idx[n_val:]
+    source = f"no split column: seeded (seed {seed}) stratified {1 - VAL_SHARE:.0%}/{VAL_SHARE:.0%} train/val split"
+    print(f"{ds.root}: {source}; none of its pairs is left unseen (give labels.csv a split column train/val/test "
+          "to keep a test set out)", file=sys.stderr)
+    return sorted(train), sorted(val), source
+
+
+def _tensors(ds, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     import numpy as np
 
-    from edge_pfm.dataset import PairedDataset
-
-    torch.manual_seed(seed)
-    ds = PairedDataset(data)
     w, f, y = [], [], []
-    for i in range(len(ds)):
+    for i in idx:  # only these pairs are read
         wl, fl, label = ds.load(i)
         w.append(their_preprocess(wl, MEANS["white"], STDS["white"]))
         f.append(their_preprocess(fl, MEANS["fluo"], STDS["fluo"]))
         y.append(label)
-    w, f, y = torch.from_numpy(np.stack(w)), torch.from_numpy(np.stack(f)), torch.tensor(y)
-    perm = torch.randperm(len(y))
-    n_val = len(y) // 5
-    val, tr = perm[:n_val], perm[n_val:]
+    return torch.from_numpy(np.stack(w)), torch.from_numpy(np.stack(f)), torch.tensor(y)
+
+
+def _flip(w: torch.Tensor, f: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same random horizontal / vertical flip of both images of a pair: a cervix seen mirrored is the same
+    cervix, and the two cameras stay registered."""
+    h = torch.rand(len(w), generator=gen) < 0.5
+    v = torch.rand(len(w), generator=gen) < 0.5
+    w, f = w.clone(), f.clone()
+    w[h], f[h] = w[h].flip(3), f[h].flip(3)
+    w[v], f[v] = w[v].flip(2), f[v].flip(2)
+    return w, f
+
+
+def train(data: str, epochs: int = EPOCHS, out: str = "their.pt", seed: int = 0, threads: int | None = None, patience: int = PATIENCE,
+          augment: bool = True) -> float:
+    """Their trainer: the dataset's own train/val split (training_sets), AdamW with a linear warmup and a cosine
+    decay, random flips, the checkpoint of the best val accuracy (ties: lower val loss) rather than the last
+    epoch, and early stopping after `patience` epochs without a better one; -> that checkpoint's val accuracy.
+    Saves {'state_dict', 'epoch', 'val_accuracy', 'training'}: 'training' says what it trained on (the folder,
+    the split, the pair counts, the seed), so the export can be told the same (python -m export --trained-on)."""
+    import math
+    from pathlib import Path
+
+    from edge_pfm.dataset import DatasetError, PairedDataset
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    ds = PairedDataset(data)
+    if not ds.labelled:
+        raise DatasetError(f"{ds.root / 'labels.csv'}: every pair needs a label to train on; "
+                           f"{sum(x.label is None for x in ds.samples)} have none")
+    tr_idx, val_idx, source = training_sets(ds, seed)
+    w, f, y = _tensors(ds, tr_idx)
+    wv, fv, yv = _tensors(ds, val_idx)
     model = make_model(len(ds.classes))
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    for epoch in range(epochs):
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    steps = math.ceil(len(y) / BATCH)
+    total, warm = epochs * steps, min(WARMUP, max(epochs - 1, 0)) * steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: (k + 1) / warm if k < warm else
+                                              0.5 * (1 + math.cos(math.pi * (k - warm) / max(1, total - warm))))
+    gen = torch.Generator().manual_seed(seed)
+    best = {"accuracy": -1.0, "loss": math.inf, "epoch": 0, "state": None}
+    for epoch in range(1, epochs + 1):
         model.train()
-        order = tr[torch.randperm(len(tr))]
-        for i in range(0, len(order), 32):
-            idx = order[i:i + 32]
-            if len(idx) < 2:
+        order = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(order), BATCH):
+            idx = order[i:i + BATCH]
+            if len(idx) < 2:  # BatchNorm1d needs two
                 continue
-            loss = nn.functional.cross_entropy(model(w[idx], f[idx])["logits"], y[idx])
+            bw, bf = _flip(w[idx], f[idx], gen) if augment else (w[idx], f[idx])
+            loss = nn.functional.cross_entropy(model(bw, bf)["logits"], y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
         model.eval()
         with torch.no_grad():
-            acc = float((model(w[val], f[val])["logits"].argmax(1) == y[val]).float().mean())
-        print(f"epoch {epoch + 1}/{epochs}  val accuracy {acc:.3f}", file=sys.stderr)
-    torch.save({"state_dict": model.state_dict(), "epoch": epochs, "val_accuracy": acc}, out)
-    return acc
+            logits = model(wv, fv)["logits"]
+        acc = float((logits.argmax(1) == yv).float().mean())
+        val_loss = float(nn.functional.cross_entropy(logits, yv))
+        better = acc > best["accuracy"] or (acc == best["accuracy"] and val_loss < best["loss"])
+        if better:
+            best = {"accuracy": acc, "loss": val_loss, "epoch": epoch,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        print(f"epoch {epoch}/{epochs}  lr {sched.get_last_lr()[0]:.2e}  val accuracy {acc:.3f}  loss {val_loss:.3f}"
+              + ("  (best)" if better else ""), file=sys.stderr)
+        if epoch - best["epoch"] >= patience:
+            print(f"early stop: no better val accuracy in {patience} epochs", file=sys.stderr)
+            break
+    counts = {k: len(v) for k, v in (("train", tr_idx), ("val", val_idx))}
+    if ds.has_splits:
+        counts["test_unread"] = sum(s.split == "test" for s in ds.samples)
+    training = {"data": str(Path(data).resolve()), "split": source, "samples": counts, "seed": seed,
+                "threads": torch.get_num_threads(), "epochs_run": epoch, "max_epochs": epochs, "patience": patience,
+                "augment": augment, "val_loss": best["loss"]}
+    torch.save({"state_dict": best["state"], "epoch": best["epoch"], "val_accuracy": best["accuracy"],
+                "training": training}, out)
+    print(f"best val accuracy {best['accuracy']:.3f} at epoch {best['epoch']} of {epoch} "
+          f"({len(val_idx)} val pairs, {len(tr_idx)} train pairs; {source})", file=sys.stderr)
+    return best["accuracy"]
 
 
 def write_conformance(data: str, out: str, n: int = 32) -> int:
@@ -192,10 +283,17 @@ def export_onnx(weights: str, out: str, dynamo: bool, references: int = 0, seed:
     return written
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", help="the paired dataset (training, --conformance)")
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--data", help="the paired dataset (training, --conformance); with a split column (train/val/"
+                                   "test) training uses train and val only and never reads test")
+    ap.add_argument("--epochs", type=int, default=EPOCHS, help="at most this many (early stopping)")
+    ap.add_argument("--patience", type=int, default=PATIENCE,
+                    help="stop after this many epochs without a better val checkpoint")
+    ap.add_argument("--seed", type=int, default=0, help="initialisation, batch order, flips (and the split when the "
+                                                        "data has no split column)")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--no-augment", action="store_true", help="train without the random flips")
     ap.add_argument("--out", required=True,
                     help="the weights to write; with --conformance the folder; with --export-onnx the .onnx")
     ap.add_argument("--conformance", type=int, metavar="N",
@@ -205,14 +303,26 @@ if __name__ == "__main__":
     ap.add_argument("--weights", help="with --export-onnx: the weights their trainer wrote")
     ap.add_argument("--references", type=int, default=0, metavar="N",
                     help="with --export-onnx: also N batches of PyTorch reference outputs (polygraphy JSON)")
-    a = ap.parse_args()
-    if a.export_onnx:
-        if not a.weights:
-            ap.error("--export-onnx needs --weights")
-        print("wrote " + ", ".join(export_onnx(a.weights, a.out, a.export_onnx == "dynamo", a.references)))
-    elif not a.data:
+    a = ap.parse_args(argv)
+    if a.export_onnx and not a.weights:
+        ap.error("--export-onnx needs --weights")
+    if not a.export_onnx and not a.data:
         ap.error("--data is required to train or to write a conformance set")
-    elif a.conformance is not None:
-        print(f"wrote {write_conformance(a.data, a.out, a.conformance)} pairs and their tensors to {a.out}")
-    else:
-        print(f"val accuracy {train(a.data, a.epochs, a.out):.3f}; wrote {a.out}")
+    if a.epochs < 1 or a.patience < 1 or (a.threads is not None and a.threads < 1):
+        ap.error("--epochs, --patience and --threads must be >= 1")
+    from edge_pfm.errors import run_command  # a bad dataset: one line naming the file, exit 2
+
+    def command() -> None:
+        if a.export_onnx:
+            print("wrote " + ", ".join(export_onnx(a.weights, a.out, a.export_onnx == "dynamo", a.references)))
+        elif a.conformance is not None:
+            print(f"wrote {write_conformance(a.data, a.out, a.conformance)} pairs and their tensors to {a.out}")
+        else:
+            acc = train(a.data, a.epochs, a.out, a.seed, a.threads, a.patience, not a.no_augment)
+            print(f"val accuracy {acc:.3f} (best epoch); wrote {a.out}")
+
+    return run_command(command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,6 +2,7 @@
 python -m export --onnx MODEL.onnx --spec SPEC.json --out BUNDLE_DIR [--reference-inputs I.json --reference-outputs O.json]
 python -m export --model FILE.py:FACTORY --weights W.pt --spec SPEC.json --out BUNDLE_DIR
   any door: [--check-preprocessing DIR]  (your pipeline's tensors against edge_pfm.preprocess)
+  --onnx, --model: [--trained-on DIR]  (the paired dataset your model was trained on: its split is recorded)
 
 Exports a PFM checkpoint to a verified ONNX bundle: model.onnx (symbolic batch), manifest.json,
 parity report (PyTorch vs ONNX Runtime CPU). Nothing is written unless every check passes.
@@ -36,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
                          "(tensors/<sample>.npz), >= 8 pairs: edge_pfm.preprocess must make the same (mean difference "
                          "<= 2 grey levels, model top-1 agreement not shown below 97 %%), else exit 2 naming the "
                          "spec field to change")
+    ap.add_argument("--trained-on", metavar="DIR",
+                    help="with --onnx or --model: the paired dataset your model was trained on (wins over the spec's "
+                         "training.data). Recorded in the bundle's provenance with its split column's per-split "
+                         "digests, so calibration never takes a training pair for val or the gate; without a "
+                         "split column the bundle says which pairs trained it is unknown")
     ap.add_argument("--out", required=True, help="bundle directory to create (replaced atomically)")
     ap.add_argument("--opset", type=int, default=17, help="--checkpoint: the opset to export")
     ap.add_argument("--max-batch", type=int, default=8, help="largest batch the device engine profile covers")
@@ -53,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--onnx and --model need --spec SPEC.json: the runtime must not guess classes or preprocessing")
     if args.model and not args.weights:
         ap.error("--model needs --weights W.pt")
-    if args.checkpoint and (args.spec or args.reference_inputs or args.reference_outputs or args.weights):
-        ap.error("--spec, --weights and --reference-* go with --onnx or --model; a checkpoint carries its own spec")
+    if args.checkpoint and (args.spec or args.reference_inputs or args.reference_outputs or args.weights
+                            or args.trained_on):
+        ap.error("--spec, --weights, --trained-on and --reference-* go with --onnx or --model; a checkpoint carries "
+                 "its own spec and records its own training data")
     if args.model and (args.reference_inputs or args.reference_outputs):
         ap.error("--reference-* go with --onnx; with --model, parity is checked against your module itself")
     half = max(1, args.parity_pairs // 2)
@@ -65,13 +73,13 @@ def main(argv: list[str] | None = None) -> int:
             from export.onnx_door import bundle_from_onnx  # no torch on this door
 
             bundle_from_onnx(args.onnx, args.spec, out, args.max_batch, args.reference_inputs,
-                             args.reference_outputs)
+                             args.reference_outputs, trained_on=args.trained_on)
             return
         if args.model:
             from export.model_door import bundle_from_model
 
             bundle_from_model(args.model, args.weights, args.spec, out, args.max_batch, args.opset,
-                              args.parity_pairs)
+                              args.parity_pairs, trained_on=args.trained_on)
             return
         from export.bundle_export import export_bundle
 

@@ -143,11 +143,14 @@ class SpecAdapter(torch.nn.Module):
 
 
 def bundle_from_model(model_ref: str, weights: str | Path, spec: ModelSpec | str | Path, out: str | Path,
-                      max_batch: int = 8, opset: int = 17, parity_pairs: int = 64) -> dict:
-    """Export a team's module through the ONNX door, with parity against the module itself. -> manifest."""
-    from export.onnx_door import bundle_from_onnx
+                      max_batch: int = 8, opset: int = 17, parity_pairs: int = 64,
+                      trained_on: str | Path | None = None) -> dict:
+    """Export a team's module through the ONNX door, with parity against the module itself. -> manifest.
+    trained_on: as bundle_from_onnx's, read first (a wrong folder fails before the export)."""
+    from export.onnx_door import bundle_from_onnx, training_provenance
 
     spec = spec if isinstance(spec, ModelSpec) else ModelSpec.load(spec)
+    training = training_provenance(spec, trained_on)
     log(f"[0/4] building the model: {model_ref} (runs your code) with {weights}")
     model = build_model(load_factory(model_ref), spec, weights)
     adapter = SpecAdapter(model, spec).eval()
@@ -195,4 +198,5 @@ def bundle_from_model(model_ref: str, weights: str | Path, spec: ModelSpec | str
                                 Path(tmp) / "outputs.json",
                                 provenance={"source": "user-model", "model": model_ref,
                                             "source_onnx": "exported by edge-pfm from the module (torch.onnx, legacy)",
-                                            "weights": Path(weights).name, "weights_sha256": sha256_file(weights)})
+                                            "weights": Path(weights).name, "weights_sha256": sha256_file(weights),
+                                            "training": training})

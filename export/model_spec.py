@@ -16,12 +16,15 @@
 - `outputs.lesion_map`: null, or {"name": ..., "kind": "probabilities" | "logits", "stride": 8}.
 - `roles` (optional, default ours by class name, edge_pfm.roles); `model_args` (optional) are passed to a
   `--model` factory; `call` is "positional" (model(white, fluo), the default) or "keyword" (by input name).
+- `training` (optional): {"data": "DIR"}, the paired dataset the model was trained on (a relative path is the
+  spec file's folder's); the bundle's provenance records it and its split (python -m export's --trained-on, which
+  wins over it), so calibration keeps the team's training pairs out of val and the gate.
 
 No torch: the ONNX door reads it too. Every error names the key.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,8 @@ from edge_pfm.roles import ClassRoles, RolesError
 SPEC_TAG = "edge-pfm/model-spec v1"
 SPEC_METADATA_KEY = "edge_pfm.spec"  # the ONNX metadata_props entry: a loose model.onnx still says how to feed it
 INPUT_KEYS = {"name", "channels", "size", "mean", "std", "colour_order", "resize", "interpolation", "crop_pct"}
-TOP_KEYS = {"spec", "classes", "roles", "inputs", "outputs", "model_args", "call", "family"}
+TOP_KEYS = {"spec", "classes", "roles", "inputs", "outputs", "model_args", "call", "family", "training"}
+TRAINING_KEYS = {"data"}
 MAP_KINDS = ("probabilities", "logits")
 
 
@@ -60,6 +64,7 @@ class ModelSpec:
     model_args: dict[str, Any] = field(default_factory=dict)
     call: str = "positional"
     family: str = "user"
+    training_data: str | None = None  # the spec's training.data: where the model was trained
     raw: dict[str, Any] = field(default_factory=dict, repr=False)  # as written: goes into the manifest and ONNX
 
     @classmethod
@@ -67,7 +72,11 @@ class ModelSpec:
         p = Path(path)
         if not p.is_file():
             raise SpecError(f"spec file {p} does not exist; write one (see export/model_spec.py or the README)")
-        return cls.from_dict(read_json(p, SpecError), str(p))
+        spec = cls.from_dict(read_json(p, SpecError), str(p))
+        if spec.training_data is not None and not Path(spec.training_data).is_absolute():
+            # the spec's folder, not the shell's: the spec means the same wherever the command runs
+            return replace(spec, training_data=str(p.parent / spec.training_data))
+        return spec
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "spec") -> ModelSpec:
@@ -145,8 +154,17 @@ class ModelSpec:
         model_args = d.get("model_args", {})
         if not isinstance(model_args, dict):
             raise fail("model_args", "must be an object of keyword arguments for the factory")
+        training = d.get("training", {})
+        if not isinstance(training, dict):
+            raise fail("training", "must be an object: {\"data\": \"DIR\"}, the folder the model was trained on")
+        bad = sorted(set(training) - TRAINING_KEYS)
+        if bad:
+            raise fail(f"training.{bad[0]}", f"unknown key; training takes {sorted(TRAINING_KEYS)}")
+        data = training.get("data")
+        if data is not None and (not isinstance(data, str) or not data):
+            raise fail("training.data", f"must be the path of the paired dataset the model was trained on, got {data!r}")
         return cls(tuple(classes), roles, names, specs, outputs["logits"], lesion_out, model_args, call,
-                   str(d.get("family", "user")), d)
+                   str(d.get("family", "user")), data, d)
 
 
 def native_spec(classes: tuple[str, ...], roles: ClassRoles, preprocessing: dict[str, PreprocessSpec],

@@ -279,15 +279,38 @@ def _reference_parity(onnx_path: Path, spec: ModelSpec, inputs_json: Path, outpu
     return report
 
 
+def training_provenance(spec: ModelSpec, trained_on: str | Path | None) -> dict:
+    """provenance.training: what the command line (--trained-on, which wins) or the spec (training.data) says the
+    model was trained on, with its split (export.splits.training_record); {} when neither says. Read before
+    anything is exported: a wrong folder fails in seconds, not after the build."""
+    from export.splits import training_record
+
+    data = trained_on if trained_on is not None else spec.training_data
+    if data is None:
+        return {}
+    record = training_record(data, spec.classes)
+    record["declared_by"] = "--trained-on" if trained_on is not None else "the spec's training.data"
+    split = record["splits"]
+    log(f"      trained on {record['data']}: " + (f"{split['source']}, train {split['train_samples']}, val "
+                                                  f"{split['val_samples']}, test {split['test_samples']} pairs"
+                                                  if split else record["note"]))
+    return record
+
+
 def bundle_from_onnx(onnx_path: str | Path, spec: ModelSpec | str | Path, out: str | Path, max_batch: int = 8,
                      reference_inputs: str | Path | None = None, reference_outputs: str | Path | None = None,
-                     provenance: dict | None = None) -> dict:
+                     provenance: dict | None = None, trained_on: str | Path | None = None) -> dict:
     """Write a bundle to `out` from a team's ONNX; nothing is left at `out` unless every check passed. -> manifest.
-    provenance: what the bundle came from, when not a bare ONNX (the model door's module and weights)."""
+    provenance: what the bundle came from, when not a bare ONNX (the model door's module and weights).
+    trained_on: the paired dataset the model was trained on (else the spec's training.data), recorded with its
+    split in provenance.training (training_provenance)."""
     import onnx
 
     onnx_path = Path(onnx_path)
     spec = spec if isinstance(spec, ModelSpec) else ModelSpec.load(spec)
+    provenance = dict(provenance or {})
+    if "training" not in provenance:  # the model door has read it already
+        provenance["training"] = training_provenance(spec, trained_on)
     if (reference_inputs is None) != (reference_outputs is None):
         raise ExportError("give both --reference-inputs and --reference-outputs, or neither")
     if not onnx_path.is_file():
@@ -333,7 +356,7 @@ def bundle_from_onnx(onnx_path: str | Path, spec: ModelSpec | str | Path, out: s
                        "meaning": "per-cell lesion probability (the team's map head); shown only once measured"}]
         manifest = {
             "schema": SCHEMA, "schema_version": schema_version_for(spec.preprocessing),
-            "model": {"family": spec.family, "source": (provenance or {}).get("source", "user-onnx"),
+            "model": {"family": spec.family, "source": provenance.get("source", "user-onnx"),
                       "classes": list(spec.classes),
                       "roles": spec.roles.to_dict()},
             "inputs": [{"name": m, "modality": m, "shape": [BATCH_DIM, *spec.preprocessing[m].input_shape],
@@ -351,8 +374,9 @@ def bundle_from_onnx(onnx_path: str | Path, spec: ModelSpec | str | Path, out: s
                 "exporter": f"edge-pfm {edge_pfm.__version__} (ONNX door)", "opset": graph["opset"],
                 "ir_version": graph["ir_version"],
                 "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "training": {},  # unknown: synthetic calibration data is not assumed to fit
-                **(provenance or {}),
+                # {} when nobody said: then synthetic calibration data is not assumed to fit, nor any split
+                "training": {},
+                **provenance,
             },
             "parity": {k: parity[k] for k in ("reference", "pairs", "max_abs_diff", "top1_agreement", "passed", "note")
                        if k in parity},

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -143,3 +144,27 @@ def dataset_splits(ds: PairedDataset, seed: int = 0) -> Splits:
                   source=f"grouped stratified split by {unit} (val {FRACTIONS['val']:.0%}, test "
                          f"{FRACTIONS['test']:.0%} of each class's {unit}s)", seed=seed, groups=dict(groups),
                   digests=_digests(sets, hashes))
+
+
+UNKNOWN_SPLIT = "no split column: which of its pairs trained the model is unknown"
+
+
+def training_record(data: str | Path, classes: tuple[str, ...] | None = None) -> dict:
+    """provenance.training for a team's bundle trained on `data` (python -m export --trained-on DIR): the folder
+    and, when labels.csv has a split column, that split with each set's content digest, in the shape our own
+    checkpoints record (dataset_splits(...).to_dict()), so calibration can tell the team's test pairs from its
+    training pairs and never gate on a pair the model trained on. Without a split column the digests would be of
+    a split we made up, not theirs: {"splits": None} and a note say that which pairs trained it is unknown.
+    Raises DatasetError (exit 2) naming the folder when it is missing or not a readable paired dataset."""
+    root = Path(data).resolve()
+    try:
+        ds = PairedDataset(root, classes)
+        if not ds.has_splits:
+            return {"data": str(root), "splits": None, "note": UNKNOWN_SPLIT}
+        return {"data": str(root), "splits": dataset_splits(ds).to_dict()}
+    except DatasetError as exc:
+        raise DatasetError(f"--trained-on {data}: {exc} (name the folder your model was trained on, as it was then)"
+                           ) from None
+    except OSError as exc:  # a pair that cannot be read while hashing
+        raise DatasetError(f"--trained-on {data}: cannot read {exc.filename or data} ({exc.strerror or exc}); "
+                           "name a folder whose pairs are all readable") from None

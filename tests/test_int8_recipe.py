@@ -125,14 +125,18 @@ def test_the_margin_is_what_predicts_the_gate_passing_on_its_own_held_out_set():
     from calibration.mixed import PASS_PROBABILITY, allowed_disagreements
     from evaluation.stats import predicted_pass
 
-    # 2000 val pairs for a gate on 2000: the 99.3 % lower bound allows 6 differing, a >= 90 % predicted chance
-    assert allowed_disagreements(2000) == 6 == allowed_disagreements(2000, gate_pairs=2000)
-    assert predicted_pass(1994, 2000, 2000, 0.99) >= PASS_PROBABILITY > predicted_pass(1993, 2000, 2000, 0.99)
+    # 2000 val pairs for a gate on 2000: the 99.3 % lower bound alone allows 6 differing, a >= 97 % predicted chance
+    # only 4 (at 90 % it was 6: five of six models then hold on fresh data only 89 % of the time, 98.8 % at 97 %)
+    assert PASS_PROBABILITY == 0.97
+    assert allowed_disagreements(2000) == 6 and allowed_disagreements(2000, gate_pairs=2000) == 4
+    assert predicted_pass(1996, 2000, 2000, 0.99) >= PASS_PROBABILITY > predicted_pass(1995, 2000, 2000, 0.99)
+    p = PASS_PROBABILITY
+    assert p**6 + 6 * p**5 * (1 - p) > 0.98 > 0.9**6 + 6 * 0.9**5 * 0.1
     # a gate on fewer held-out pairs shows 99 % only with fewer flips there, and val must then show fewer too
     allowed = allowed_disagreements(2000, gate_pairs=1000)
-    assert allowed == 2 and predicted_pass(2000 - allowed - 1, 2000, 1000, 0.99) < PASS_PROBABILITY
+    assert allowed == 1 and predicted_pass(2000 - allowed - 1, 2000, 1000, 0.99) < PASS_PROBABILITY
     meets, words = margin_target(2000, gate_pairs=1000)
-    assert meets(ValScore(1998, 2000, 0.0)) and not meets(ValScore(1997, 2000, 0.0)) and "at most 2 of 2000" in words
+    assert meets(ValScore(1999, 2000, 0.0)) and not meets(ValScore(1998, 2000, 0.0)) and "at most 1 of 2000" in words
 
 
 def test_predicted_pass_matches_a_simulation_of_val_and_gate():

@@ -52,6 +52,24 @@ def test_dataset_round_trip(tmp_path):
     assert h1 == PairedDataset(root).content_hash()
 
 
+
+def test_dataset_with_a_split_column_is_stratified_and_the_images_unchanged(tmp_path):
+    from export.splits import dataset_splits
+
+    root = write_dataset(tmp_path / "ds", 24, seed=3, size=(64, 48), split=(0.5, 0.25, 0.25))
+    ds = PairedDataset(root)
+    assert ds.has_splits
+    for k, n in (("train", 2), ("val", 2), ("test", 2)):  # of each class's 6: round(1.5) = 2 val and 2 test
+        assert sorted(s.label for s in ds.samples if s.split == k) == sorted(list(range(4)) * n), k
+    assert dataset_splits(ds).source == "labels.csv split column"  # every class in every split, no pair in two
+    plain = write_dataset(tmp_path / "plain", 24, seed=3, size=(64, 48))
+    assert not PairedDataset(plain).has_splits and ds.content_hash() == PairedDataset(plain).content_hash()
+    with pytest.raises(ValueError, match="summing to 1"):
+        write_dataset(tmp_path / "bad", 24, seed=3, size=(64, 48), split=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="cannot fill train, val and test"):
+        write_dataset(tmp_path / "few", 8, seed=3, size=(64, 48), split=(0.7, 0.15, 0.15))
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "few").exists()  # refused before rendering
+
 def test_dataset_unpaired_and_unreadable_files_are_listed(tmp_path):
     root = write_dataset(tmp_path / "ds", 4, seed=3, size=(64, 48))
     (root / "white" / "s00000.png").unlink()

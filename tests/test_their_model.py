@@ -219,3 +219,131 @@ def test_a_crop_pct_bundle_is_schema_2_so_an_older_runtime_refuses_it(their_weig
     b = Bundle.load(tmp_path / "b")
     assert b.manifest["schema_version"] == 2 and b.preprocessing["white_light"].crop_pct == 0.875
     assert b.preprocessing["fluorescence"].crop_pct == 1.0
+
+
+# --- their trainer honours a split column; the bundle records what the model was trained on (issue 39) ---
+
+@pytest.fixture(scope="module")
+def their_split_data(tmp_path_factory):
+    """48 pairs with a split column: 6 train, 3 val, 3 test of each class."""
+    from edge_pfm.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("their_split") / "data", 48, seed=21, size=(320, 240),
+                         split=(0.5, 0.25, 0.25))
+
+
+def _train(data, out, *more) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "examples/their_pfm.py"), "--data", str(data), "--epochs", "2",
+                           "--threads", "1", "--out", str(out), *more], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_their_trainer_trains_on_train_picks_on_val_and_never_reads_test(their_pfm, their_split_data, tmp_path):
+    import csv
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(their_split_data, data)
+    rows = list(csv.DictReader((data / "labels.csv").open()))
+    test = [r["sample"] for r in rows if r["split"] == "test"]
+    assert len(test) == 12 and sum(r["split"] == "train" for r in rows) == 24
+    for name in test:  # a test pair read by the trainer would now end it with "unreadable image"
+        for sub in ("white", "fluorescence"):
+            (data / sub / f"{name}.png").write_bytes(b"not a png")
+    r = _train(data, tmp_path / "w.pt")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "w.pt", weights_only=True)
+    t = ckpt["training"]
+    assert t["split"] == "labels.csv split column" and t["samples"] == {"train": 24, "val": 12, "test_unread": 12}
+    assert t["data"] == str(data.resolve()) and t["seed"] == 0 and t["threads"] == 1
+    assert 1 <= ckpt["epoch"] <= t["epochs_run"] <= 2 and 0.0 <= ckpt["val_accuracy"] <= 1.0
+    their_pfm.make_model(4, 16).load_state_dict(ckpt["state_dict"])  # what --model loads, strict
+    assert "no split column" not in r.stderr
+
+
+def test_their_trainer_without_a_split_column_says_so_and_keeps_the_best_val_checkpoint(their_pfm, their_data,
+                                                                                        tmp_path):
+    from edge_pfm.dataset import PairedDataset
+
+    acc = their_pfm.train(str(their_data[0]), epochs=4, out=str(tmp_path / "w.pt"), seed=1, threads=1, patience=1)
+    ckpt = torch.load(tmp_path / "w.pt", weights_only=True)
+    t = ckpt["training"]
+    assert t["split"].startswith("no split column: seeded (seed 1) stratified 80%/20%")
+    assert t["samples"] == {"train": 40, "val": 8}  # 12 pairs a class: round(2.4) of each for val
+    assert t["epochs_run"] - ckpt["epoch"] <= 1 and ckpt["val_accuracy"] == acc
+    # the saved weights are the best epoch's: they give the recorded val accuracy again on the same val pairs
+    ds = PairedDataset(their_data[0])
+    _, val, _ = their_pfm.training_sets(ds, 1)
+    w, f, y = their_pfm._tensors(ds, val)
+    model = their_pfm.make_model(4, 16)
+    model.load_state_dict(ckpt["state_dict"])
+    with torch.no_grad():
+        again = float((model.eval()(w, f)["logits"].argmax(1) == y).float().mean())
+    assert again == pytest.approx(acc)
+    r = _train(their_data[0], tmp_path / "cli.pt", "--epochs", "1")
+    assert r.returncode == 0 and "no split column: seeded (seed 0)" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def their_legacy_onnx(their_pfm, their_weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("their_onnx") / "their.onnx"
+    their_pfm.export_onnx(str(their_weights), str(out), dynamo=False)
+    return out
+
+
+@pytest.mark.parametrize("door", ["model", "onnx"])
+def test_the_bundle_records_the_training_split_or_says_it_is_unknown(door, their_weights, their_legacy_onnx,
+                                                                     their_split_data, their_data, tmp_path):
+    """The spec's training.data (relative to the spec's folder) names a dataset without a split column: the
+    bundle says which pairs trained the model is unknown. --model adds --trained-on a split-column dataset,
+    which wins: the split's digests, exactly what export.splits makes of it (the shape our checkpoints record
+    and calibration reads). One export per door; the record itself is one function for both."""
+    from edge_pfm.dataset import PairedDataset
+    from export.splits import UNKNOWN_SPLIT, dataset_splits
+
+    spec = json.loads(SPEC.read_text())
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "their_data").symlink_to(their_data[0])
+    spec["training"] = {"data": "../their_data"}
+    (tmp_path / "specs/spec.json").write_text(json.dumps(spec))
+    source = (["--model", f"{ROOT}/examples/their_pfm.py:make_model", "--weights", their_weights,
+               "--trained-on", their_split_data] if door == "model" else ["--onnx", their_legacy_onnx])
+    r = _run("export", *source, "--spec", tmp_path / "specs/spec.json", "--out", tmp_path / "b",
+             block_torch=door == "onnx")
+    assert r.returncode == 0, r.stderr[-3000:]
+    training = json.loads((tmp_path / "b/manifest.json").read_text())["provenance"]["training"]
+    if door == "model":
+        want = dataset_splits(PairedDataset(their_split_data)).to_dict()
+        assert training == {"data": str(their_split_data.resolve()), "splits": want, "declared_by": "--trained-on"}
+        assert want["source"] == "labels.csv split column" and len(want["test_sha256"]) == 64
+        assert (want["train_samples"], want["val_samples"], want["test_samples"]) == (24, 12, 12)
+    else:
+        assert training == {"data": str((tmp_path / "their_data").resolve()), "splits": None,
+                            "note": UNKNOWN_SPLIT, "declared_by": "the spec's training.data"}
+
+
+@pytest.mark.parametrize("door", ["model", "onnx"])
+def test_a_missing_training_folder_exits_2_naming_it_and_writes_nothing(door, their_weights, their_legacy_onnx,
+                                                                        tmp_path):
+    source = (["--model", f"{ROOT}/examples/their_pfm.py:make_model", "--weights", their_weights] if door == "model"
+              else ["--onnx", their_legacy_onnx])
+    missing = tmp_path / "nowhere"
+    r = _run("export", *source, "--spec", SPEC, "--trained-on", missing, "--out", tmp_path / "b",
+             block_torch=door == "onnx")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"--trained-on {missing}" in r.stderr and "does not exist" in r.stderr
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("training, says", [
+    ("data", "training: must be an object"),
+    ({"path": "x"}, "training.path: unknown key"),
+    ({"data": 3}, "training.data: must be the path"),
+])
+def test_a_bad_training_entry_in_the_spec_is_named(training, says):
+    from export.model_spec import ModelSpec, SpecError
+
+    spec = json.loads(SPEC.read_text())
+    spec["training"] = training
+    with pytest.raises(SpecError, match=says):
+        ModelSpec.from_dict(spec, "spec.json")
