@@ -19,7 +19,7 @@ import numpy as np
 from calibration.data import Pair, pair_feed
 from calibration.sessions import cpu_session
 from edge_pfm.decision import softmax
-from evaluation.stats import paired_delta, wilson
+from evaluation.stats import max_failures, paired_delta, wilson
 from export.progress import progress as progress_bar
 
 GATE = {"int8_top1_agreement": 0.99, "top_class_recall_drop": 0.01, "accuracy_drop": 0.01, "alpha": 0.05}
@@ -131,10 +131,15 @@ def gate(results: dict, protected: tuple[str, ...], model: str = "int8", agreeme
     if lo < floor - EPS:
         n = a["samples"]
         where = f" on {agreement['source']}" if agreement else ""
+        allowed = max_failures(n, floor)
         reasons.append(f"INT8 top-1 agreement with FP32{where} is {a['top1_agreement']:.2%} ({a['disagreements']} of "
                        f"{n} differ), 95 % interval {lo:.2%}-{hi:.2%}: not shown to be >= {floor:.0%}"
-                       + (f" (with {n} pairs even 100 % cannot show it: measure it on >= 2000, e.g. unlabelled pairs "
-                          "recorded on the device: --agreement-data DIR)" if n < 400 else ""))
+                       + (f"; it passes with at most {allowed} of {n} differing" + (
+                           ", or on more pairs at this agreement (e.g. unlabelled pairs recorded on the device: "
+                           "--agreement-data DIR)" if a["top1_agreement"] >= floor else
+                           ": fewer flips, from another recipe or a model with wider logit margins") if allowed >= 0 else
+                          f" (with {n} pairs even 100 % cannot show it: measure it on >= 2000, e.g. unlabelled pairs "
+                          "recorded on the device: --agreement-data DIR)"))
     tol, alpha = GATE["top_class_recall_drop"], GATE["alpha"]
     for top in protected:
         rc = m["recall_change"][top]

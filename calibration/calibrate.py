@@ -38,6 +38,7 @@ from calibration.data_plan import (
     VAL_SHARE,
     VAL_SYNTHETIC,
     CalibrationError,
+    DataPlan,
     pair_digest,
     plan_data,
 )
@@ -161,6 +162,30 @@ def _recipe(fp32: Path, all_ranges: dict, qat: dict | None, val: ValSet | None, 
                   len(quantizable_layers(graph, ops)))
 
 
+def _val_sets(data: DataPlan, bundle: Bundle, calib_digests: set[str]
+              ) -> tuple[ValSet | None, ValSet | None, set[str]]:
+    """(val, confirmation, the digests of every pair that shaped the recipe): FP32's outputs computed once each;
+    calibration, val and confirmation pairs checked disjoint by content hash."""
+    val_set = confirm_set = None
+    tuned = set(calib_digests)  # none of these may be a confirmation or held-out pair
+    if data.val is None:
+        return None, None, tuned
+    _log(f"[3/6] the INT8 recipe, chosen on {data.val.n} val pairs ({data.val.source})"
+         + (f", confirmed on {data.confirm.n} more ({data.confirm.source})" if data.confirm else
+            f"; {data.confirm_note}"))
+    for role, pairs in (("val", data.val), ("confirmation", data.confirm)):
+        if pairs is None:
+            continue
+        vs = ValSet(pairs.chunks, pairs.n, bundle.preprocessing, bundle.input_names, bundle.model_path("fp32"),
+                    pairs.source, digest=pair_digest)
+        if vs.digests & tuned:
+            raise CalibrationError(f"{len(vs.digests & tuned)} {role} pair(s) ({pairs.source}) are also "
+                                   "calibration (or val) pairs: the sets must be disjoint (checked by content hash)")
+        tuned |= vs.digests
+        val_set, confirm_set = (vs, confirm_set) if role == "val" else (val_set, vs)
+    return val_set, confirm_set, tuned
+
+
 def _recipe_verdict(recipe: Recipe, int8_check: dict) -> tuple[dict, list[str]]:
     """The recipe's record with the engine census' Int8 share of conv/matmul layers; -> (record, reasons INT8 must
     not ship: a refused recipe, or too little left in Int8 to be worth it)."""
@@ -242,21 +267,7 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
         if unknown:
             raise CalibrationError(f"qat_ranges.json names tensors the graph does not have, e.g. {unknown[:3]}; "
                                    "re-export the QAT checkpoint")
-    val_set = confirm_set = None
-    tuned = set(calib_digests)  # every pair that shaped the recipe: none may be a confirmation or held-out pair
-    if data.val is not None:
-        _log(f"[3/6] the INT8 recipe, chosen on {data.val.n} val pairs ({data.val.source})"
-             + (f", confirmed on {data.confirm.n} more ({data.confirm.source})" if data.confirm else
-                f"; {data.confirm_note}"))
-        for role, pairs in (("val", data.val), ("confirmation", data.confirm)):
-            if pairs is None:
-                continue
-            vs = ValSet(pairs.chunks, pairs.n, specs, names, fp32, pairs.source, digest=pair_digest)
-            if vs.digests & tuned:
-                raise CalibrationError(f"{len(vs.digests & tuned)} {role} pair(s) ({pairs.source}) are also "
-                                       "calibration (or val) pairs: the sets must be disjoint (checked by content hash)")
-            tuned |= vs.digests
-            val_set, confirm_set = (vs, confirm_set) if role == "val" else (val_set, vs)
+    val_set, confirm_set, tuned = _val_sets(data, bundle, calib_digests)
     recipe = _recipe(fp32, all_ranges, qat, val_set, plan, data.gate_agreement_pairs, confirm_set)
     amax = dict(all_ranges[recipe.method])
     ranges_used, quantized_ops = f"ptq ({recipe.method})", DEFAULT_QUANTIZED_OPS

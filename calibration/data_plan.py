@@ -112,6 +112,12 @@ def _trained_on(bundle: Bundle, data: str | Path) -> tuple[dict, bool]:
     return training, same
 
 
+def _recorded_split(bundle: Bundle, data: str | Path) -> bool:
+    """The bundle was trained on `data` and records which of its pairs it held out."""
+    training, same = _trained_on(bundle, data)
+    return same and "test_sha256" in (training.get("splits") or {})
+
+
 def training_splits(bundle: Bundle, plan: CalibrationPlan):
     """The dataset's train/val/test (export.splits). When the bundle was trained on this dataset (the same path,
     or the same split digests), the split the trainer made, with its seed, checked by the test set's content
@@ -180,8 +186,8 @@ def plan_data(bundle: Bundle, plan: CalibrationPlan, margin_pairs: Callable[[int
     splits = None
     if labelled and plan.eval is None and plan.eval_synthetic is None:
         splits = training_splits(bundle, plan)  # one labelled dataset: train calibrates, val tunes, test gates
-    elif labelled and plan.eval is not None and (PairedDataset(plan.data, classes).has_splits
-                                                 or _trained_on(bundle, plan.data)[1]):
+    elif labelled and plan.eval is not None and (
+            PairedDataset(plan.data, classes).has_splits or _recorded_split(bundle, plan.data)):
         splits = training_splits(bundle, plan)  # its split still keeps val off the training pairs
     if plan.data is None or (plan.eval is None and splits is None):
         require_synthetic_training(bundle, "calibration (--synthetic)" if plan.data is None else

@@ -86,8 +86,9 @@ def test_what_calibration_takes_from_export_imports_no_torch():
 
 
 def _calibrate(bundle: Path, block_torch: bool) -> subprocess.CompletedProcess:
-    args = ["--bundle", str(bundle), "--synthetic", "32", "--eval-synthetic", "64", "--resolution", "320x240",
-            "--allow-degraded"]
+    # 600 val pairs (and 600 rendered for confirmation): the margin is a real one at >= 545, and cheap
+    args = ["--bundle", str(bundle), "--synthetic", "32", "--val-synthetic", "600", "--eval-synthetic", "64",
+            "--resolution", "320x240", "--allow-degraded"]
     block = "sys.modules['torch'] = None; " if block_torch else ""  # `import torch` now raises ImportError
     code = (f"import runpy, sys; {block}sys.argv = ['calibration', *{args!r}]; "
             "runpy.run_module('calibration', run_name='__main__')")
