@@ -10,8 +10,10 @@ where `import torch` fails:
 
 The labelled held-out set (400 pairs) decides accuracy and recall; the recording decides agreement.
 
-    python benchmarks/team_recording.py [--seeds 0 1] [--val-pairs 2000] [--agreement-pairs 3000]
-        [--work build/team_recording] [--json build/bench/team_recording.json]
+    python benchmarks/team_recording.py [--model their_pfm | zoo:NAME] [--seeds 0 1] [--val-pairs 2000]
+        [--agreement-pairs 3000] [--work build/team_recording] [--json build/bench/team_recording.json]
+
+--model zoo:NAME takes a model of examples/zoo.py (its own trainer and spec) instead of the README's example.
 
 Every command runs in a fresh process with the product's defaults; one table and a JSON.
 """
@@ -29,6 +31,24 @@ from benchmarks._common import print_table, write_json  # noqa: E402
 from benchmarks.their_model import EXAMPLE, PAIRS, SIZE, SPEC, SPLIT, run  # noqa: E402
 
 CAMERA_SEED = {"val": 5, "agreement": 6}  # the replayed cameras' scenes: neither the training nor held-out seeds
+ZOO = EXAMPLE.parent / "zoo.py"
+
+
+def model_door(model: str, weights: Path, logs: Path) -> tuple[str, Path]:
+    """-> (the --model door's FILE:FACTORY, the spec) of their_pfm or zoo:NAME."""
+    if model == "their_pfm":
+        return f"{EXAMPLE}:make_model", SPEC
+    name = model.split(":", 1)[1]
+    spec = weights.with_suffix(".spec.json")
+    run([ZOO, "spec", "--model", name, "--out", spec], logs / "spec.log")
+    return f"{ZOO}:make_{name}", spec
+
+
+def train(model: str, data: Path, seed: int, weights: Path, logs: Path) -> float:
+    """Their trainer on `data` (its split column) -> seconds."""
+    cmd = ([EXAMPLE, "--data", data] if model == "their_pfm" else
+           [ZOO, "train", "--model", model.split(":", 1)[1], "--data", data])
+    return run([*cmd, "--seed", seed, "--out", weights], logs / "train.log")[1]
 
 
 def record(bundle: Path, cameras: Path, n: int, out: Path, log: Path) -> tuple[int, float]:
@@ -41,7 +61,7 @@ def record(bundle: Path, cameras: Path, n: int, out: Path, log: Path) -> tuple[i
     return sum(1 for _ in (out / "white").iterdir()), seconds
 
 
-def one_seed(work: Path, seed: int, val_pairs: int, agreement_pairs: int) -> dict:
+def one_seed(work: Path, seed: int, val_pairs: int, agreement_pairs: int, model: str = "their_pfm") -> dict:
     from edge_pfm.synthetic import write_dataset
 
     logs = work / "logs"
@@ -53,13 +73,13 @@ def one_seed(work: Path, seed: int, val_pairs: int, agreement_pairs: int) -> dic
         shutil.rmtree(heldout, ignore_errors=True)
         write_dataset(data, PAIRS, seed=3, size=SIZE, split=SPLIT)
         write_dataset(heldout, PAIRS, seed=4, size=SIZE)
-        _, seconds["their training"] = run([EXAMPLE, "--data", data, "--seed", seed, "--out", weights],
-                                           logs / "train.log")
+        seconds["their training"] = train(model, data, seed, weights, logs)
+    factory, spec = model_door(model, weights, logs)
     for stale in (bundle, bundle.with_name(bundle.name + ".int8-rejected"), work / "val", work / "agreement",
                   work / "cameras_val", work / "cameras_agreement"):
         shutil.rmtree(stale, ignore_errors=True)
-    _, seconds["export --model"] = run(["-m", "export", "--model", f"{EXAMPLE}:make_model", "--weights", weights,
-                                        "--spec", SPEC, "--trained-on", data, "--out", bundle], logs / "export.log")
+    _, seconds["export --model"] = run(["-m", "export", "--model", factory, "--weights", weights,
+                                        "--spec", spec, "--trained-on", data, "--out", bundle], logs / "export.log")
     recordings = {}
     for role, n in (("val", val_pairs), ("agreement", agreement_pairs)):
         kept, seconds[f"edge-pfm record ({role})"] = record(bundle, work / f"cameras_{role}", n, work / role,
@@ -71,7 +91,7 @@ def one_seed(work: Path, seed: int, val_pairs: int, agreement_pairs: int) -> dic
     where = bundle if rc == 0 else bundle.with_name(bundle.name + ".int8-rejected")
     report = json.loads((where / "accuracy.json").read_text())
     res, recipe, agree = report["results"], report["recipe"], report["agreement"]
-    return {"seed": seed, "calibration_exit": rc, "shipped": "INT8" if rc == 0 else "FP32 (refused)",
+    return {"model": model, "seed": seed, "calibration_exit": rc, "shipped": "INT8" if rc == 0 else "FP32 (refused)",
             "recorded": recordings, "fp32_accuracy": res["fp32"]["accuracy"], "held_out": res["fp32"]["samples"],
             "int8_accuracy": res["int8"]["accuracy"],
             "held_out_int8_agreement": {k: res["int8"][k] for k in ("top1_agreement", "agreement_ci95",
@@ -83,6 +103,7 @@ def one_seed(work: Path, seed: int, val_pairs: int, agreement_pairs: int) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="their_pfm", help="their_pfm (the README's example) or zoo:NAME")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="their trainer's seeds")
     ap.add_argument("--val-pairs", type=int, default=2000)
     ap.add_argument("--agreement-pairs", type=int, default=3000)
@@ -96,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for seed in args.seeds:
         t0 = time.perf_counter()
-        row = one_seed(work / f"seed{seed}", seed, args.val_pairs, args.agreement_pairs)
+        row = one_seed(work / f"seed{seed}", seed, args.val_pairs, args.agreement_pairs, args.model)
         row["seconds"]["total"] = time.perf_counter() - t0
         rows.append(row)
         print(f"seed {seed}: {row['shipped']}", flush=True)

@@ -132,7 +132,8 @@ def training_splits(bundle: Bundle, plan: CalibrationPlan):
                                "pairs it held out (no split column then, or a checkpoint older than train/val/test "
                                "splits): give a held-out set the model never saw (--eval DIR) and a val set it "
                                "never trained on (--val DIR), or a `split` column in labels.csv before training")
-    splits = dataset_splits(ds, seed=int(recorded.get("seed", plan.seed)))
+    need = ("train", "val") if plan.eval is not None else ("train", "val", "test")  # --eval gates: no test needed
+    splits = dataset_splits(ds, seed=int(recorded.get("seed", plan.seed)), need=need)
     same_data = same_path or any(recorded.get(f"{k}_sha256") == splits.digests[k] for k in ("train", "val", "test"))
     if same_data and recorded.get("test_sha256") != splits.digests["test"]:
         raise CalibrationError(f"{plan.data} is the dataset {bundle.root} was trained on, but its test split is not "

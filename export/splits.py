@@ -63,8 +63,9 @@ def _union_find(n: int):
     return find, union
 
 
-def dataset_splits(ds: PairedDataset, seed: int = 0) -> Splits:
-    """train / val / test sample indices of a labelled dataset (see the module docstring)."""
+def dataset_splits(ds: PairedDataset, seed: int = 0, need: tuple[str, ...] = SPLITS) -> Splits:
+    """train / val / test sample indices of a labelled dataset (see the module docstring). `need`: the sets a split
+    column must give every class (calibration with its own --eval needs no test split)."""
     if not ds.labelled:
         unlabelled = [s.name for s in ds.samples if s.label is None]
         raise DatasetError(f"{ds.root}: {len(unlabelled)} sample(s) without a label in labels.csv: "
@@ -87,11 +88,11 @@ def dataset_splits(ds: PairedDataset, seed: int = 0) -> Splits:
                 raise DatasetError(f"{ds.root}: group(s) in more than one split: {_listing(straddle)}; a patient's "
                                    "images belong to one set")
         sets = {k: [i for i, s in enumerate(ds.samples) if s.split == k] for k in SPLITS}
-        for k in SPLITS:
+        for k in need:
             absent = [c for i, c in enumerate(ds.classes) if i not in {ds.samples[j].label for j in sets[k]}]
             if absent:
                 raise DatasetError(f"{ds.root / 'labels.csv'}: split {k!r} has no sample of class(es) {absent}; "
-                                   "every class must be in train, val and test")
+                                   f"every class must be in {', '.join(need)}")
         return Splits(sets["train"], sets["val"], sets["test"], source="labels.csv split column", seed=seed,
                       digests=_digests(sets, hashes))
     find, union = _union_find(len(ds))

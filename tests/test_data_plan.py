@@ -51,6 +51,19 @@ def test_with_eval_the_split_column_keeps_val_off_the_training_pairs(tiny_bundle
         s == "val" for s in labels.values())
 
 
+def test_with_eval_a_split_column_needs_no_test_split(tiny_bundle, datasets, tmp_path):
+    import shutil
+
+    data = shutil.copytree(datasets / "split", tmp_path / "train_val")
+    rows = list(csv.DictReader((data / "labels.csv").open()))
+    with (data / "labels.csv").open("w", newline="") as f:  # a team that keeps its test set elsewhere
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, "split": "train" if r["split"] == "test" else r["split"]} for r in rows)
+    plan = plan_data(Bundle.load(tiny_bundle), CalibrationPlan(data=data, eval=datasets / "heldout"))
+    assert not plan.splits.test and "val split" in plan.val.source
+
+
 def test_val_and_agreement_sets_need_no_labels(tiny_bundle, datasets):
     plan = plan_data(Bundle.load(tiny_bundle), CalibrationPlan(
         data=datasets / "split", eval=datasets / "heldout", val=datasets / "recording",
