@@ -52,12 +52,21 @@ def train(model: str, data: Path, seed: int, weights: Path, logs: Path) -> float
 
 
 def record(bundle: Path, cameras: Path, n: int, out: Path, log: Path) -> tuple[int, float]:
-    """`edge-pfm record --mode dataset` of n pairs from two replayed image folders -> (pairs kept, seconds)."""
+    """`edge-pfm record --mode dataset` of n pairs from two replayed image folders -> (pairs kept, seconds). A busy
+    machine makes the recorder skip pairs (`writer_busy`) while the folders play on; then the recording is resumed
+    from folders of new scenes (another seed), as a device records on through another session."""
     from edge_pfm.synthetic import write_dataset
 
-    write_dataset(cameras, n + n // 10, seed=CAMERA_SEED[out.name], size=SIZE)  # a tenth spare: pairing drops some
-    _, seconds = run(["-m", "edge_pfm", "record", "--bundle", bundle, "--out", out, "--mode", "dataset", "--pairs", n,
-                      "--white", cameras / "white", "--fluo", cameras / "fluorescence"], log)
+    seconds = 0.0
+    for attempt in range(4):
+        shutil.rmtree(cameras, ignore_errors=True)
+        kept = sum(1 for _ in (out / "white").iterdir()) if (out / "white").is_dir() else 0
+        if kept >= n:
+            break
+        write_dataset(cameras, (n - kept) * 11 // 10, seed=CAMERA_SEED[out.name] + 100 * attempt, size=SIZE)
+        _, took = run(["-m", "edge_pfm", "record", "--bundle", bundle, "--out", out, "--mode", "dataset", "--pairs", n,
+                       "--white", cameras / "white", "--fluo", cameras / "fluorescence"], log.with_suffix(f".{attempt}.log"))
+        seconds += took
     return sum(1 for _ in (out / "white").iterdir()), seconds
 
 
