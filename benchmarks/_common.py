@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,3 +44,16 @@ def write_json(path: str | Path, payload: dict) -> Path:
     path.write_text(json.dumps({**payload, "machine": machine()}, indent=2) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def python_argv(argv: list, block_torch: bool = False) -> list[str]:
+    """The command line for `python argv` (a module's CLI when argv[0] is '-m', else a script). With block_torch, a
+    process where `import torch` raises ImportError (sys.modules['torch'] = None, then runpy), as on a machine
+    without PyTorch; that runs a module only."""
+    argv = [str(a) for a in argv]
+    if not block_torch:
+        return [sys.executable, *argv]
+    assert argv[0] == "-m", "block_torch runs a module: ['-m', module, ...]"
+    module, args = argv[1], argv[2:]
+    return [sys.executable, "-c", f"import runpy, sys; sys.modules['torch'] = None; sys.argv = [{module!r}, "
+            f"*{args!r}]; runpy.run_module({module!r}, run_name='__main__')"]

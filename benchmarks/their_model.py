@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import print_table, write_json  # noqa: E402
+from benchmarks._common import print_table, python_argv, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE, SPEC = ROOT / "examples/their_pfm.py", ROOT / "examples/their_pfm.spec.json"
@@ -39,13 +39,7 @@ FPS = 30
 def run(argv: list, log: Path, ok: tuple[int, ...] = (0,), block_torch: bool = False) -> tuple[int, float]:
     """Run a command (a module's CLI when argv[0] starts with '-m'), its output to `log`; -> (exit code, seconds)."""
     argv = [str(a) for a in argv]
-    if block_torch:
-        assert argv[0] == "-m", "block_torch runs a module: ['-m', module, ...]"  # `import torch` raises ImportError in that process
-        module, args = argv[1], argv[2:]
-        argv = [sys.executable, "-c", f"import runpy, sys; sys.modules['torch'] = None; sys.argv = [{module!r}, "
-                f"*{args!r}]; runpy.run_module({module!r}, run_name='__main__')"]
-    elif argv[0] == "-m" or argv[0].endswith(".py"):
-        argv = [sys.executable, *argv]
+    argv = python_argv(argv, block_torch) if block_torch or argv[0] == "-m" or argv[0].endswith(".py") else argv
     t0 = time.perf_counter()
     r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     log.write_text(f"$ {' '.join(argv)}\n{r.stdout}{r.stderr}")

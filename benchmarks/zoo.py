@@ -29,7 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import print_table, write_json  # noqa: E402
+from benchmarks._common import print_table, python_argv, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO = ROOT / "examples/zoo.py"
@@ -40,14 +40,7 @@ def run(argv: list, log: Path, block_torch: bool = False) -> tuple[int, float, s
     """Run a command (a module's CLI when argv[0] is '-m'), its output to `log`. With block_torch, in a process
     where `import torch` raises ImportError (sys.modules['torch'] = None, then runpy), as on a machine without
     PyTorch. -> (exit code, seconds, output)."""
-    argv = [str(a) for a in argv]
-    if block_torch:
-        assert argv[0] == "-m", "block_torch runs a module: ['-m', module, ...]"
-        module, args = argv[1], argv[2:]
-        argv = [sys.executable, "-c", f"import runpy, sys; sys.modules['torch'] = None; sys.argv = [{module!r}, "
-                f"*{args!r}]; runpy.run_module({module!r}, run_name='__main__')"]
-    else:
-        argv = [sys.executable, *argv]
+    argv = python_argv(argv, block_torch)
     t0 = time.perf_counter()
     r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     out = r.stdout + r.stderr

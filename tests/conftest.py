@@ -40,6 +40,17 @@ def tiny_bundle(tiny_checkpoint, tmp_path_factory) -> Path:
     return out
 
 
+def import_example(name: str):
+    """examples/<name>.py imported as a module (examples/ is a folder of scripts, not a package)."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
 def copy_bundle(src: Path, dst: Path) -> Path:
     import shutil
 

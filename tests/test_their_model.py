@@ -10,19 +10,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, import_example
 
 SPEC = ROOT / "examples/their_pfm.spec.json"
 
 
 @pytest.fixture(scope="module")
 def their_pfm():
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import their_pfm
-    finally:
-        sys.path.pop(0)
-    return their_pfm
+    return import_example("their_pfm")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, import_example
 
 MODELS = ("attnpool", "tokenformer", "convnext", "resnet_a", "gatedmix", "frozenpool")  # examples/zoo.py's EXPECTED, in order
 DOORS = ("model", "onnx")
@@ -20,12 +20,7 @@ DOORS = ("model", "onnx")
 
 @pytest.fixture(scope="module")
 def zoo():
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        import zoo
-    finally:
-        sys.path.pop(0)
-    return zoo
+    return import_example("zoo")
 
 
 @pytest.fixture(scope="module")
