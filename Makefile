@@ -3,11 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # extras installed into .venv; CI adds gst (.ci/run installs the system packages it builds against)
-EXTRAS ?= export,test
+EXTRAS ?= export,test,docs
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo docs lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@echo "== bootstrapping $(VENV) (first run downloads ~400 MB of wheels)"
@@ -22,6 +22,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m demo --out build/demo
+
+# the documentation site, strict: a warning, a broken link or anchor, or a page outside the contents fails
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -n -q -b html docs build/site
+	@echo "== docs: build/site/index.html"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev off: a prefix must never turn one option into another (--val N was read as --val-synthetic N)
     ap = argparse.ArgumentParser(prog="python -m calibration", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--bundle", required=True, help="the bundle to calibrate (rewritten atomically)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="paired dataset directory (edge_pfm.dataset layout) for calibration")
     src.add_argument("--synthetic", type=int, metavar="N", help="calibrate on N synthetic pairs")
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--resolution", type=parse_size, default=(1280, 720), help="synthetic camera resolution WxH")
     ap.add_argument("--keep-float", nargs="*", default=[],
                     help="node-name substrings kept in float, beyond each input's first conv (always float)")
-    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=1, help="seed of the synthetic pairs and the sampling")
     ap.add_argument("--allow-degraded", action="store_true", help="write the INT8 model even if the gate fails")
     ap.add_argument("--map-classes", metavar="A,B",
                     help="the classes whose decisions show the lesion map (default: the bundle's, else lsil,hsil); the "

@@ -160,8 +160,9 @@ def _camera_and_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--white", help="white-light source: 0 | /dev/videoN | gst:PIPELINE | FILE | FOLDER | synthetic[:k=v,...]")
     p.add_argument("--fluo", help="fluorescence source (same syntax)")
     p.add_argument("--alternating", help="one source with alternating white/fluorescence illumination")
-    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"))
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"))
+    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime"), help="auto: TensorRT if usable, else ONNX Runtime")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"),
+                   help="default: the precision edge-pfm build measured and picked, else fp32")
     p.add_argument("--threads", type=int, help="inference threads (default: the thread plan; edge-pfm info shows it)")
     p.add_argument("--tolerance-ms", type=float, help="pairing tolerance (default: half a frame period)")
     p.add_argument("--log", help="append every decision to this JSONL file (rotated under a cap: [outputs] in --config)")
@@ -195,14 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="build (or take from the cache) each engine and check it against the bundle's "
                                      "reference; --precision auto (the default) also measures the fastest checked one")
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime"))
+    p.add_argument("--bundle", required=True, help="the bundle directory")
+    p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime"), help="auto: TensorRT if usable, else ONNX Runtime")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "int8"), default="auto",
                    help="auto: check and time every precision the bundle allows, cache the fastest (a less accurate "
                         "one must be >= 10%% faster); `run`, `bench` and Classifier then use it")
     p.add_argument("--int8-source", choices=("qdq", "cache"), help="INT8 from the Q/DQ model or the calibration cache")
     p.add_argument("--dla-core", type=int, default=-1, help="build for this DLA core (AGX Orin: 0 or 1)")
-    p.add_argument("--workspace-mib", type=int, default=1024)
+    p.add_argument("--workspace-mib", type=int, default=1024, help="TensorRT builder workspace in MiB")
     p.add_argument("--max-batch", type=int, help="largest batch of the optimisation profile (default: the bundle's)")
     p.add_argument("--threads", type=int, help="ONNX Runtime inference threads to time with (default: the thread plan)")
     p.add_argument("--cache-dir", help="engine cache (default ~/.cache/edge-pfm/engines)")
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("run", help="classify live (or recorded, or synthetic) camera pairs")
-    p.add_argument("--bundle", required=True)
+    p.add_argument("--bundle", required=True, help="the bundle directory")
     p.add_argument("--video", help="write an annotated side-by-side video (.avi, MJPG; rotated under a cap)")
     p.add_argument("--preview", action="store_true", help="show a preview window (needs a display)")
     _camera_and_run_options(p)
@@ -230,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "lose at most the frame or pair in flight when killed.")
     p.add_argument("--bundle", required=True, help="the bundle the device runs (its preprocessing and gates)")
     p.add_argument("--out", required=True, help="the recording's folder (an existing recording is resumed)")
-    p.add_argument("--mode", choices=("video", "dataset"), default="video")
+    p.add_argument("--mode", choices=("video", "dataset"), default="video",
+                   help="video: each camera's own frames, lossless, with their timing; dataset: paired stills "
+                        "that pass the gates")
     p.add_argument("--pairs", type=int, help="dataset: stop when this many pairs are kept")
     p.add_argument("--every", type=float, default=0.0, metavar="SECONDS",
                    help="dataset: keep at most one pair every SECONDS (default 0: every pair that passes)")
@@ -243,9 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("selftest", help="prove this device: check and time every allowed precision, bench, a short "
                                         "two-camera run; one JSON report and one summary to send back")
-    p.add_argument("--bundle", required=True)
+    p.add_argument("--bundle", required=True, help="the bundle directory")
     p.add_argument("--out", default="selftest", help="folder for selftest.json and selftest.txt (default ./selftest)")
-    p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime"))
+    p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime"), help="auto: TensorRT if usable, else ONNX Runtime")
     p.add_argument("--white", help="white-light camera for the run (default: synthetic cameras); same syntax as run")
     p.add_argument("--fluo", help="fluorescence camera")
     p.add_argument("--alternating", help="one camera with alternating illumination")
@@ -253,17 +256,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop", action="store_true", help="loop video/folder sources")
     p.add_argument("--seconds", type=float, default=5.0, help="length of the camera run")
     p.add_argument("--bench-seconds", type=float, default=2.0, help="per bench measurement")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="inference threads (default: the thread plan)")
     p.add_argument("--cache-dir", help="engine cache (default ~/.cache/edge-pfm/engines)")
     p.set_defaults(func=_cmd_selftest)
 
     p = sub.add_parser("bench", help="backend vs naive loop vs pipeline, one process, one run")
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--resolution", default="1920x1080")
+    p.add_argument("--bundle", required=True, help="the bundle directory")
+    p.add_argument("--resolution", default="1920x1080", help="synthetic camera frame size WIDTHxHEIGHT")
     p.add_argument("--seconds", type=float, default=8.0, help="per measurement")
-    p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime"))
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"))
-    p.add_argument("--threads", type=int)
+    p.add_argument("--backend", default="auto", choices=("auto", "tensorrt", "onnxruntime"), help="auto: TensorRT if usable, else ONNX Runtime")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"),
+                   help="default: the precision edge-pfm build measured and picked, else fp32")
+    p.add_argument("--threads", type=int, help="inference threads (default: the thread plan)")
     p.add_argument("--json", dest="json_out", help="write the results here")
     p.add_argument("--cache-dir", help="engine cache, check records and the measured pick (default "
                                        "~/.cache/edge-pfm/engines)")

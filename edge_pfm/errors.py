@@ -30,6 +30,23 @@ class ExitCode(IntEnum):
     RUNTIME_FAILURE = 5
     INTERRUPTED = 130
 
+    @property
+    def meaning(self) -> str:
+        """What this code tells a script; the docs' exit-code table is generated from it."""
+        return _MEANINGS[self]
+
+
+_MEANINGS = {
+    ExitCode.OK: "success",
+    ExitCode.BUG: "a bug: an unexpected exception, with its traceback (please report it)",
+    ExitCode.BAD_INPUT: "bad input: a file, bundle, dataset, checkpoint, model, config or argument that cannot be used",
+    ExitCode.GATE_REFUSED: "the INT8 accuracy gate refused the model (the bundle is fine and stays FP32)",
+    ExitCode.UNAVAILABLE: "a backend or dependency is unavailable here (TensorRT, pycuda, onnxruntime, a GPU)",
+    ExitCode.RUNTIME_FAILURE: "a runtime failure: an engine build, an inference, a camera, the disk (e.g. a full disk "
+                              "under `--log`)",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C) outside `edge-pfm run` (which shuts down cleanly and exits 0)",
+}
+
 
 class EdgePfmError(Exception):
     """Root of every anticipated edge-pfm failure; `exit_code` is what a command exits with."""

@@ -15,7 +15,8 @@ import argparse
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m export` (no torch imported: the docs' CLI reference is generated from it)."""
     ap = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     door = ap.add_mutually_exclusive_group(required=True)
@@ -26,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                            "model_args (THIS IMPORTS AND RUNS YOUR CODE); needs --weights and --spec")
     ap.add_argument("--weights", metavar="W.pt", help="with --model: a state_dict (or a dict holding one), loaded "
                                                       "with weights_only=True, strict")
-    ap.add_argument("--spec", metavar="SPEC.json", help="the model spec (export/model_spec.py, README 'Bring your "
-                                                        "own model'): classes, roles, inputs, outputs")
+    ap.add_argument("--spec", metavar="SPEC.json", help="the model spec (export/model_spec.py, "
+                                                        "docs/bring-your-own.md): classes, roles, inputs, outputs")
     ap.add_argument("--reference-inputs", metavar="I.json", help="with --onnx: polygraphy --save-inputs JSON")
     ap.add_argument("--reference-outputs", metavar="O.json",
                     help="with --onnx: your framework's outputs on those inputs (polygraphy --save-outputs JSON); "
@@ -49,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--map-classes", metavar="A,B",
                     help="the classes whose decisions show the lesion map (default: those the trainer measured it on, "
                          "lsil,hsil for our classes); '' for none")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     from edge_pfm.errors import run_command
     from edge_pfm.lesion import parse_map_classes

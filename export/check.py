@@ -23,13 +23,18 @@ def check_bundle(root: str | Path, log=lambda m: None) -> dict[str, dict]:
             for name in ARTIFACT_PRECISION if bundle.has(name)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m export.check` (the docs' CLI reference is generated from it)."""
     ap = argparse.ArgumentParser(prog="python -m export.check", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--bundle", required=True, help="the bundle directory to check")
     ap.add_argument("--record", action="store_true", help="write the results into the bundle's manifest.json")
     ap.add_argument("--json", help="also write the results to this JSON file")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from edge_pfm.bundle import Bundle, write_manifest
     from edge_pfm.errors import run_command
     from edge_pfm.fileio import atomic_write_json

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from edge_pfm.errors import InvalidArgument, UnavailableError
-
-DEVICES = ("auto", "cpu", "cuda")
+from export.train_plan import DEVICES
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ class ModelSpec:
     def load(cls, path: str | Path) -> ModelSpec:
         p = Path(path)
         if not p.is_file():
-            raise SpecError(f"spec file {p} does not exist; write one (see export/model_spec.py or the README)")
+            raise SpecError(f"spec file {p} does not exist; write one (see export/model_spec.py or docs/bring-your-own.md)")
         spec = cls.from_dict(read_json(p, SpecError), str(p))
         if spec.training_data is not None and not Path(spec.training_data).is_absolute():
             # the spec's folder, not the shell's: the spec means the same wherever the command runs

@@ -1,4 +1,4 @@
-"""One table of exit codes (edge_pfm.errors.ExitCode, the README's table), one test per code, through the real
+"""One table of exit codes (edge_pfm.errors.ExitCode, from which the docs' table is generated), one test per code, through the real
 commands in their own processes: one line on stderr, never a traceback."""
 import subprocess
 import sys
@@ -20,10 +20,11 @@ def _one_line_error(r: subprocess.CompletedProcess, word: str = "error") -> str:
     return lines[0]
 
 
-def test_the_readme_table_is_the_code_table():
-    text = (ROOT / "README.md").read_text()
-    for code in ExitCode:
-        assert f"| {int(code)} |" in text, code
+def test_the_docs_table_is_generated_from_the_codes_never_written_by_hand():
+    page = (ROOT / "docs/reference/exit-codes.md").read_text()
+    assert "<!-- generated: exit-codes -->" in page
+    assert not any(line.startswith(f"| {int(code)} |") for code in ExitCode for line in page.splitlines())
+    assert all(code.meaning for code in ExitCode)  # every code has its meaning for that table
 
 
 def test_success(calibrated_bundle):
