@@ -1,6 +1,6 @@
 """A team with a few hundred labelled pairs gets INT8 from the device's own unlabelled recordings (issue 39).
 
-Their trainer (examples/their_pfm.py) on the README's 400 labelled pairs with a split column, the --model door with
+Their trainer (examples/their_pfm.py) on the docs' 400 labelled pairs (docs/bring-your-own.md) with a split column, the --model door with
 --trained-on, then two recordings made the way a device makes them: `edge-pfm record --mode dataset` on two
 replayed cameras (image folders of pairs nobody labelled, another seed of the same scene generator), one for the
 recipe's val (--val), one where the gate measures agreement (--agreement-data). Calibration then runs in a process
@@ -13,7 +13,7 @@ The labelled held-out set (400 pairs) decides accuracy and recall; the recording
     python benchmarks/team_recording.py [--model their_pfm | zoo:NAME] [--seeds 0 1] [--val-pairs 2000]
         [--agreement-pairs 3000] [--work build/team_recording] [--json build/bench/team_recording.json]
 
---model zoo:NAME takes a model of examples/zoo.py (its own trainer and spec) instead of the README's example.
+--model zoo:NAME takes a model of examples/zoo.py (its own trainer and spec) instead of the docs' example.
 
 Every command runs in a fresh process with the product's defaults; one table and a JSON.
 """
@@ -112,7 +112,7 @@ def one_seed(work: Path, seed: int, val_pairs: int, agreement_pairs: int, model:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="their_pfm", help="their_pfm (the README's example) or zoo:NAME")
+    ap.add_argument("--model", default="their_pfm", help="their_pfm (the docs' example) or zoo:NAME")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="their trainer's seeds")
     ap.add_argument("--val-pairs", type=int, default=2000)
     ap.add_argument("--agreement-pairs", type=int, default=3000)

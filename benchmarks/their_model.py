@@ -1,4 +1,4 @@
-"""A team's own model through edge-pfm, end to end, as a team meets it: the README's "Bring your own model" commands
+"""A team's own model through edge-pfm, end to end, as a team meets it: the "Bring your own model" commands of docs/bring-your-own.md
 (their trainer on a paired dataset on disk whose labels.csv has a split column, the --model door with the
 preprocessing check and --trained-on, calibration on --data/--eval, edge-pfm info), then what the issue's
 acceptance asks beyond them:
@@ -12,7 +12,7 @@ acceptance asks beyond them:
     python benchmarks/their_model.py [--work build/their_model] [--json build/bench/their_model.json]
         [--pairs 400] [--heldout 400] [--seed 0] [--video-pairs 40] [--hold 30]
 
---pairs/--heldout default to the README's 400 and 400; more of both shows what a better-trained model of theirs
+--pairs/--heldout default to the docs' 400 and 400; more of both shows what a better-trained model of theirs
 meets (the INT8 gate needs about 1,700 held-out pairs to show 99 % agreement with a few flips).
 
 Every command runs in a fresh process, as a user runs it, with the product's defaults; one table and a JSON.
@@ -32,7 +32,7 @@ from benchmarks._common import print_table, python_argv, write_json  # noqa: E40
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE, SPEC = ROOT / "examples/their_pfm.py", ROOT / "examples/their_pfm.spec.json"
-PAIRS, SIZE, SPLIT, CONFORMANCE = 400, (320, 240), (0.7, 0.15, 0.15), 32  # the README's commands
+PAIRS, SIZE, SPLIT, CONFORMANCE = 400, (320, 240), (0.7, 0.15, 0.15), 32  # the docs' commands
 FPS = 30
 
 
@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="build/their_model", help="emptied first")
     ap.add_argument("--json", default="build/bench/their_model.json")
-    ap.add_argument("--pairs", type=int, default=PAIRS, help="their training pairs (the README's 400)")
-    ap.add_argument("--heldout", type=int, default=PAIRS, help="held-out pairs (the README's 400)")
-    ap.add_argument("--seed", type=int, default=0, help="their trainer's --seed (the README's 0)")
+    ap.add_argument("--pairs", type=int, default=PAIRS, help="their training pairs (the docs' 400)")
+    ap.add_argument("--heldout", type=int, default=PAIRS, help="held-out pairs (the docs' 400)")
+    ap.add_argument("--seed", type=int, default=0, help="their trainer's --seed (the docs' 0)")
     ap.add_argument("--video-pairs", type=int, default=40)
     ap.add_argument("--hold", type=int, default=30, help="frames each held-out pair stays in the videos")
     args = ap.parse_args(argv)

@@ -144,7 +144,7 @@ def test_predicted_pass_matches_a_simulation_of_val_and_gate():
 
     rng = np.random.default_rng(0)
     allowed = max_failures(2000, 0.99)
-    assert allowed == 11  # the README's figure: 11 of 2000 may differ at the gate
+    assert allowed == 11  # the docs' figure (build-machine.md): 11 of 2000 may differ at the gate
     for seen in (2, 5, 9):  # a rate drawn from the Jeffreys posterior, then the gate's own 2000-pair sample
         rate = rng.beta(seen + 0.5, 2000 - seen + 0.5, 200_000)
         simulated = float((rng.binomial(2000, rate) <= allowed).mean())

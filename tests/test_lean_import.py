@@ -39,7 +39,7 @@ def test_cli_help_runs():
 
 @pytest.mark.slow
 def test_device_wheel_installs_into_a_bare_venv(tmp_path):
-    """The README's Jetson route: `pip wheel --no-deps .` on the build machine, copy, `pip install` on the device."""
+    """The documented Jetson route (docs/device/install.md): `pip wheel --no-deps .` on the build machine, copy, `pip install` on the device."""
     root = Path(__file__).resolve().parents[1]
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(root)],

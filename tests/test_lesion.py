@@ -224,7 +224,7 @@ def _run_logged(bundle, tmp_path, label="hsil", seconds=2.5) -> tuple[dict, list
 
 
 def test_a_dataset_without_masks_trains_and_exports_no_head(tmp_path, capsys):
-    """The README's paired layout (no masks/), through the real trainer and export: no head, no map output, and
+    """The documented paired layout (docs/bring-your-own.md) (no masks/), through the real trainer and export: no head, no map output, and
     the runtime logs lesion: null throughout."""
     from edge_pfm.bundle import Bundle
     from edge_pfm.info import describe
