@@ -22,6 +22,7 @@ from edge_pfm.errors import EdgePfmError
 from edge_pfm.fileio import atomic_write_json, read_json, sha256_file
 from edge_pfm.preprocess import PreprocessSpec
 from edge_pfm.roles import ClassRoles, RolesError
+from edge_pfm.trust.settings import Trust
 
 SCHEMA = "edge-pfm/bundle"
 SCHEMA_VERSION = 1
@@ -53,9 +54,12 @@ def _fix(path: Path) -> str:
 class Bundle:
     """A verified bundle directory. Cheap to load: json + sha256, no ONNX parsing."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any]):
+    def __init__(self, root: Path, manifest: dict[str, Any], trust: Trust | None = None):
         self.root = root
         self.manifest = manifest
+        # the device's trust settings this bundle was loaded under: its keys, and the state directory whose secret
+        # seals the engine cache's records (edge_pfm.trust.device_secret)
+        self.trust = trust or Trust()
         m = manifest
         self.classes: tuple[str, ...] = tuple(m["model"]["classes"])
         self.inputs = [TensorSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in m["inputs"]]
@@ -70,8 +74,11 @@ class Bundle:
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike, verify: bool = True) -> Bundle:
+    def load(cls, path: str | os.PathLike, verify: bool = True, trust: Trust | None = None) -> Bundle:
+        """`trust`: the keys and state directory to hold the bundle to (default: Trust.default(), the device's
+        config as every command finds it)."""
         root = Path(path)
+        trust = trust or Trust.default()
         mpath = root / MANIFEST
         if not root.is_dir():
             raise BundleError(f"bundle {root} is not a directory; {_fix(root)}")
@@ -87,7 +94,7 @@ class Bundle:
         if verify:
             cls.verify_artifacts(root, manifest)
         try:
-            return cls(root, manifest)
+            return cls(root, manifest, trust)
         except RolesError as exc:
             raise BundleError(f"{mpath}: {exc}; {_fix(root)}") from exc
         except (KeyError, TypeError, ValueError) as exc:

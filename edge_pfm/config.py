@@ -30,9 +30,16 @@
     video_rotate_minutes = 60
     video_cap_mb = 20480
     min_free_mb = 16               # the preflight's spare space on each output's filesystem
+    [security]                     # edge_pfm.trust: who may sign a bundle, where the device keeps its state
+    trusted_keys = "/etc/edge-pfm/trusted_keys"   # PEM public keys; with one there, only signed bundles run
+    state_dir = "/var/lib/edge-pfm"                # the rollback floor and the engine cache's secret
+
+Every device command finds this file the same way (find_config): --config, else $EDGE_PFM_CONFIG, else
+/etc/edge-pfm/device.toml when it exists.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +47,9 @@ from edge_pfm.errors import EdgePfmError
 
 CAMERA_KEYS = {"source", "fourcc", "width", "height", "fps", "exposure", "gain", "buffer_size", "stamps"}
 OUTPUT_KEYS = {f"{o}_{k}" for o in ("log", "video") for k in ("rotate_mb", "rotate_minutes", "cap_mb")} | {"min_free_mb"}
+SECTIONS = ("cameras", "gates", "decision", "modality", "run", "outputs", "security")
+CONFIG_ENV = "EDGE_PFM_CONFIG"
+SYSTEM_CONFIG = Path("/etc/edge-pfm/device.toml")
 
 
 class ConfigError(EdgePfmError, ValueError):
@@ -57,6 +67,23 @@ def parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def find_config(flag: str | os.PathLike | None) -> Path | None:
+    """The device configuration every command reads: `flag` (--config), else $EDGE_PFM_CONFIG, else
+    /etc/edge-pfm/device.toml when it exists, else None (the defaults)."""
+    if flag:
+        return Path(flag)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.is_file() else None
+
+
+def load_device_config(flag: str | os.PathLike | None) -> tuple[Path | None, dict[str, Any]]:
+    """(the config file found as find_config says, its checked contents); (None, {}) when there is none."""
+    path = find_config(flag)
+    return path, (load_config(path) if path else {})
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     try:
         import tomllib  # Python >= 3.11
@@ -72,9 +99,9 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {p} does not exist") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: invalid TOML ({exc})") from exc
-    unknown = set(cfg) - {"cameras", "gates", "decision", "modality", "run", "outputs"}
+    unknown = set(cfg) - set(SECTIONS)
     if unknown:
-        raise ConfigError(f"{p}: unknown sections {sorted(unknown)} (known: cameras, gates, decision, modality, run, outputs)")
+        raise ConfigError(f"{p}: unknown sections {sorted(unknown)} (known: {', '.join(SECTIONS)})")
     bad = set(cfg.get("outputs", {})) - OUTPUT_KEYS
     if bad:
         raise ConfigError(f"{p}: [outputs] unknown keys {sorted(bad)} (known: {sorted(OUTPUT_KEYS)})")
@@ -84,4 +111,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
         bad = set(cam) - CAMERA_KEYS
         if bad:
             raise ConfigError(f"{p}: [cameras.{name}] unknown keys {sorted(bad)} (known: {sorted(CAMERA_KEYS)})")
+    from edge_pfm.trust.settings import Trust
+
+    Trust.from_config(cfg, p)  # [security]'s keys and values are checked here, with the rest
     return cfg
