@@ -55,6 +55,7 @@ from export.onnx_graph import save_onnx
 from export.progress import log as _log
 from export.quant_scheme import DEFAULT_QUANTIZED_OPS, QAT_QUANTIZED_OPS
 from export.references import MIN_PAIRS, frames_to_pixels, scene_pixels, write_references
+from export.sign import void_signature
 
 FP16_METHOD = ("model.fp16.onnx run on ONNX Runtime CPU (FP16-typed graph, float32 I/O, LayerNormalization in "
                "float32; ORT computes FP16 ops without a CPU kernel in float32 between FP16 tensors)")
@@ -289,6 +290,7 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
     try:
         with atomic_directory(bundle.root) as tmp:
             shutil.copytree(bundle.root, tmp, dirs_exist_ok=True)
+            void_signature(tmp, "calibration", _log)
             _log("[4/6] INT8 Q/DQ model and TensorRT calibration cache from the same ranges; FP16-typed model")
             quantize_qdq(fp32, amax, tmp / "model.int8.onnx", op_types=quantized_ops,
                          keep_float=tuple(plan.keep_float),

@@ -60,6 +60,7 @@ class Bundle:
         # the device's trust settings this bundle was loaded under: its keys, and the state directory whose secret
         # seals the engine cache's records (edge_pfm.trust.device_secret)
         self.trust = trust or Trust()
+        self.signature = None  # edge_pfm.trust.signature.Verdict, set by load()
         m = manifest
         self.classes: tuple[str, ...] = tuple(m["model"]["classes"])
         self.inputs = [TensorSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in m["inputs"]]
@@ -76,7 +77,11 @@ class Bundle:
     @classmethod
     def load(cls, path: str | os.PathLike, verify: bool = True, trust: Trust | None = None) -> Bundle:
         """`trust`: the keys and state directory to hold the bundle to (default: Trust.default(), the device's
-        config as every command finds it)."""
+        config as every command finds it). With a trusted key, the bundle must be signed by it, unchanged, and not
+        older than the device's rollback floor (edge_pfm.trust); the manifest parsed is the one that was verified.
+        `verify=False` skips the artifacts' hashes of an unsigned bundle (tools that repair one; never the device)."""
+        from edge_pfm.trust.signature import unverified
+
         root = Path(path)
         trust = trust or Trust.default()
         mpath = root / MANIFEST
@@ -84,21 +89,52 @@ class Bundle:
             raise BundleError(f"bundle {root} is not a directory; {_fix(root)}")
         if not mpath.is_file():
             raise BundleError(f"{mpath} is missing: {root} is not a bundle; {_fix(root)}")
-        manifest = read_json(mpath, BundleError, _fix(root))
+        if trust.required:
+            manifest, verdict = cls._verified_manifest(root, trust)
+        else:
+            manifest = read_json(mpath, BundleError, _fix(root))
+            cls._validated(manifest, mpath, root)
+            if verify:
+                cls.verify_artifacts(root, manifest)
+            verdict = unverified(root, trust.trusted_keys, manifest.get("bundle_version"))
+        try:
+            bundle = cls(root, manifest, trust)
+        except RolesError as exc:
+            raise BundleError(f"{mpath}: {exc}; {_fix(root)}") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{mpath}: malformed entry ({type(exc).__name__}: {exc}); {_fix(root)}") from exc
+        bundle.signature = verdict
+        return bundle
+
+    @classmethod
+    def _verified_manifest(cls, root: Path, trust: Trust) -> tuple[dict[str, Any], Any]:
+        """The signed manifest, its artifacts' hashes matched to the signed digests, and the rollback floor held."""
+        import json
+
+        from edge_pfm.trust.rollback import check_floor
+        from edge_pfm.trust.signature import verify_bundle
+
+        mpath = root / MANIFEST
+        verdict, manifest_bytes = verify_bundle(root, trust.key_files())
+        try:
+            manifest = json.loads(manifest_bytes)
+        except ValueError as exc:
+            raise BundleError(f"{mpath} is not valid JSON ({exc}); {_fix(root)}") from exc
+        cls._validated(manifest, mpath, root)
+        for name, a in manifest["artifacts"].items():  # the files were hashed against the signature just now
+            if verdict.digests.get(name) != a["sha256"]:
+                raise BundleError(f"{root / name}: the manifest's sha256 is not the signed file's; {_fix(root)}")
+        check_floor(manifest.get("bundle_version"), trust.writable_state_dir(), root)
+        return manifest, verdict
+
+    @classmethod
+    def _validated(cls, manifest: Any, mpath: Path, root: Path) -> None:
         try:
             cls.validate_manifest(manifest, mpath)
         except BundleError:
             raise
         except (TypeError, AttributeError, KeyError, ValueError) as exc:  # a structure nobody anticipated
             raise BundleError(f"{mpath} is malformed ({type(exc).__name__}: {exc}); {_fix(root)}") from exc
-        if verify:
-            cls.verify_artifacts(root, manifest)
-        try:
-            return cls(root, manifest, trust)
-        except RolesError as exc:
-            raise BundleError(f"{mpath}: {exc}; {_fix(root)}") from exc
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{mpath}: malformed entry ({type(exc).__name__}: {exc}); {_fix(root)}") from exc
 
     @staticmethod
     def validate_manifest(m: Any, mpath: Path) -> None:
@@ -156,6 +192,9 @@ class Bundle:
                     problems.append(f"artifact {name!r} needs a sha256")
                 if not isinstance(name, str) or "/" in name.replace("parity/", "") or ".." in name:
                     problems.append(f"artifact name {name!r} must be a plain file name in the bundle")
+        version = m.get("bundle_version")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+            problems.append(f"bundle_version must be a positive integer, got {version!r}")
         if problems:
             raise BundleError(f"{mpath} is invalid: " + "; ".join(problems))
 
@@ -183,6 +222,17 @@ class Bundle:
                 f"python -m calibration --bundle {self.root} --synthetic 512"
             )
         return self.root / name
+
+    def read_artifact(self, name: str) -> bytes:
+        """An artifact's bytes, checked against the manifest's sha256 (signed, on a device with trusted keys): what
+        a backend loads is what was verified, even if the file changed after the bundle was loaded."""
+        import hashlib
+
+        data = (self.root / name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.sha256(name):
+            raise BundleError(f"{self.root / name} changed after the bundle was loaded (sha256 no longer matches the "
+                              f"{'signed ' if self.signature.verified else ''}manifest); restore the bundle")
+        return data
 
     def has(self, artifact: str) -> bool:
         return artifact in self.manifest["artifacts"]
@@ -222,6 +272,18 @@ class Bundle:
             lines.append(f"  int8     {ops} quantized, {c.get('method')} ranges on {c.get('samples')} samples, "
                          f"TensorRT {c.get('trt_version')}")
         return "\n".join(lines)
+
+
+def new_bundle_version(given: int | None = None) -> int:
+    """A bundle's `bundle_version`, the integer a device's rollback floor compares (edge_pfm.trust.rollback):
+    `given`, else the export's UTC time as YYYYMMDDHHMMSS, so that a later export is a higher version."""
+    if given is None:
+        import time
+
+        return int(time.strftime("%Y%m%d%H%M%S", time.gmtime()))
+    if isinstance(given, bool) or not isinstance(given, int) or given < 1:
+        raise BundleError(f"a bundle version is a positive integer, got {given!r}")
+    return given
 
 
 def schema_version_for(preprocessing: dict[str, PreprocessSpec]) -> int:

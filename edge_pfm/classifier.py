@@ -23,6 +23,7 @@ from edge_pfm.bundle import Bundle
 from edge_pfm.decision import softmax
 from edge_pfm.lesion import LesionMap, map_verdict
 from edge_pfm.preprocess import preprocess
+from edge_pfm.trust import Trust
 
 
 @dataclass
@@ -42,8 +43,10 @@ class NonFiniteOutput(BackendError):
 
 class Classifier:
     def __init__(self, bundle: str | os.PathLike | Bundle, backend: str = "auto", precision: str | None = None,
-                 threads: int | None = None, cache_dir: str | Path | None = None):
-        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+                 threads: int | None = None, cache_dir: str | Path | None = None, trust: Trust | None = None):
+        """`trust`: the keys and state directory a bundle path is loaded under (default: the device config's, as
+        every command finds it; edge_pfm.trust.Trust)."""
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle, trust=trust)
         self.backend: Backend = open_backend(self.bundle, backend, precision, cache_dir=cache_dir, threads=threads)
         self.classes = self.bundle.classes
         self.specs = self.bundle.preprocessing

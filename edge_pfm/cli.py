@@ -1,4 +1,7 @@
-"""`edge-pfm` command line: info, build, run, record, selftest, bench."""
+"""`edge-pfm` command line: info, build, run, record, selftest, bench, verify.
+
+Every command reads the device configuration the same way (edge_pfm.config.find_config: --config, else
+$EDGE_PFM_CONFIG, else /etc/edge-pfm/device.toml) and loads the bundle under its [security] trust."""
 from __future__ import annotations
 
 import argparse
@@ -6,20 +9,56 @@ import sys
 
 from edge_pfm import __version__
 
+CONFIG_HELP = ("device.toml (default: $EDGE_PFM_CONFIG, else /etc/edge-pfm/device.toml when it exists): cameras, "
+               "gates, decision, outputs, and [security]'s trusted keys")
+
+
+def _device(args: argparse.Namespace):
+    """-> (the device config as every command finds it, its Trust)."""
+    from edge_pfm.config import load_device_config
+    from edge_pfm.trust import Trust
+
+    path, cfg = load_device_config(getattr(args, "config", None))
+    return cfg, Trust.from_config(cfg, path)
+
+
+def _bundle(args: argparse.Namespace, trust):
+    """The command's --bundle, loaded under the device's trust (signature, rollback floor)."""
+    from edge_pfm.bundle import Bundle
+
+    return Bundle.load(args.bundle, trust=trust)
+
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from edge_pfm.config import load_config
     from edge_pfm.info import describe
 
-    cams = (load_config(args.config) if args.config else {}).get("cameras", {})
-    print(describe(args.bundle, args.cache_dir, _camera_sources(args, cams, required=False), args.seconds))
+    cfg, trust = _device(args)
+    bundle = _bundle(args, trust) if args.bundle else None
+    print(describe(bundle, args.cache_dir, _camera_sources(args, cfg.get("cameras", {}), required=False),
+                   args.seconds))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    _, trust = _device(args)
+    bundle = _bundle(args, trust)  # a refusal raises: exit 2 with its reason and file
+    verdict = bundle.signature
+    print(f"{bundle.root}: {verdict.describe()}")
+    if not verdict.verified:
+        from edge_pfm.trust.signature import SignatureError
+
+        raise SignatureError(f"{bundle.root} was not verified: no trusted key in {trust.trusted_keys}; install the "
+                             "signer's public key there (or set [security] trusted_keys in device.toml)")
+    print(f"  key {verdict.key_id}\n  bundle version {verdict.bundle_version}\n  {len(verdict.digests)} files, "
+          f"each matching its signed sha256")
     return 0
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from edge_pfm.build import build
 
-    for line in build(args.bundle, args.backend, args.precision, args.int8_source, args.dla_core, args.workspace_mib,
+    _, trust = _device(args)
+    for line in build(_bundle(args, trust), args.backend, args.precision, args.int8_source, args.dla_core, args.workspace_mib,
                       args.max_batch, args.cache_dir, not args.no_build, args.threads):
         print(line)
     return 0
@@ -70,22 +109,23 @@ def _write_summary(args: argparse.Namespace, summary: dict) -> None:
 
 
 def _configured_run(args: argparse.Namespace):
-    """-> (RunConfig, the Runner's sources) from the flags and --config, as `run` and `record` take them."""
-    from edge_pfm.config import load_config
+    """-> (the bundle, RunConfig, the Runner's sources) from the flags and the device config, as `run` and `record`
+    take them."""
     from edge_pfm.memory import limit_heap_fragmentation
 
-    cfg = load_config(args.config) if args.config else {}
+    cfg, trust = _device(args)
+    bundle = _bundle(args, trust)
     config = _run_config(args, cfg)
     sources = _camera_sources(args, cfg.get("cameras", {}))
     limit_heap_fragmentation()
-    return config, sources
+    return bundle, config, sources
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from edge_pfm.runtime import Runner
 
-    config, sources = _configured_run(args)
-    runner = Runner(args.bundle, config=config, **sources)
+    bundle, config, sources = _configured_run(args)
+    runner = Runner(bundle, config=config, **sources)
     _write_summary(args, runner.run(install_signal_handlers=True))
     return 0
 
@@ -93,8 +133,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_record(args: argparse.Namespace) -> int:
     from edge_pfm.recording import record
 
-    config, sources = _configured_run(args)
-    summary = record(args.bundle, sources, args.out, args.mode, pairs=args.pairs, every_s=args.every,
+    bundle, config, sources = _configured_run(args)
+    summary = record(bundle, sources, args.out, args.mode, pairs=args.pairs, every_s=args.every,
                      keep_gated=args.keep_gated, codec=args.codec, max_mb=args.max_mb, config=config)
     _write_summary(args, summary)
     rec = summary["outputs"].get("recording") or summary["outputs"].get("dataset") or {}
@@ -132,15 +172,15 @@ def _camera_sources(args: argparse.Namespace, cams: dict, required: bool = True)
 
 
 def _cmd_selftest(args: argparse.Namespace) -> int:
-    from edge_pfm.config import load_config
     from edge_pfm.errors import ExitCode
     from edge_pfm.selftest import selftest
 
-    cams = (load_config(args.config) if args.config else {}).get("cameras", {})
+    cfg, trust = _device(args)
+    cams = cfg.get("cameras", {})
     _camera_sources(args, cams, required=False)  # bad camera arguments fail now, not after the engine step
     sources = None if not (args.white or args.fluo or args.alternating or cams) else (
         lambda: _camera_sources(args, cams))
-    result = selftest(args.bundle, args.out, args.backend, sources, args.seconds, args.bench_seconds,
+    result = selftest(_bundle(args, trust), args.out, args.backend, sources, args.seconds, args.bench_seconds,
                       cache_dir=args.cache_dir, threads=args.threads)
     print(result.summary)
     print(f"report: {result.json_path} and {result.text_path}")
@@ -152,6 +192,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from edge_pfm.memory import limit_heap_fragmentation
 
     limit_heap_fragmentation()
+    _, trust = _device(args)
+    args.bundle = _bundle(args, trust)
     return bench_main(args)
 
 
@@ -169,7 +211,7 @@ def _camera_and_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seconds", type=float, help="stop after this long (default: until Ctrl-C or the sources end)")
     p.add_argument("--loop", action="store_true", help="loop video/folder sources")
     p.add_argument("--no-gates", action="store_true", help="disable the quality gates")
-    p.add_argument("--config", help="device.toml with cameras, gates, decision settings")
+    p.add_argument("--config", help=CONFIG_HELP)
     p.add_argument("--summary-json", help="also write the exit summary here")
     p.add_argument("--cache-dir", help="engine cache, check records and the measured pick (default "
                                        "~/.cache/edge-pfm/engines; edge-pfm build writes them)")
@@ -189,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--white", help="also probe this white-light camera (the run's source syntax)")
     p.add_argument("--fluo", help="also probe this fluorescence camera")
     p.add_argument("--alternating", help="also probe this alternating-illumination camera")
-    p.add_argument("--config", help="device.toml: its [cameras] are probed")
+    p.add_argument("--config", help=CONFIG_HELP)
     p.add_argument("--seconds", type=float, default=2.0, help="how long to probe the cameras (default 2)")
     p.add_argument("--loop", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_info)
@@ -208,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="ONNX Runtime inference threads to time with (default: the thread plan)")
     p.add_argument("--cache-dir", help="engine cache (default ~/.cache/edge-pfm/engines)")
     p.add_argument("--no-build", action="store_true", help="only look in the cache; fail with the reason if absent")
+    p.add_argument("--config", help=CONFIG_HELP)
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("run", help="classify live (or recorded, or synthetic) camera pairs")
@@ -252,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--white", help="white-light camera for the run (default: synthetic cameras); same syntax as run")
     p.add_argument("--fluo", help="fluorescence camera")
     p.add_argument("--alternating", help="one camera with alternating illumination")
-    p.add_argument("--config", help="device.toml: its [cameras] are used for the run")
+    p.add_argument("--config", help=CONFIG_HELP)
     p.add_argument("--loop", action="store_true", help="loop video/folder sources")
     p.add_argument("--seconds", type=float, default=5.0, help="length of the camera run")
     p.add_argument("--bench-seconds", type=float, default=2.0, help="per bench measurement")
@@ -269,9 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the precision edge-pfm build measured and picked, else fp32")
     p.add_argument("--threads", type=int, help="inference threads (default: the thread plan)")
     p.add_argument("--json", dest="json_out", help="write the results here")
+    p.add_argument("--config", help=CONFIG_HELP)
     p.add_argument("--cache-dir", help="engine cache, check records and the measured pick (default "
                                        "~/.cache/edge-pfm/engines)")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("verify", help="verify a bundle's signature against the device's trusted keys: the verdict, "
+                                      "the key id and the bundle version (exit 2 when it is refused or unsigned)")
+    p.add_argument("--bundle", required=True, help="the bundle directory")
+    p.add_argument("--config", help=CONFIG_HELP)
+    p.set_defaults(func=_cmd_verify)
     return ap
 
 

@@ -186,7 +186,8 @@ def describe_trace(t: dict) -> str:
     return "\n".join([
         f"decision {t['decision']} ({r.get('wall')}, {r.get('state')} {r.get('shown_class')}) in {t['file']}",
         f"  run {h.get('run_id')}  edge-pfm {h.get('edge_pfm')}  config {h.get('config_sha256', '')[:16]}",
-        f"  bundle {h.get('bundle')} manifest {h.get('bundle_sha256', '')[:16]}",
+        f"  bundle {h.get('bundle')} manifest {h.get('bundle_sha256', '')[:16]}"
+        + (f", {h['signature']['note']}" if h.get("signature") else ""),
         f"  engine {engine.get('backend')} {engine.get('version')} ({engine.get('flavour')}) {h.get('precision')}: "
         f"sha256 {engine.get('engine_sha256', '')[:16]}, built from "
         + ", ".join(f"{a} {s[:16]}" for a, s in engine.get("built_from", {}).items()),

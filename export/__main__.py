@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "digests, so calibration never takes a training pair for val or the gate; without a "
                          "split column the bundle says which pairs trained it is unknown")
     ap.add_argument("--out", required=True, help="bundle directory to create (replaced atomically)")
+    ap.add_argument("--bundle-version", type=int, metavar="N",
+                    help="the manifest's bundle_version, a positive integer under the signature that a device's "
+                         "rollback floor compares (default: the export's UTC time as YYYYMMDDHHMMSS, so a later "
+                         "export is a higher version)")
     ap.add_argument("--opset", type=int, default=17, help="--checkpoint: the opset to export")
     ap.add_argument("--max-batch", type=int, default=8, help="largest batch the device engine profile covers")
     ap.add_argument("--parity-pairs", type=int, default=64, help="pairs in the parity set (half random, half scenes)")
@@ -61,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.max_batch < 1:
         ap.error("--max-batch must be >= 1")
+    if args.bundle_version is not None and args.bundle_version < 1:
+        ap.error("--bundle-version must be a positive integer")
     if (args.onnx or args.model) and not args.spec:
         ap.error("--onnx and --model need --spec SPEC.json: the runtime must not guess classes or preprocessing")
     if args.model and not args.weights:
@@ -79,18 +85,18 @@ def main(argv: list[str] | None = None) -> int:
             from export.onnx_door import bundle_from_onnx  # no torch on this door
 
             bundle_from_onnx(args.onnx, args.spec, out, args.max_batch, args.reference_inputs,
-                             args.reference_outputs, trained_on=args.trained_on)
+                             args.reference_outputs, trained_on=args.trained_on, bundle_version=args.bundle_version)
             return
         if args.model:
             from export.model_door import bundle_from_model
 
             bundle_from_model(args.model, args.weights, args.spec, out, args.max_batch, args.opset,
-                              args.parity_pairs, trained_on=args.trained_on)
+                              args.parity_pairs, trained_on=args.trained_on, bundle_version=args.bundle_version)
             return
         from export.bundle_export import export_bundle
 
         export_bundle(args.checkpoint, out, args.opset, args.max_batch, half, args.parity_pairs - half,
-                      map_classes=map_classes)
+                      map_classes=map_classes, bundle_version=args.bundle_version)
 
     def command() -> None:
         if args.check_preprocessing:

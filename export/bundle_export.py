@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import edge_pfm
-from edge_pfm.bundle import MANIFEST, MODALITIES, SCHEMA, SCHEMA_VERSION, write_manifest
+from edge_pfm.bundle import MANIFEST, MODALITIES, SCHEMA, SCHEMA_VERSION, new_bundle_version, write_manifest
 from edge_pfm.fileio import atomic_directory, atomic_write_json, atomic_write_text
 from edge_pfm.lesion import check_map_classes, judge_map
 from export.artifact_check import check_artifact, summary_line
@@ -41,9 +41,11 @@ def lesion_map_output(img_size: int, shown_for: tuple[str, ...], measurement: di
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, opset: int = 17, max_batch: int = 8,
-                  parity_random: int = 32, parity_scenes: int = 32, map_classes: tuple[str, ...] | None = None) -> dict:
+                  parity_random: int = 32, parity_scenes: int = 32, map_classes: tuple[str, ...] | None = None,
+                  bundle_version: int | None = None) -> dict:
     """Write a bundle to `out`; nothing is left at `out` unless every check passed. -> manifest.
-    map_classes: the classes whose decisions show the lesion map (default: those the trainer measured it on)."""
+    map_classes: the classes whose decisions show the lesion map (default: those the trainer measured it on).
+    bundle_version: the manifest's bundle_version (edge_pfm.bundle.new_bundle_version: default the export time)."""
     _log(f"[1/4] loading checkpoint {checkpoint}")
     model, meta = load_checkpoint(checkpoint)
     specs = meta["preprocessing"]
@@ -102,6 +104,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opset: int = 17, max_
         manifest = {
             "schema": SCHEMA,
             "schema_version": SCHEMA_VERSION,
+            "bundle_version": new_bundle_version(bundle_version),
             "model": {"family": "PFM", "variant": meta["variant"], "classes": list(meta["classes"]),
                       "roles": meta["roles"].to_dict(), "config": meta["config"]},
             "inputs": [

@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             atomic_write_json(args.json, records)
         if args.record:
+            from export.sign import void_signature
+
             bundle = Bundle.load(args.bundle)
+            void_signature(bundle.root, "export.check --record")
             write_manifest(bundle.root, {**bundle.manifest, "build_checks": records}, {})
             print(f"recorded in {Path(args.bundle) / 'manifest.json'}")
 

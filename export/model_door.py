@@ -144,7 +144,7 @@ class SpecAdapter(torch.nn.Module):
 
 def bundle_from_model(model_ref: str, weights: str | Path, spec: ModelSpec | str | Path, out: str | Path,
                       max_batch: int = 8, opset: int = 17, parity_pairs: int = 64,
-                      trained_on: str | Path | None = None) -> dict:
+                      trained_on: str | Path | None = None, bundle_version: int | None = None) -> dict:
     """Export a team's module through the ONNX door, with parity against the module itself. -> manifest.
     trained_on: as bundle_from_onnx's, read first (a wrong folder fails before the export)."""
     from export.onnx_door import bundle_from_onnx, training_provenance
@@ -199,4 +199,5 @@ def bundle_from_model(model_ref: str, weights: str | Path, spec: ModelSpec | str
                                 provenance={"source": "user-model", "model": model_ref,
                                             "source_onnx": "exported by edge-pfm from the module (torch.onnx, legacy)",
                                             "weights": Path(weights).name, "weights_sha256": sha256_file(weights),
-                                            "training": training})
+                                            "training": training},
+                                bundle_version=bundle_version)

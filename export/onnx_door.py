@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import edge_pfm
-from edge_pfm.bundle import MANIFEST, MODALITIES, SCHEMA, schema_version_for, write_manifest
+from edge_pfm.bundle import MANIFEST, MODALITIES, SCHEMA, new_bundle_version, schema_version_for, write_manifest
 from edge_pfm.fileio import atomic_directory, atomic_write_json, sha256_file
 from export.artifact_check import check_artifact, summary_line
 from export.model_spec import ModelSpec, write_spec_metadata
@@ -299,7 +299,8 @@ def training_provenance(spec: ModelSpec, trained_on: str | Path | None) -> dict:
 
 def bundle_from_onnx(onnx_path: str | Path, spec: ModelSpec | str | Path, out: str | Path, max_batch: int = 8,
                      reference_inputs: str | Path | None = None, reference_outputs: str | Path | None = None,
-                     provenance: dict | None = None, trained_on: str | Path | None = None) -> dict:
+                     provenance: dict | None = None, trained_on: str | Path | None = None,
+                     bundle_version: int | None = None) -> dict:
     """Write a bundle to `out` from a team's ONNX; nothing is left at `out` unless every check passed. -> manifest.
     provenance: what the bundle came from, when not a bare ONNX (the model door's module and weights).
     trained_on: the paired dataset the model was trained on (else the spec's training.data), recorded with its
@@ -356,6 +357,7 @@ def bundle_from_onnx(onnx_path: str | Path, spec: ModelSpec | str | Path, out: s
                        "meaning": "per-cell lesion probability (the team's map head); shown only once measured"}]
         manifest = {
             "schema": SCHEMA, "schema_version": schema_version_for(spec.preprocessing),
+            "bundle_version": new_bundle_version(bundle_version),
             "model": {"family": spec.family, "source": provenance.get("source", "user-onnx"),
                       "classes": list(spec.classes),
                       "roles": spec.roles.to_dict()},

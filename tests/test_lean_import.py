@@ -12,6 +12,7 @@ import pytest
 import edge_pfm
 
 HEAVY = ("torch", "onnx", "onnxruntime", "tensorrt", "tensorrt_rtx", "pycuda", "polygraphy", "onnxconverter_common",
+         "model_signing", "cryptography", "sigstore",
          "export", "calibration")
 
 

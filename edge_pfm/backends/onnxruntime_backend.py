@@ -32,8 +32,9 @@ class OnnxRuntimeBackend(Backend):
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.threads = threads
         opts.log_severity_level = 3
+        model = bundle.read_artifact(path.name)  # the verified bytes, not a file that may have changed since
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=list(providers))
+            self.session = ort.InferenceSession(model, opts, providers=list(providers))
         except Exception as exc:  # ORT raises its own exception types for a corrupt or foreign model
             raise BundleError(f"onnxruntime could not load {path}: {exc}; re-export the bundle") from exc
         got_in = {i.name for i in self.session.get_inputs()}

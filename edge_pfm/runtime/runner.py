@@ -119,9 +119,24 @@ class Runner:
             from edge_pfm.thread_plan import apply_opencv_threads
 
             apply_opencv_threads(self.thread_plan)
+        self._hold_rollback_floor()
         self.engine = DecisionEngine(clf.classes, c.decision, clf.lesion_verdict.classes)
         self._context = RunContext(self.run_id, clf.backend.describe(), clf.model_sha256, clf.engine_identity,
                                    clf.classes)
+
+    def _hold_rollback_floor(self) -> None:
+        """Say what the bundle's signature is; a verified bundle's version becomes the device's rollback floor the
+        first time it runs (edge_pfm.trust.rollback), so an older signed bundle is refused from then on."""
+        verdict = self.bundle.signature
+        if verdict is None:
+            return
+        _LOG.info(f"bundle {self.bundle.root}: {verdict.describe()}")
+        if verdict.verified and verdict.bundle_version is not None:
+            from edge_pfm.trust.rollback import raise_floor
+
+            if raise_floor(verdict.bundle_version, self.bundle.trust.writable_state_dir()):
+                _LOG.info(f"rollback floor raised to bundle version {verdict.bundle_version}: older signed bundles "
+                          "are refused from now on")
 
     def _infer_loop(self) -> None:
         from edge_pfm.backends import BackendError
@@ -306,6 +321,7 @@ class Runner:
                 "engine": {"backend": ident["backend"], "version": ident.get("version"),
                            "flavour": ident.get("flavour", ident["backend"]), "built_from": ident["built_from"],
                            "engine_sha256": ident["engine_sha256"]},
+                "signature": bundle.signature.to_record() if bundle.signature else None,
                 "pairing": pairing, "config_sha256": self.cfg.digest()}
 
     def summary(self) -> dict[str, Any]:
