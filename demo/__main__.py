@@ -6,7 +6,8 @@ thread count gives another model) -> export the bundle (parity gate, TensorRT-RT
 when full INT8 misses the margin, the most sensitive layers kept float; INT8 Q/DQ + FP16 ONNX + TensorRT cache;
 the accuracy gate on 2000 held-out pairs nothing was tuned on; if the gate still refuses: quantization-aware
 fine-tuning distilled from the trained model, kept only if its FP32 accuracy holds, then export and calibrate
-again; after a last refusal the bundle is the trained FP32 model) -> stream two synthetic cameras through the
+again; after a last refusal the bundle is the trained FP32 model) -> sign it with a demo key (build/demo/demo-key/,
+never committed) and trust that key -> check and time each precision -> stream two synthetic cameras through the
 runtime with the best backend available -> summary + decision log, annotated video, latency histogram,
 confusion matrices in build/demo/.
 """
@@ -120,6 +121,23 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(lambda: run_demo(args))
 
 
+def sign_for_demo(bundle: Path, out: Path):
+    """Sign `bundle` with a demo key pair kept in OUT/demo-key/ (made on the first run), and return the Trust of a
+    device that trusts its public key alone (OUT/trusted_keys/) and keeps its state in OUT/device-state/."""
+    from edge_pfm.trust import Trust
+    from export.sign import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, new_key, sign_bundle
+
+    key_dir, trusted = out / "demo-key", out / "trusted_keys"
+    if not (key_dir / PRIVATE_KEY_FILE).is_file():
+        new_key(key_dir)
+        print(f"wrote a demo key pair in {key_dir}/ (for this demo only: a real signing key lives off the build "
+              "tree, and only its public half on the device)", flush=True)
+    sign_bundle(bundle, key_dir / PRIVATE_KEY_FILE)
+    trusted.mkdir(exist_ok=True)
+    shutil.copyfile(key_dir / PUBLIC_KEY_FILE, trusted / "demo.pub")
+    return Trust(trusted_keys=trusted, state_dir=out / "device-state", state_dir_configured=True)
+
+
 def run_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +153,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from edge_pfm.sources.simulated.cameras import SceneBank, SyntheticSource
     from export.bundle_export import export_bundle
 
-    total = 5
+    total = 6
     _step(1, total, f"train pfm_tiny on {args.pairs} synthetic pairs ({args.epochs} epochs, seed {args.seed}, "
                     f"{args.threads} threads)")
     train_checkpoint(ckpt, TrainPlan(synthetic=args.pairs, epochs=args.epochs, seed=args.seed, threads=args.threads))
@@ -164,13 +182,16 @@ def run_demo(args: argparse.Namespace) -> int:
     if not result.gate_passed:  # the gate refused INT8: the device would run FP32, and so does the demo
         print("\n!! the INT8 accuracy gate refused this model (report above and in "
               f"{rejected}/): streaming with FP32 instead", flush=True)
-    b = Bundle.load(bundle)
-    _step(4, total, "edge-pfm build: check each precision the bundle allows against its references, time it, pick "
+    _step(4, total, "sign the bundle with a demo key (build/: never committed) and trust that key, as a device would")
+    trust = sign_for_demo(bundle, out)
+    b = Bundle.load(bundle, trust=trust)
+    print(f"{b.root}: {b.signature.describe()}", flush=True)
+    _step(5, total, "edge-pfm build: check each precision the bundle allows against its references, time it, pick "
                     "the fastest (a less accurate one must win by >= 10 %)")
     for line in build_engines(b, log=lambda m: print(m, flush=True)):
         print(line, flush=True)
     sel = select_backend(b, "auto")
-    _step(5, total, f"stream two synthetic 1280x720 cameras for {args.seconds:.0f}s: {sel.backend} {sel.precision} "
+    _step(6, total, f"stream two synthetic 1280x720 cameras for {args.seconds:.0f}s: {sel.backend} {sel.precision} "
                     f"({sel.reason}; {sel.precision_reason})")
     log, video = out / "decisions.jsonl", out / "annotated.avi"
     log.unlink(missing_ok=True)

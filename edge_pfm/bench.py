@@ -37,7 +37,7 @@ def main(args) -> int:
     return 0
 
 
-def run_bench(bundle_dir, resolution: str = "1920x1080", seconds: float = 8.0, backend: str = "auto",
+def run_bench(bundle, resolution: str = "1920x1080", seconds: float = 8.0, backend: str = "auto",
               precision: str | None = None, threads: int | None = None, cache_dir: str | None = None) -> dict:
     """The four measurements (module docstring) -> the result dict `edge-pfm bench --json` writes."""
     from edge_pfm.bundle import Bundle
@@ -47,7 +47,7 @@ def run_bench(bundle_dir, resolution: str = "1920x1080", seconds: float = 8.0, b
     from edge_pfm.sources.simulated.cameras import SceneBank, SyntheticSource
 
     w_px, h_px = parse_size(resolution)
-    bundle = Bundle.load(bundle_dir)
+    bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     clf = Classifier(bundle, backend, precision, threads, cache_dir)
     specs = bundle.preprocessing
     plan = clf.backend.thread_plan

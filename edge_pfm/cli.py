@@ -114,9 +114,9 @@ def _configured_run(args: argparse.Namespace):
     from edge_pfm.memory import limit_heap_fragmentation
 
     cfg, trust = _device(args)
-    bundle = _bundle(args, trust)
     config = _run_config(args, cfg)
-    sources = _camera_sources(args, cfg.get("cameras", {}))
+    sources = _camera_sources(args, cfg.get("cameras", {}))  # usage errors before the bundle is read
+    bundle = _bundle(args, trust)
     limit_heap_fragmentation()
     return bundle, config, sources
 

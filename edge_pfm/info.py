@@ -3,9 +3,17 @@ from __future__ import annotations
 
 import platform
 import sys
+from typing import TYPE_CHECKING
 
 from edge_pfm import __version__
 from edge_pfm._lazy import is_importable
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from edge_pfm.bundle import Bundle
+    from edge_pfm.trust import Trust
+    from edge_pfm.trust.device_secret import DeviceSecret
 
 
 def _version(module: str) -> str:
@@ -19,14 +27,18 @@ def _version(module: str) -> str:
         return f"broken ({type(exc).__name__}: {exc})"
 
 
-def describe(bundle: str | None = None, cache_dir: str | None = None, cameras: dict | None = None,
-             seconds: float = 2.0) -> str:
-    """Versions, backends, cached engines, the bundle (with cache_dir's checks and pick), and, given `cameras`
-    ({label: unstarted FrameSource}), what each camera delivers for `seconds` (runtime.camera_probe)."""
+def describe(bundle: str | Path | Bundle | None = None, cache_dir: str | None = None, cameras: dict | None = None,
+             seconds: float = 2.0, trust: Trust | None = None) -> str:
+    """Versions, backends, cached engines (their seals checked under `trust`, else the bundle's, else the device's
+    default), the bundle (a path is loaded under the device's default trust; with cache_dir's checks and pick), and,
+    given `cameras` ({label: unstarted FrameSource}), what each camera delivers for `seconds`
+    (runtime.camera_probe)."""
     from pathlib import Path
 
+    from edge_pfm.bundle import Bundle
     from edge_pfm.engine.trt_build import DEFAULT_CACHE_DIR
 
+    b = None if not bundle else bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     cache = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR
     lines = [
         f"edge-pfm {__version__}  python {platform.python_version()}  {platform.machine()}  {sys.platform}",
@@ -39,15 +51,17 @@ def describe(bundle: str | None = None, cache_dir: str | None = None, cameras: d
     lines.append(f"  TensorRT backend: {'available' if ok else 'unavailable'} ({why})")
     from edge_pfm.engine.cache import find_any_engine
 
-    for e in find_any_engine(cache) if cache.is_dir() else []:
+    engines = find_any_engine(cache, _secret(trust or (b.trust if b else None))) if cache.is_dir() else []
+    for e in engines:  # (no cache directory: no secret is made)
+        seal = " (seal does not match: rebuilt before any use)" if e["sealed"] is False else ""
         lines.append(f"  cached engine {e['file']}: {e.get('precision')} TensorRT {e.get('trt_version')} "
-                     f"{e.get('gpu_name')} sm{e.get('compute_capability')}")
-    if bundle:
+                     f"{e.get('gpu_name')} sm{e.get('compute_capability')}{seal}")
+    if b:
         from edge_pfm.backends.select import select_backend
-        from edge_pfm.bundle import Bundle
 
-        b = Bundle.load(bundle)
         lines.append(b.summary())
+        if b.signature is not None:
+            lines.append(f"  signature {b.signature.describe()}")
         sel = select_backend(b, "auto", trt_status=(ok, why))
         lines.append(f"  backend  auto -> {sel.backend} {sel.precision}: {sel.reason}; {sel.precision_reason}")
         lines += _references(b)
@@ -63,6 +77,19 @@ def describe(bundle: str | None = None, cache_dir: str | None = None, cameras: d
 
         lines += probe(cameras, seconds)
     return "\n".join(lines)
+
+
+def _secret(trust: Trust | None) -> DeviceSecret | None:
+    """The device secret that seals the cache (in `trust`'s state directory, default: the device's trust as every
+    command finds it), or None when the state directory cannot be used: info reports, it does not fail on that."""
+    from edge_pfm.errors import EdgePfmError
+    from edge_pfm.trust import Trust
+    from edge_pfm.trust.device_secret import DeviceSecret
+
+    try:
+        return DeviceSecret.in_state_dir((trust or Trust.default()).writable_state_dir())
+    except (EdgePfmError, OSError):
+        return None
 
 
 def _references(bundle) -> list[str]:

@@ -7,7 +7,8 @@ build time (`edge-pfm build --precision auto`) and cached; `run`, `Classifier` a
 - Measured: batch-1 inference on a reference pair, the median of TIMING_WINDOWS windows' medians.
 - Picked: candidates from the most accurate (fp32, fp16, int8); a less accurate one wins only if it is at least
   MIN_GAIN faster than the pick so far, else the more accurate is kept.
-Without a cached pick, `auto` means FP32, and says how to measure.
+Without a cached pick, `auto` means FP32, and says how to measure. A cached pick counts only under its seal
+(edge_pfm.engine.cache.sealed): one that does not match is absent.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from edge_pfm.bundle import MODEL_ARTIFACTS, Bundle
+from edge_pfm.engine.cache import cache_secret, private_dir, seal_problem, sealed
 from edge_pfm.errors import EdgePfmError, RuntimeFailure
 from edge_pfm.fileio import atomic_write_json
 
@@ -33,7 +35,7 @@ _LOG = logging.getLogger(__name__)
 ACCURACY_ORDER = ("fp32", "fp16", "int8")  # most accurate first
 MIN_GAIN = 0.10
 TIMING_WINDOWS, WINDOW_S, WARMUP_S = 5, 0.4, 0.3
-PICK_SCHEMA = "edge-pfm/precision-pick/v1"
+PICK_SCHEMA = "edge-pfm/precision-pick/v2"  # v1 picks were unsealed: they read as absent
 UNMEASURED = "fp32"  # what auto runs before anything was measured: the most accurate
 
 
@@ -159,20 +161,43 @@ def _cpu_model() -> str:
     return platform.processor() or "cpu"
 
 
-def _pick_path(bundle: Bundle, backend: str, device: str, cache_dir: Path) -> Path:
+def _pick_identity(bundle: Bundle, backend: str, device: str) -> str:
+    """What a pick holds for (the bundle's artifacts and accuracy, the backend, the device), as a sha256."""
     ident = {"artifacts": {k: v["sha256"] for k, v in bundle.manifest["artifacts"].items()},
              "accuracy": bundle.manifest.get("accuracy", {}), "backend": backend, "device": device}
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir / "picks" / f"{backend}.{digest}.json"
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
-def cached_pick(bundle: Bundle, backend: str, cache_dir: Path) -> PrecisionPick | None:
-    """The pick measured for this bundle, backend and device, or None."""
+def _pick_path(bundle: Bundle, backend: str, device: str, cache_dir: Path) -> Path:
+    return cache_dir / "picks" / f"{backend}.{_pick_identity(bundle, backend, device)[:16]}.json"
+
+
+def cached_pick(bundle: Bundle, backend: str, cache_dir: Path,
+                log: Callable[[str], None] = _LOG.warning) -> PrecisionPick | None:
+    """The pick measured for this bundle, backend and device and sealed by this device, or None (`log` says when a
+    seal does not match)."""
     try:
-        rec = json.loads(_pick_path(bundle, backend, device_identity(backend), cache_dir).read_text())
-        return PrecisionPick.from_dict(rec["pick"]) if rec.get("schema") == PICK_SCHEMA else None
+        device = device_identity(backend)
+        path = _pick_path(bundle, backend, device, cache_dir)
+        rec = json.loads(path.read_text())
+        if rec.get("schema") != PICK_SCHEMA or rec.get("identity") != _pick_identity(bundle, backend, device):
+            return None
+        problem = seal_problem(rec, cache_secret(bundle), path)
+        if problem:
+            log(f"{problem}: the pick is not trusted; auto runs {UNMEASURED} until measured again (edge-pfm build)")
+            return None
+        return PrecisionPick.from_dict(rec["pick"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError, EdgePfmError):  # none, damaged, or no backend
         return None
+
+
+def save_pick(bundle: Bundle, pick: PrecisionPick, cache_dir: Path) -> Path:
+    """Cache `pick` for its bundle, backend and device, sealed by this device (picks/ owner-only)."""
+    private_dir(cache_dir, "picks")
+    record = {"schema": PICK_SCHEMA, "identity": _pick_identity(bundle, pick.backend, pick.device),
+              "pick": pick.to_dict()}
+    return atomic_write_json(_pick_path(bundle, pick.backend, pick.device, cache_dir),
+                             sealed(record, cache_secret(bundle)))
 
 
 def forget_pick(bundle: Bundle, backend: str, cache_dir: Path) -> None:
@@ -223,5 +248,5 @@ def measure_pick(bundle: Bundle, backend: str, cache_dir: Path, threads: int | N
     device = device_identity(backend)
     result = PrecisionPick(backend, device, pick, candidates, why, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                            threads)
-    atomic_write_json(_pick_path(bundle, backend, device, cache_dir), {"schema": PICK_SCHEMA, "pick": result.to_dict()})
+    save_pick(bundle, result, cache_dir)
     return result

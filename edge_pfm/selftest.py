@@ -59,7 +59,7 @@ def selftest(bundle: str | Path | Bundle, out: str | Path, backend: str = "auto"
                               "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               "bundle": {"path": str(bundle.root), "model": bundle.manifest["model"].get("variant"),
                                          "model_sha256": bundle.sha256("model.onnx")},
-                              "environment": describe().splitlines(), "steps": {}, "failures": []}
+                              "environment": describe(trust=bundle.trust).splitlines(), "steps": {}, "failures": []}
     chosen = select_backend(bundle, backend, "fp32").backend
     inference_threads = plan_threads(chosen, inference=threads).inference
     try:
@@ -96,7 +96,7 @@ def selftest(bundle: str | Path | Bundle, out: str | Path, backend: str = "auto"
     def bench() -> dict:
         from edge_pfm.bench import run_bench
 
-        return {"passed": True, "result": run_bench(bundle.root, resolution, bench_seconds, chosen, precision, threads,
+        return {"passed": True, "result": run_bench(bundle, resolution, bench_seconds, chosen, precision, threads,
                                                     cache_dir)}
 
     step("bench", bench)

@@ -12,6 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # engines, check records and precision picks go to a cache of this session's own (children inherit it), never the
 # user's ~/.cache: before anything imports edge_pfm, which reads it once
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="edge-pfm-test-cache-")
+# likewise the device's state (the engine cache's secret, the rollback floor): a device config of this session's own,
+# trusting no key, is what every command finds (edge_pfm.config.find_config) unless a test gives --config
+_DEVICE = Path(tempfile.mkdtemp(prefix="edge-pfm-test-device-"))
+(_DEVICE / "device.toml").write_text(f'[security]\ntrusted_keys = "{_DEVICE / "trusted_keys"}"\n'
+                                     f'state_dir = "{_DEVICE / "state"}"\n')
+os.environ["EDGE_PFM_CONFIG"] = str(_DEVICE / "device.toml")
 
 
 @pytest.fixture(scope="session")

@@ -52,7 +52,8 @@ def test_every_option_of_every_command_says_what_it_does():
         from generated_reference import cli_reference
     finally:
         sys.path.remove(str(DOCS / "_ext"))
-    for module in ("edge_pfm.cli", "export.__main__", "export.train_plan", "export.check", "calibration.__main__"):
+    for module in ("edge_pfm.cli", "export.__main__", "export.train_plan", "export.check", "export.sign",
+                   "calibration.__main__"):
         rows = [ln for ln in cli_reference(module).splitlines() if ln.startswith("| `")]
         assert rows and [r for r in rows if r.rstrip().endswith("|  |")] == [], module
 
@@ -72,7 +73,7 @@ def test_the_site_builds_strict_without_torch(tmp_path):
         assert f"<td><p>{int(code)}</p></td>" in exit_codes and code.name in exit_codes, code
     cli = (tmp_path / "reference/cli.html").read_text()
     for command in ("edge-pfm run", "edge-pfm selftest", "python -m export", "python -m export.train",
-                    "python -m export.check", "python -m calibration"):
+                    "python -m export.check", "python -m export.sign", "python -m calibration", "edge-pfm verify"):
         assert f"usage: {command} [-h]" in cli, command
     assert "--agreement-data" in cli and "--check-preprocessing" in cli and "--qat-from" in cli
 

@@ -10,9 +10,11 @@ from edge_pfm.backends import BackendError, select_backend
 from edge_pfm.bundle import Bundle, BundleError
 from edge_pfm.engine.cache import EngineKey, check_engine, engine_paths, find_any_engine, write_engine
 from edge_pfm.engine.plan import BuildRefused, TrtCapabilities, plan_build
+from edge_pfm.trust.device_secret import DeviceSecret
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = EngineKey("a" * 64, "int8", "qdq", "10.3.0", "Orin", "8.7", -1, (1, 1, 8))
+SECRET = DeviceSecret(bytes(32))  # the cache's seals (tests/test_cache_seals.py)
 
 
 @pytest.mark.parametrize("field,value", [
@@ -26,38 +28,38 @@ def test_every_key_field_changes_the_key(field, value):
 
 
 def test_write_then_find(tmp_path):
-    path = write_engine(tmp_path, KEY, b"engine-bytes", 12.3, ["a warning"])
-    assert check_engine(tmp_path, KEY) == (path, "ok")
+    path = write_engine(tmp_path, KEY, b"engine-bytes", 12.3, SECRET, ["a warning"])
+    assert check_engine(tmp_path, KEY, SECRET) == (path, "ok")
     side = json.loads(engine_paths(tmp_path, KEY)[1].read_text())
     assert side["key"]["trt_version"] == "10.3.0" and side["trt_warnings"] == ["a warning"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
-    assert find_any_engine(tmp_path)[0]["gpu_name"] == "Orin"
+    assert find_any_engine(tmp_path, SECRET)[0]["gpu_name"] == "Orin"
 
 
 def test_foreign_engine_is_never_loaded(tmp_path):
-    write_engine(tmp_path, KEY, b"engine-bytes", 1.0)
+    write_engine(tmp_path, KEY, b"engine-bytes", 1.0, SECRET)
     engine, sidecar = engine_paths(tmp_path, KEY)
     side = json.loads(sidecar.read_text())
     side["key"]["trt_version"] = "8.6.1"  # a sidecar from another TensorRT under this key's name
     sidecar.write_text(json.dumps(side))
-    path, why = check_engine(tmp_path, KEY)
+    path, why = check_engine(tmp_path, KEY, SECRET)
     assert path is None and "trt_version: engine '8.6.1' != needed '10.3.0'" in why
     side["key"]["trt_version"], side["key"]["gpu_name"] = "10.3.0", "Xavier"
     sidecar.write_text(json.dumps(side))
-    assert "gpu_name" in check_engine(tmp_path, KEY)[1]
+    assert "gpu_name" in check_engine(tmp_path, KEY, SECRET)[1]
 
 
 def test_corrupt_or_orphan_engine_is_rebuilt(tmp_path):
-    write_engine(tmp_path, KEY, b"engine-bytes", 1.0)
+    write_engine(tmp_path, KEY, b"engine-bytes", 1.0, SECRET)
     engine, sidecar = engine_paths(tmp_path, KEY)
     engine.write_bytes(b"engine-bytez")
-    path, why = check_engine(tmp_path, KEY)
+    path, why = check_engine(tmp_path, KEY, SECRET)
     assert path is None and "corrupt" in why
     sidecar.unlink()
-    assert "no sidecar" in check_engine(tmp_path, KEY)[1]
+    assert "no sidecar" in check_engine(tmp_path, KEY, SECRET)[1]
     sidecar.write_text("{broken")
-    assert "unreadable" in check_engine(tmp_path, KEY)[1]
-    assert "no cached engine" in check_engine(tmp_path / "empty", KEY)[1]
+    assert "unreadable" in check_engine(tmp_path, KEY, SECRET)[1]
+    assert "no cached engine" in check_engine(tmp_path / "empty", KEY, SECRET)[1]
 
 
 JP6 = TrtCapabilities((10, 3, 0), num_dla_cores=2)

@@ -272,7 +272,7 @@ def test_a_fixed_batch_engine_is_checked_in_padded_batches(calibrated_bundle):
 
 
 def test_a_refused_pick_falls_back_to_checked_fp32(calibrated_bundle, tmp_path):
-    from edge_pfm.precision_pick import Candidate, PrecisionPick, _pick_path, device_identity
+    from edge_pfm.precision_pick import Candidate, PrecisionPick, device_identity, save_pick
 
     bundle = _gate_passed_copy(calibrated_bundle, tmp_path / "b")
     _scale_times_four(bundle.root, "weight")
@@ -280,9 +280,7 @@ def test_a_refused_pick_falls_back_to_checked_fp32(calibrated_bundle, tmp_path):
     # a pick measured before this device's engine went wrong (as when TensorRT is upgraded under a cached pick)
     pick = PrecisionPick("onnxruntime", device_identity("onnxruntime"), "int8",
                          [Candidate("fp32", True, "", 2.0, [2.0]), Candidate("int8", True, "", 1.0, [1.0])], "test")
-    path = _pick_path(bundle, "onnxruntime", device_identity("onnxruntime"), tmp_path / "cache")
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"schema": "edge-pfm/precision-pick/v1", "pick": pick.to_dict()}))
+    path = save_pick(bundle, pick, tmp_path / "cache")
     with open_backend(bundle, "onnxruntime", cache_dir=tmp_path / "cache") as b:
         assert b.precision == "fp32" and b.check.passed and "was refused by its check" in b.precision_reason
     assert not path.exists()  # the pick no longer holds

@@ -13,7 +13,7 @@ import pytest
 from conftest import copy_bundle
 
 from edge_pfm.bundle import Bundle, write_manifest
-from edge_pfm.engine.cache import EngineKey, check_engine, engine_paths
+from edge_pfm.engine.cache import EngineKey, cache_secret, check_engine, engine_paths
 from edge_pfm.engine.plan import plan_build
 from edge_pfm.engine.trt_build import EngineBuildError, build_engine_bytes, capabilities, ensure_engine, import_tensorrt
 from export.artifact_check import ArtifactRejected, check_artifact, tensorrt_build_check
@@ -52,14 +52,14 @@ def _key(bundle, precision, artifact):
 def test_an_rtx_engine_is_never_taken_for_a_tensorrt_engine(calibrated_bundle, tmp_path):
     bundle = Bundle.load(calibrated_bundle)
     ensure_engine(bundle, "fp32", cache_dir=tmp_path, flavour="tensorrt_rtx", log=lambda m: None)
-    rtx = _key(bundle, "fp32", "model.onnx")
+    rtx, secret = _key(bundle, "fp32", "model.onnx"), cache_secret(bundle)
     as_tensorrt = dataclasses.replace(rtx, trt_flavour="tensorrt")
-    assert check_engine(tmp_path, rtx)[0] is not None
-    assert check_engine(tmp_path, as_tensorrt)[0] is None
+    assert check_engine(tmp_path, rtx, secret)[0] is not None
+    assert check_engine(tmp_path, as_tensorrt, secret)[0] is None
     # even under the TensorRT key's file name, the sidecar's flavour refuses it
     for src, dst in zip(engine_paths(tmp_path, rtx), engine_paths(tmp_path, as_tensorrt)):
         shutil.copyfile(src, dst)
-    path, why = check_engine(tmp_path, as_tensorrt)
+    path, why = check_engine(tmp_path, as_tensorrt, secret)
     assert path is None and "trt_flavour: engine 'tensorrt_rtx' != needed 'tensorrt'" in why
 
 

@@ -120,11 +120,13 @@ def open_backend(bundle: Bundle | str | Path, backend: str = "auto", precision: 
 
 def _open_checked(bundle: Bundle, sel: Selection, cache_dir: Path, build: bool, threads: int | None,
                   log: Callable[[str], None], recheck: bool, trt: dict) -> Backend:
+    from edge_pfm.engine.cache import cache_secret
     from edge_pfm.engine.checks import ensure_checked, onnxruntime_record
     from edge_pfm.references import References
     from edge_pfm.thread_plan import plan_threads
 
     References(bundle).require(sel.precision)  # before anything is built: an engine nothing can check is useless
+    secret = cache_secret(bundle)  # seals the verdict; also before any build: a state dir it cannot use is an error
     if sel.backend == "onnxruntime" and sel.precision == "int8" and bundle.manifest.get("accuracy", {}).get(
             "gate_passed") is False:
         _LOG.warning(f"running the INT8 model that calibration's gate refused ({bundle.root} was calibrated with "
@@ -138,12 +140,12 @@ def _open_checked(bundle: Bundle, sel: Selection, cache_dir: Path, build: bool, 
         engine = ensure_engine(bundle, sel.precision, trt["int8_source"], trt["dla_core"],
                                trt["workspace_mib"] or DEFAULT_WORKSPACE_MIB, trt["max_batch"], cache_dir, build, log)
         b: Backend = TensorRTBackend(bundle, engine, sel.precision)
-        record = SidecarRecord(engine, b.identity()["engine_sha256"])
+        record = SidecarRecord(engine, b.identity()["engine_sha256"], secret, log)
     else:
         from edge_pfm.backends.onnxruntime_backend import OnnxRuntimeBackend
 
         b = OnnxRuntimeBackend(bundle, sel.precision, threads=plan.inference)
-        record = onnxruntime_record(b, cache_dir)
+        record = onnxruntime_record(b, cache_dir, secret, log)
     try:
         b.check = ensure_checked(b, bundle, record, log, recheck)
     except BaseException:

@@ -2,8 +2,9 @@
 
 A check runs once per engine: its verdict is recorded with it (a TensorRT engine's sidecar; for ONNX Runtime,
 which runs the bundle's ONNX as it is, a record keyed by the model, the runtime's version and its providers), and
-later opens read the record. An engine that fails is refused with its figures and is not kept: its files are
-deleted, so the next start checks a fresh build rather than trusting a bad one.
+later opens read the record while its seal (edge_pfm.engine.cache.sealed) matches. An engine that fails is refused
+with its figures and is not kept: its files are deleted, so the next start checks a fresh build rather than
+trusting a bad one.
 """
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from typing import Any, Protocol
 
 from edge_pfm.backends.base import Backend, BackendError
 from edge_pfm.bundle import Bundle
+from edge_pfm.engine.cache import private_dir, seal_problem, sealed
 from edge_pfm.fileio import atomic_write_json
 from edge_pfm.references import EngineCheck, References, check_backend
+from edge_pfm.trust.device_secret import DeviceSecret
 
 _LOG = logging.getLogger(__name__)
-RECORD_SCHEMA = "edge-pfm/check/v1"
+RECORD_SCHEMA = "edge-pfm/check/v2"  # v1 records were unsealed: they read as absent and are checked again
 
 
 class EngineRefused(BackendError):
@@ -38,21 +41,29 @@ class CheckRecord(Protocol):
 
 
 class JsonRecord:
-    """A verdict in a JSON file of its own (ONNX Runtime sessions: nothing is built, so nothing else to hold it)."""
+    """A verdict in a JSON file of its own (ONNX Runtime sessions: nothing is built, so nothing else to hold it),
+    sealed by `secret` over its identity and verdict; `log` says when a seal does not match."""
 
-    def __init__(self, path: Path, identity: dict):
-        self.path, self.identity = path, identity
+    def __init__(self, path: Path, identity: dict, secret: DeviceSecret, log: Callable[[str], None] = _LOG.warning):
+        self.path, self.identity, self.secret, self.log = path, identity, secret, log
 
     def load(self) -> dict | None:
         try:
             rec = json.loads(self.path.read_text())
         except (OSError, json.JSONDecodeError):
             return None
-        ok = isinstance(rec, dict) and rec.get("schema") == RECORD_SCHEMA and rec.get("identity") == self.identity
-        return rec.get("check") if ok else None
+        if not (isinstance(rec, dict) and rec.get("schema") == RECORD_SCHEMA and rec.get("identity") == self.identity):
+            return None
+        problem = seal_problem(rec, self.secret, self.path)
+        if problem:
+            self.log(f"{problem}: checking again")
+            return None
+        return rec.get("check")
 
     def save(self, check: dict) -> None:
-        atomic_write_json(self.path, {"schema": RECORD_SCHEMA, "identity": self.identity, "check": check})
+        private_dir(self.path.parent.parent, self.path.parent.name)  # the cache and its checks/, owner-only
+        atomic_write_json(self.path, sealed({"schema": RECORD_SCHEMA, "identity": self.identity, "check": check},
+                                            self.secret))
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -62,9 +73,11 @@ def identity_digest(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def onnxruntime_record(backend: Any, cache_dir: Path) -> JsonRecord:
+def onnxruntime_record(backend: Any, cache_dir: Path, secret: DeviceSecret,
+                       log: Callable[[str], None] = _LOG.warning) -> JsonRecord:
     identity = backend.identity()
-    return JsonRecord(cache_dir / "checks" / f"ort.{backend.precision}.{identity_digest(identity)}.json", identity)
+    return JsonRecord(cache_dir / "checks" / f"ort.{backend.precision}.{identity_digest(identity)}.json", identity,
+                      secret, log)
 
 
 def ensure_checked(backend: Backend, bundle: Bundle, record: CheckRecord,

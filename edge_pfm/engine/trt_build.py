@@ -20,7 +20,7 @@ from pathlib import Path
 
 from edge_pfm._lazy import require
 from edge_pfm.bundle import Bundle
-from edge_pfm.engine.cache import EngineKey, check_engine, write_engine
+from edge_pfm.engine.cache import EngineKey, cache_secret, check_engine, private_dir, write_engine
 from edge_pfm.engine.layer_census import LayerCensus, census_from_log
 from edge_pfm.engine.plan import BuildPlan, TrtCapabilities, plan_build
 from edge_pfm.errors import RuntimeFailure
@@ -269,7 +269,9 @@ def ensure_engine(bundle: Bundle, precision: str, int8_source: str | None = None
                   cache_dir: str | Path | None = None, build: bool = True,
                   log: Callable[[str], None] = _LOG.info,
                   flavour: str = "tensorrt") -> Path:
-    """-> path of a valid engine for this bundle on this device, building it if needed (and allowed)."""
+    """-> path of a valid engine for this bundle on this device, building it if needed (and allowed). A cached
+    engine counts only under its sidecar's seal (the secret of the bundle's trust state directory): one that does
+    not match is rebuilt, and the log says why."""
     trt = import_tensorrt(flavour)
     plan = plan_build(capabilities(trt, bundle), precision, int8_source, dla_core)
     gpu, cc = gpu_identity(flavour)
@@ -277,18 +279,19 @@ def ensure_engine(bundle: Bundle, precision: str, int8_source: str | None = None
     profile = (1, 1, hi) if dla_core < 0 else (hi, hi, hi)  # DLA: static shapes only
     key = engine_key(bundle, plan, trt_version(trt), gpu, cc, profile, flavour)
     cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR)
-    path, why = check_engine(cache_dir, key)
+    secret = cache_secret(bundle)
+    path, why = check_engine(cache_dir, key, secret)
     if path is not None:
         return path
     if not build:
         raise EngineBuildError(f"no usable engine in {cache_dir}: {why}; run `edge-pfm build --bundle {bundle.root} "
                                f"--precision {precision}` (or drop --no-build)")
     log(f"building {flavour} {trt_version(trt)} {plan.precision} engine for {gpu} (sm {cc}): {why}")
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(cache_dir)
     t0 = time.perf_counter()
     cache_bytes = (bundle.root / "calibration.cache").read_bytes() if plan.use_calibration_cache else None
     result = build_engine_bytes(trt, bundle.root / plan.onnx_artifact, plan, profile, workspace_mib,
                                 cache_dir / f"timing.{flavour}{trt_version(trt)}.{cc}.cache", log,
                                 cache_bytes=cache_bytes)
-    return write_engine(cache_dir, key, result.engine, time.perf_counter() - t0, result.warnings,
+    return write_engine(cache_dir, key, result.engine, time.perf_counter() - t0, secret, result.warnings,
                         key.built_from(plan.onnx_artifact))
