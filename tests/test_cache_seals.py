@@ -127,3 +127,32 @@ def test_the_cache_and_the_secret_are_owner_only(rtx_engine, calibrated_bundle, 
     JsonRecord(cache / "checks" / "ort.fp32.x.json", {"model": "x"}, cache_secret(bundle)).save({"passed": True})
     save_pick(bundle, _pick(), cache)
     assert [_mode(d) for d in (cache, cache / "checks", cache / "picks")] == [0o700] * 3
+
+
+def test_what_the_seal_vouches_for_is_what_the_backend_must_read(rtx_engine, tmp_path):
+    """TensorRTBackend deserialises only bytes whose sha256 equals sealed_engine_sha256 (it needs CUDA, so here the
+    two halves: the sealed sha256 of a good engine, and none for a sidecar rewritten to match a planted engine)."""
+    from edge_pfm.engine.cache import sealed_engine_sha256
+
+    bundle, built = rtx_engine
+    assert sealed_engine_sha256(built, cache_secret(bundle)) == hashlib.sha256(built.read_bytes()).hexdigest()
+    cache = shutil.copytree(built.parent, tmp_path / "cache")
+    sidecar = (cache / built.name).with_suffix(".json")
+    side = json.loads(sidecar.read_text())
+    side["engine_sha256"] = hashlib.sha256(b"planted").hexdigest()
+    sidecar.write_text(json.dumps(side))
+    assert sealed_engine_sha256(cache / built.name, cache_secret(bundle)) is None
+
+
+def test_the_engine_is_built_from_the_verified_onnx_bytes(calibrated_bundle, tmp_path):
+    """A model.onnx swapped after the bundle was loaded (and verified) is never parsed: the build refuses."""
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx has wheels for x86-64 Linux and Windows only")
+    from edge_pfm.bundle import BundleError
+    from edge_pfm.engine.trt_build import ensure_engine
+
+    copy = shutil.copytree(calibrated_bundle, tmp_path / "b")
+    bundle = _bundle(copy, tmp_path / "state")
+    (copy / "model.onnx").write_bytes((copy / "model.onnx").read_bytes() + b"\0")
+    with pytest.raises(BundleError, match="changed after the bundle was loaded"):
+        ensure_engine(bundle, "fp32", cache_dir=tmp_path / "cache", flavour="tensorrt_rtx", log=lambda m: None)
+    assert not list((tmp_path / "cache").glob("*.engine"))

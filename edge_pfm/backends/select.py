@@ -134,12 +134,12 @@ def _open_checked(bundle: Bundle, sel: Selection, cache_dir: Path, build: bool, 
     plan = plan_threads(sel.backend, inference=threads)
     if sel.backend == "tensorrt":
         from edge_pfm.backends.tensorrt_backend import TensorRTBackend
-        from edge_pfm.engine.cache import SidecarRecord
+        from edge_pfm.engine.cache import SidecarRecord, sealed_engine_sha256
         from edge_pfm.engine.trt_build import DEFAULT_WORKSPACE_MIB, ensure_engine
 
         engine = ensure_engine(bundle, sel.precision, trt["int8_source"], trt["dla_core"],
                                trt["workspace_mib"] or DEFAULT_WORKSPACE_MIB, trt["max_batch"], cache_dir, build, log)
-        b: Backend = TensorRTBackend(bundle, engine, sel.precision)
+        b: Backend = TensorRTBackend(bundle, engine, sel.precision, sealed_engine_sha256(engine, secret))
         record = SidecarRecord(engine, b.identity()["engine_sha256"], secret, log)
     else:
         from edge_pfm.backends.onnxruntime_backend import OnnxRuntimeBackend

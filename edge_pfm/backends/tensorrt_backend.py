@@ -22,7 +22,10 @@ from edge_pfm.engine.trt_build import trt_version
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, bundle: Bundle, engine_path: str | Path, precision: str, device: int = 0):
+    def __init__(self, bundle: Bundle, engine_path: str | Path, precision: str, sealed_sha256: str | None,
+                 device: int = 0):
+        """`sealed_sha256`: what the engine's sealed sidecar vouches for (engine.cache.sealed_engine_sha256); other
+        bytes, or none vouched for, are never deserialised (TensorRT engines are executable)."""
         super().__init__(bundle, precision)
         trt = require("tensorrt", "the tensorrt backend")
         cuda = require("pycuda.driver", "the tensorrt backend (device buffers)")
@@ -33,16 +36,20 @@ class TensorRTBackend(Backend):
         self.engine_path = Path(engine_path)
         self._ctx.push()
         try:
-            self._load(Path(engine_path))
+            self._load(Path(engine_path), sealed_sha256)
         finally:
             self._ctx.pop()
 
-    def _load(self, engine_path: Path) -> None:
+    def _load(self, engine_path: Path, sealed_sha256: str | None) -> None:
         trt, cuda = self._trt, self._cuda
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        runtime = trt.Runtime(self._logger)
         blob = engine_path.read_bytes()
         self.engine_sha256 = hashlib.sha256(blob).hexdigest()  # the bytes that run, for the check and the log
+        if sealed_sha256 is None or self.engine_sha256 != sealed_sha256:
+            raise BackendError(f"{engine_path} is not the engine this device sealed (sha256 {self.engine_sha256[:12]}"
+                               f" != {str(sealed_sha256)[:12]}): it changed after its seal was checked; not loaded. "
+                               "Run again: an engine that does not match its seal is rebuilt")
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(self._logger)
         engine = runtime.deserialize_cuda_engine(blob)
         if engine is None:
             raise BackendError(f"TensorRT {trt_version(trt)} could not deserialise {engine_path}: built by another "

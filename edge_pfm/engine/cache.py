@@ -142,6 +142,20 @@ def check_engine(cache_dir: str | Path, key: EngineKey, secret: DeviceSecret) ->
     return engine_path, "ok"
 
 
+def sealed_engine_sha256(engine_path: str | Path, secret: DeviceSecret) -> str | None:
+    """The sha256 that the engine's sealed sidecar vouches for, or None if there is no sidecar of ours under this
+    device's seal. The backend compares the bytes it deserialises with it: a file swapped after check_engine runs
+    nothing."""
+    sidecar_path = Path(engine_path).with_suffix(".json")
+    try:
+        side = json.loads(sidecar_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(side, dict) or side.get("schema") != SIDECAR_SCHEMA or seal_problem(side, secret, sidecar_path):
+        return None
+    return side.get("engine_sha256")
+
+
 class SidecarRecord:
     """An engine's check verdict, kept in its sidecar (edge_pfm.engine.checks.CheckRecord), for the engine bytes that
     were checked (`engine_sha256`): if another process rebuilt the engine meanwhile, this verdict is neither read nor

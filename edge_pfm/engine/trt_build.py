@@ -195,9 +195,10 @@ def _parser_errors(parser) -> list[str]:
 def build_engine_bytes(trt, onnx_path: str | Path, plan: BuildPlan, profile: tuple[int, int, int],
                        workspace_mib: int = DEFAULT_WORKSPACE_MIB, timing_cache: Path | None = None,
                        log: Callable[[str], None] = lambda m: None, detailed: bool = False,
-                       cache_bytes: bytes | None = None) -> BuildResult:
-    """Parse `onnx_path` with TensorRT's ONNX parser and build a serialized engine; raises EngineBuildError
-    naming the parser's node and message. `detailed` logs the engine's layers to take their datatypes."""
+                       cache_bytes: bytes | None = None, onnx_bytes: bytes | None = None) -> BuildResult:
+    """Parse `onnx_path` (or `onnx_bytes`, already verified, named by `onnx_path`) with TensorRT's ONNX parser and
+    build a serialized engine; raises EngineBuildError naming the parser's node and message. `detailed` logs the
+    engine's layers to take their datatypes."""
     warnings: list[str] = []
     listings: list[str] = []
     interrupt = _Interrupt()
@@ -207,7 +208,10 @@ def build_engine_bytes(trt, onnx_path: str | Path, plan: BuildPlan, profile: tup
     parser = trt.OnnxParser(network, logger)
     onnx_path = Path(onnx_path)
     with interrupt.deferred():
-        parsed = parser.parse_from_file(str(onnx_path))
+        if onnx_bytes is None:
+            parsed = parser.parse_from_file(str(onnx_path))
+        else:  # the bytes that were verified, not a file that can change in between
+            parsed = parser.parse(onnx_bytes, str(onnx_path))
     if not parsed:
         errors = _parser_errors(parser) or warnings[-5:]
         raise EngineBuildError(f"{trt_flavour(trt)} {trt_version(trt)}'s ONNX parser rejected {onnx_path}:\n  "
@@ -289,9 +293,9 @@ def ensure_engine(bundle: Bundle, precision: str, int8_source: str | None = None
     log(f"building {flavour} {trt_version(trt)} {plan.precision} engine for {gpu} (sm {cc}): {why}")
     private_dir(cache_dir)
     t0 = time.perf_counter()
-    cache_bytes = (bundle.root / "calibration.cache").read_bytes() if plan.use_calibration_cache else None
+    cache_bytes = bundle.read_artifact("calibration.cache") if plan.use_calibration_cache else None
     result = build_engine_bytes(trt, bundle.root / plan.onnx_artifact, plan, profile, workspace_mib,
                                 cache_dir / f"timing.{flavour}{trt_version(trt)}.{cc}.cache", log,
-                                cache_bytes=cache_bytes)
+                                cache_bytes=cache_bytes, onnx_bytes=bundle.read_artifact(plan.onnx_artifact))
     return write_engine(cache_dir, key, result.engine, time.perf_counter() - t0, secret, result.warnings,
                         key.built_from(plan.onnx_artifact))
