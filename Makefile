@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # extras installed into .venv; CI adds gst (.ci/run installs the system packages it builds against)
-EXTRAS ?= export,test,docs,sign,trust
+EXTRAS ?= export,test,docs,sign,trust,service
 comma  := ,
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 

@@ -8,7 +8,12 @@ from typing import Any
 
 import numpy as np
 
-STATES = ("warming_up", "ok", "gated", "no_signal", "stale", "rejected", "log_failed", "video_failed")
+STATES = ("warming_up", "ok", "gated", "no_signal", "camera_lost", "stale", "rejected", "log_failed", "video_failed")
+# no_signal and camera_lost both mean "no pair to decide, nothing shown, smoothing starts over". camera_lost is the
+# narrower one: a named camera is known to be broken and is being reopened (a read failed, it froze on one frame,
+# a read blocked past [serve] camera_stall_s, or it was missing at start). no_signal is every other reason no
+# pair comes: a camera silent for less than the stall bound, a source that ended, frames that do not pair.
+# camera_lost takes precedence; both end with the next decided pair.
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -114,10 +119,11 @@ class DecisionEngine:
         self.stats["rejected_nonfinite"] += 1
         return self._decision("rejected", ["nonfinite_output"], t_ns)
 
-    def no_signal(self, t_ns: int, why: str) -> Decision:
+    def no_signal(self, t_ns: int, why: str, state: str = "no_signal") -> Decision:
+        """No pair to decide (`state`: no_signal, or camera_lost with the camera and why in the flag)."""
         self.reset()
-        self.state = "no_signal"
-        return self._decision("no_signal", [why], t_ns)
+        self.state = state
+        return self._decision(state, [why], t_ns)
 
     def current(self, now_ns: int) -> Decision:
         """What a display may show now: a decision older than max_age_s is 'stale', with no class."""

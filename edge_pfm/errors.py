@@ -12,6 +12,7 @@ traceback (exit 1).
 | 3 | the INT8 accuracy gate refused the model (the bundle is fine and stays FP32) |
 | 4 | a backend or dependency is unavailable here (TensorRT, pycuda, onnxruntime, a GPU) |
 | 5 | a runtime failure: an engine build, an inference, a camera, the disk |
+| 6 | a camera stayed lost past `[serve] camera_give_up_s` (serve: systemd restarts the service) |
 | 130 | interrupted (Ctrl-C) |
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ class ExitCode(IntEnum):
     GATE_REFUSED = 3
     UNAVAILABLE = 4
     RUNTIME_FAILURE = 5
+    CAMERA_LOST = 6
     INTERRUPTED = 130
 
     @property
@@ -44,6 +46,9 @@ _MEANINGS = {
     ExitCode.UNAVAILABLE: "a backend or dependency is unavailable here (TensorRT, pycuda, onnxruntime, a GPU)",
     ExitCode.RUNTIME_FAILURE: "a runtime failure: an engine build, an inference, a camera, the disk (e.g. a full disk "
                               "under `--log`)",
+    ExitCode.CAMERA_LOST: "a camera stayed lost (being reopened, without a frame) past `[serve] camera_give_up_s`: "
+                          "under systemd the service is restarted (Restart=on-failure), which also reopens the "
+                          "camera stack",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C) outside `edge-pfm run` (which shuts down cleanly and exits 0)",
 }
 

@@ -15,7 +15,7 @@ from edge_pfm.errors import RuntimeFailure
 from edge_pfm.outputs import VIDEO_RETENTION, Retention, enforce_cap, free_bytes, next_segment, rotatable
 
 COLOURS = {"ok": (60, 200, 60), "warming_up": (200, 200, 200), "gated": (0, 200, 255), "no_signal": (0, 0, 255),
-           "stale": (0, 0, 255), "rejected": (0, 0, 255), "log_failed": (0, 0, 255), "video_failed": (0, 0, 255)}
+           "camera_lost": (0, 0, 255), "stale": (0, 0, 255), "rejected": (0, 0, 255), "log_failed": (0, 0, 255), "video_failed": (0, 0, 255)}
 
 
 def annotate(white: np.ndarray, fluo: np.ndarray, decision, fps: float, gates: dict, height: int = 360) -> np.ndarray:

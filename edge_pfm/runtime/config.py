@@ -1,5 +1,5 @@
-"""What a run is told: backend, pairing, outputs, gates and decision settings (the `edge-pfm run` flags and the
-config file's [run], [gates], [decision], [modality] and [outputs] sections)."""
+"""What a run is told: backend, pairing, outputs, gates, decision settings and camera recovery (the `edge-pfm run`
+flags and the config file's [run], [gates], [decision], [modality], [outputs] and [serve] sections)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,6 +28,12 @@ class RunConfig:
     log_retention: Retention = LOG_RETENTION
     video_retention: Retention = VIDEO_RETENTION
     min_free_bytes: int = MIN_FREE_BYTES  # the preflight's spare space on each output's filesystem
+    # supervision (edge-pfm serve sets these from [serve]; `run` keeps today's behaviour)
+    backend_load_s: float | None = 120.0  # the engine build/load bound; None: as long as it takes (serve)
+    missing_cameras_ok: bool = False  # a camera that cannot be opened at start is reopened, not fatal
+    frozen_frames: int = 0  # this many identical frames in a row: the camera is reopened (0: off)
+    camera_stall_s: float | None = None  # a read blocked this long: the camera is reopened (None: off)
+    camera_give_up_s: float | None = None  # a camera lost this long ends the run: CameraLost, exit 6 (None: never)
 
     def digest(self) -> str:
         """sha256 of the effective configuration, for the decision log's run header."""

@@ -96,16 +96,24 @@ class PairedStream:
         self._slot_cond = threading.Condition()
 
     # -- lifecycle ------------------------------------------------------------------------------------
-    def open(self) -> Tolerance:
-        """Open every source and set the pairing tolerance from their rates. -> the tolerance (also logged)."""
-        for s in self.sources.values():
-            s.ensure_open()
+    def open(self, missing_ok: bool = False) -> Tolerance:
+        """Open every source and set the pairing tolerance from their rates. -> the tolerance (also logged).
+        `missing_ok`: a device camera that cannot be opened now is left to start(), which keeps reopening it."""
+        for label, s in self.sources.items():
+            try:
+                s.ensure_open()
+            except Exception as exc:
+                if not (missing_ok and s.reconnect):
+                    raise
+                _LOG.warning(f"{label} camera cannot be opened now ({exc}): it will be reopened until it delivers")
         self._set_tolerance({k: s.nominal_fps for k, s in self.sources.items()}, "negotiated")
         return self.tolerance
 
-    def start(self) -> None:
+    def start(self, missing_ok: bool = False, frozen_frames: int = 0) -> None:
+        """Start every reader. `frozen_frames`: that many identical frames in a row reopen a camera (0: off)."""
         for label, s in self.sources.items():
-            s.start(lambda frame, label=label: self._arrived(label, frame))
+            s.frozen_frames = frozen_frames
+            s.start(lambda frame, label=label: self._arrived(label, frame), missing_ok=missing_ok)
 
     def stop(self) -> None:
         for s in self.sources.values():

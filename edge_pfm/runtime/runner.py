@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from edge_pfm.bundle import Bundle
 from edge_pfm.decision import Decision, DecisionEngine
-from edge_pfm.errors import RuntimeFailure
+from edge_pfm.errors import ExitCode, RuntimeFailure
 from edge_pfm.outputs import preflight
 from edge_pfm.runtime.config import RunConfig
 from edge_pfm.runtime.health import SourceHealth, signal_problem
@@ -45,6 +45,12 @@ class CamerasMismatched(RuntimeFailure):
     """A camera's first frames look like the other modality (swapped cameras): the run does not start."""
 
 
+class CameraLost(RuntimeFailure):
+    """A camera stayed lost past RunConfig.camera_give_up_s: the run ends so that a supervisor restarts it."""
+
+    exit_code = ExitCode.CAMERA_LOST
+
+
 class Runner:
     def __init__(self, bundle: str | Path | Bundle, white: FrameSource | None = None, fluo: FrameSource | None = None,
                  alternating: FrameSource | None = None, config: RunConfig | None = None, classifier: Classifier | None = None,
@@ -63,6 +69,10 @@ class Runner:
         self.engine: DecisionEngine | None = None
         self.thread_plan: Any = None  # the backend's thread plan, once it is loaded
         self.observers: list[Callable[[PreparedPair, Decision], None]] = []  # called for every inferred pair
+        # supervision (edge_pfm.service) hooks in from outside: progress() on every decision and on every deliberate
+        # wait (a camera being reopened, cameras alive but no pair); waiting(seconds) while the backend loads
+        self.progress_hooks: list[Callable[[], None]] = []
+        self.waiting_hooks: list[Callable[[float], None]] = []
         self.sinks: list[Sink] = [*sinks_from_config(self.cfg), *sinks, ObserverSink(self.observers)]
         self._memory: MemorySink | None = None
         self.run_id = uuid.uuid4().hex
@@ -71,6 +81,7 @@ class Runner:
         self.counts: collections.Counter = collections.Counter()
         self.decisions_made = 0  # every decision's number in this run ("n" in the log): a gap is a lost line
         self.last_state: str | None = None
+        self.last_flags: list[str] = []
         self.last_infer_error: str | None = None
         self.error: BaseException | None = None  # a thread's crash, raised by run()
         self.failure: Exception | None = None  # an output that could not be written: the run stops on it
@@ -80,8 +91,10 @@ class Runner:
         self.started = threading.Event()  # outputs open and cameras started: inference may decide and write
         self.t_start_ns = 0
         self.elapsed_s = 0.0
+        self.lost_since_ns: dict[str, int] = {}  # camera -> when it was lost (give-up clock)
         self._context: RunContext | None = None
         self._failed: list[Sink] = []  # sinks whose output failed: they get nothing more
+        self._lost_said: str | None = None  # the camera_lost reason last emitted
 
     # -- what tests and tools attach ----------------------------------------------------------------
     def attach(self, sink: Sink) -> Sink:
@@ -173,18 +186,36 @@ class Runner:
                        result.prob_vector, t0, t1)
 
     def _idle(self, now_ns: int) -> None:
-        """No pair came: say why once (no_signal), and stop when every source has ended."""
-        health = [SourceHealth(label, s.ended, s.last_frame_ns) for label, s in self.stream.sources.items()]
-        why = signal_problem(now_ns, self.t_start_ns, health, self.stream.last_pair_ns, self.cfg.signal_timeout_s,
-                             self.stream.tolerance.ns)
-        if why and self.last_state != "no_signal":
-            self._emit(self.engine.no_signal(now_ns, why))
+        """No pair came: say why once (camera_lost naming the camera being reopened, else no_signal), and stop when
+        every source has ended. Waiting deliberately (a camera being reopened, or every reader alive) is progress."""
+        lost = self.lost_cameras()
+        if lost:
+            why = "; ".join(f"{label}: {reason}" for label, reason in lost.items())
+            if self.last_state != "camera_lost" or self._lost_said != why:
+                self._lost_said = why
+                self._emit(self.engine.no_signal(now_ns, why, state="camera_lost"))
+        else:
+            health = [SourceHealth(label, s.ended, s.last_frame_ns) for label, s in self.stream.sources.items()]
+            why = signal_problem(now_ns, self.t_start_ns, health, self.stream.last_pair_ns,
+                                 self.cfg.signal_timeout_s, self.stream.tolerance.ns)
+            if why and self.last_state != "no_signal":
+                self._emit(self.engine.no_signal(now_ns, why))
         if self.stream.ended:
             self.stop_event.set()
+        elif lost or all(s.reading for s in self.stream.sources.values()):
+            self._progress()
+
+    def lost_cameras(self) -> dict[str, str]:
+        """camera -> why, for each camera being reopened (decision.py: camera_lost)."""
+        return {label: s.lost for label, s in self.stream.sources.items() if s.lost}
+
+    def _progress(self) -> None:
+        for hook in self.progress_hooks:
+            hook()
 
     def _emit(self, decision: Decision, work: PreparedPair | None = None, probs=None, t0: int = 0, t1: int = 0) -> None:
         t_dec = time.monotonic_ns()
-        self.last_state = decision.state
+        self.last_state, self.last_flags = decision.state, list(decision.flags)
         self.counts[f"decisions_{decision.state}"] += 1
         self.decisions_made += 1
         lat = None
@@ -201,6 +232,7 @@ class Runner:
                 sink.write(event)
             except RuntimeFailure as exc:
                 self._output_failed(exc, sink)
+        self._progress()
 
     # -- public -------------------------------------------------------------------------------------
     def run(self, seconds: float | None = None, install_signal_handlers: bool = False) -> dict[str, Any]:
@@ -218,9 +250,10 @@ class Runner:
         infer_thread.start()
         opened: list[Sink] = []
         try:
-            if not self.ready_event.wait(BACKEND_LOAD_S) or self.error:
-                raise self.error or RuntimeFailure(f"the backend did not load within {BACKEND_LOAD_S:.0f} s")
-            tolerance = self.stream.open()
+            if not self._wait_for_backend():  # stopped (SIGTERM) while the engine loaded: nothing was opened
+                self.stop_event.set()
+                return self.summary()
+            tolerance = self.stream.open(self.cfg.missing_cameras_ok)
             start = RunStart(self._header(tolerance.to_dict()), self.classifier.classes)
             for sink in self.sinks:
                 sink.open(start)
@@ -232,7 +265,7 @@ class Runner:
             self._close(opened, quiet=True)
             raise
         self.t_start_ns = time.monotonic_ns()
-        self.stream.start()
+        self.stream.start(self.cfg.missing_cameras_ok, self.cfg.frozen_frames)
         try:
             why = self.modality.refusal() if self.modality is not None else None
             if why:  # before the first decision: a swapped camera would be classified with full confidence
@@ -243,6 +276,7 @@ class Runner:
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 self._watch_sinks()
+                self._watch_cameras(time.monotonic_ns())
                 self.stop_event.wait(0.05)
         finally:
             self.stop_event.set()
@@ -255,6 +289,62 @@ class Runner:
         if self.failure is not None:
             raise self.failure
         return self.summary()
+
+    def _wait_for_backend(self) -> bool:
+        """Wait while the inference thread builds or loads the engine: at most cfg.backend_load_s, or as long as it
+        takes (None), telling waiting_hooks every second. -> False when stopped meanwhile (the build goes on in its
+        daemon thread and ends with the process: engine files are written atomically, so nothing half-built stays)."""
+        limit, t0 = self.cfg.backend_load_s, time.monotonic()
+        while not self.ready_event.wait(1.0):
+            waited = time.monotonic() - t0
+            if self.stop_event.is_set():
+                return False
+            if limit is not None and waited >= limit:
+                raise RuntimeFailure(f"the backend did not load within {limit:.0f} s")
+            for hook in self.waiting_hooks:
+                hook(waited)
+        if self.error:
+            raise self.error
+        return not self.stop_event.is_set()
+
+    def _watch_cameras(self, now_ns: int) -> None:
+        """Recovery the caller's thread sees to: a read blocked past camera_stall_s is abandoned and the camera
+        reopened; a camera lost past camera_give_up_s ends the run (CameraLost)."""
+        cfg = self.cfg
+        for label, source in self.stream.sources.items():
+            blocked = source.grab_since_ns and now_ns - source.grab_since_ns
+            if cfg.camera_stall_s is not None and blocked and blocked > cfg.camera_stall_s * 1e9 and \
+                    source.restart(f"a read blocked for more than {cfg.camera_stall_s:g} s (stalled)"):
+                _LOG.warning(f"{label} camera: a read blocked for more than {cfg.camera_stall_s:g} s: reopening")
+            if not source.lost:
+                self.lost_since_ns.pop(label, None)
+                continue
+            since = self.lost_since_ns.setdefault(label, now_ns)
+            if cfg.camera_give_up_s is not None and now_ns - since > cfg.camera_give_up_s * 1e9:
+                raise CameraLost(f"the {label} camera has been lost for {(now_ns - since) / 1e9:.0f} s "
+                                 f"({source.lost}); giving up after camera_give_up_s = {cfg.camera_give_up_s:g} s "
+                                 "so that the service is restarted")
+
+    def readiness(self) -> tuple[bool, str]:
+        """(whether a decision can be made now, why not): the engine loaded and checked, the outputs open, every
+        camera delivering, and the last decision made from a pair."""
+        if self.error is not None:
+            return False, f"the runtime failed: {self.error}"
+        if self.failure is not None:
+            return False, f"{self.failed_state}: {self.failure}"
+        if not self.ready_event.is_set():
+            return False, "loading the engine (building and checking it can take minutes on a first start)"
+        if not self.started.is_set():
+            return False, "opening the cameras and outputs"
+        lost = self.lost_cameras()
+        if lost:
+            return False, "camera_lost: " + "; ".join(f"{label} camera: {why}" for label, why in lost.items())
+        state = self.last_state
+        if state is None:
+            return False, "waiting for the first pair"
+        if state == "no_signal":
+            return False, "no_signal: " + "; ".join(self.last_flags)
+        return True, state
 
     def _close(self, sinks: list[Sink], quiet: bool = False) -> None:
         for sink in sinks:

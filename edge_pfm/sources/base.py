@@ -44,7 +44,8 @@ def sleep_until(t_ns: int, stop: threading.Event) -> None:
 
 class FrameSource:
     """Base of every source. A grab that raises counts as a read error; device sources (`reconnect`) are
-    reopened with exponential backoff while the rest of the pipeline keeps running."""
+    reopened with exponential backoff while the rest of the pipeline keeps running, and so are frozen frames
+    (`frozen_frames`) and, through restart(), a read that blocks."""
 
     reconnect = False  # device sources reopen after read errors; files and synthetic end
 
@@ -56,7 +57,12 @@ class FrameSource:
         self.opened = False
         self.stats: collections.Counter = collections.Counter()  # grabbed, overwritten, read_errors, reconnects
         self.last_frame_ns = 0
+        self.grab_since_ns = 0  # when the read in progress began (0: none): a read blocked too long is a stall
         self.last_error: str | None = None
+        self.lost: str | None = None  # why the camera is being reopened, until its next frame
+        self.frozen_frames = 0  # this many identical frames in a row count as a failure (0: off)
+        self._same_frames, self._last_sample = 0, None
+        self._generation = 0  # restart() abandons a blocked reader: only the newest generation delivers
         self.pool = FramePool()  # frame buffers, reused once nothing holds them
         self._frames: collections.deque[Frame] = collections.deque(maxlen=keep)
         self._cond = threading.Condition()
@@ -106,15 +112,50 @@ class FrameSource:
         self._last_gap_t = t_ns
 
     # -- the reader thread -----------------------------------------------------------------------
-    def start(self, on_frame: Callable[[Frame], None] | None = None) -> FrameSource:
+    def start(self, on_frame: Callable[[Frame], None] | None = None, missing_ok: bool = False) -> FrameSource:
         """Open (unless open already) and start the reader thread. `on_frame(frame)` is called in the reader thread
-        for every frame; without it the newest frames are kept for take()."""
-        self.ensure_open()
-        self.connected = True
+        for every frame; without it the newest frames are kept for take(). `missing_ok`: a device source that
+        cannot be opened now is reopened with backoff by the reader thread (a camera missing at boot), `lost`
+        saying why, instead of raising."""
+        reopen = None
+        try:
+            self.ensure_open()
+            self.connected = True
+        except Exception as exc:
+            if not (missing_ok and self.reconnect):
+                raise
+            reopen = self._lose(f"cannot open: {exc}")
         self._on_frame = on_frame
-        self._thread = threading.Thread(target=self._run, name=f"source-{self.modality}", daemon=True)
-        self._thread.start()
+        self._spawn(reopen)
         return self
+
+    def _spawn(self, reopen: str | None) -> None:
+        self._thread = threading.Thread(target=self._run, args=(self._generation, reopen),
+                                        name=f"source-{self.modality}", daemon=True)
+        self._thread.start()
+
+    def restart(self, why: str) -> bool:
+        """Abandon a reader blocked in grab() (a read that never returns) and start a new one that reopens the
+        camera: the blocked thread's frame, if it ever comes, is dropped. -> False for sources that do not
+        reconnect (files, synthetic cameras without faults)."""
+        if not self.reconnect or self._stop.is_set():
+            return False
+        self.stats["stalls"] += 1
+        self._generation += 1
+        self.grab_since_ns = 0
+        self._spawn(self._lose(why))
+        return True
+
+    def _lose(self, why: str) -> str:
+        """The camera is lost until its next frame: the runtime says camera_lost, naming `why`."""
+        self.connected = False
+        self.lost = self.last_error = why
+        return why
+
+    @property
+    def reading(self) -> bool:
+        """The reader thread is alive and not reopening: frames are expected."""
+        return self._thread is not None and self._thread.is_alive() and not self.lost and not self.ended
 
     def ensure_open(self) -> None:
         """open() once, whoever asks first (the runtime opens every camera before it writes the run header)."""
@@ -141,30 +182,67 @@ class FrameSource:
             return None
         return 1e9 / float(np.median(self._intervals))
 
-    def _run(self) -> None:
+    def _reopen(self) -> bool:
+        """After a failure (and its backoff): close and open again. -> whether it reopened."""
+        try:
+            self.close()
+            self.open()
+            self.opened = self.connected = True
+            self.stats["reconnects"] += 1
+            return True
+        except Exception as exc:  # still gone: try again after the next backoff
+            self.last_error = f"reopen failed: {exc}"
+            return False
+
+    def _frozen(self, image: np.ndarray | None) -> bool:
+        """`frozen_frames` identical frames in a row: a driver that repeats its last buffer while reporting
+        success (seen with Argus). A sparse sample of the pixels is enough: a live sensor's noise changes it."""
+        if not self.frozen_frames or image is None or not hasattr(image, "shape") or not image.size:
+            return False
+        sample = hash(np.ascontiguousarray(image[::17, ::13]).tobytes())
+        self._same_frames = self._same_frames + 1 if sample == self._last_sample else 0
+        self._last_sample = sample
+        return self._same_frames >= self.frozen_frames - 1
+
+    def _run(self, generation: int = 0, reopen: str | None = None) -> None:
         backoff = 0.1
-        while not self._stop.is_set():
-            try:
-                frame = self.grab()
-            except Exception as exc:  # a camera read failure: count it, reopen with backoff
-                self.stats["read_errors"] += 1
-                self.connected = False
-                self.last_error = f"{type(exc).__name__}: {exc}"
+        while not self._stop.is_set() and generation == self._generation:
+            if reopen is not None:  # a read failed, the frames froze, or the camera is not there yet
                 if not self.reconnect or self._stop.wait(backoff):  # stopped while failing: do not reopen
                     break
                 backoff = min(backoff * 2, 2.0)
-                try:
-                    self.close()
-                    self.open()
-                    self.connected = True
-                    self.stats["reconnects"] += 1
-                except Exception as reopen_exc:  # still gone: try again after the next backoff
-                    self.last_error = f"reopen failed: {reopen_exc}"
+                if generation != self._generation:
+                    return
+                if self._reopen():
+                    reopen = None
+                    self._same_frames, self._last_sample = 0, None
                 continue
+            self.grab_since_ns = time.monotonic_ns()
+            try:
+                frame = self.grab()
+            except Exception as exc:  # a camera read failure: count it, reopen with backoff
+                if generation != self._generation:
+                    return  # abandoned by restart(), then released by close()
+                self.stats["read_errors"] += 1
+                self.grab_since_ns = 0
+                reopen = self._lose(f"{type(exc).__name__}: {exc}") if self.reconnect else None
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.connected = False
+                if reopen is None:
+                    break
+                continue
+            if generation != self._generation:
+                return  # abandoned by restart(): another reader owns the camera now
+            self.grab_since_ns = 0
             if frame is None:
                 break
+            if self._frozen(frame.image):
+                self.stats["frozen"] += 1
+                reopen = self._lose(f"the same frame {self.frozen_frames} times in a row (frozen)")
+                continue
             backoff = 0.1
             self.connected = True
+            self.lost = None
             self.stats["grabbed"] += 1
             if self.last_frame_ns:
                 self._intervals.append(frame.t_capture_ns - self.last_frame_ns)
@@ -177,6 +255,8 @@ class FrameSource:
                     self.stats["overwritten"] += 1
                 self._frames.append(frame)
                 self._cond.notify_all()
+        if generation != self._generation:
+            return
         self.ended = True
         self.connected = False
         with self._cond:

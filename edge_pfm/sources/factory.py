@@ -7,6 +7,7 @@ videoSource shape):
     gst:<pipeline>                      GStreamer pipeline ending in appsink (PyGObject, else JetPack's OpenCV)
     path/to/video.mkv | path/to/folder  replay of a video file or image folder, paced at its frame rate
     synthetic[:fps=30,drift_ppm=200,jitter_ms=5,drop=0.05,label=hsil,seed=1]   a simulated camera
+    synthetic:freeze=5:2,hang=9:30,missing_s=3,every_s=20   ... with injected faults (tests; never clinical)
 """
 from __future__ import annotations
 

@@ -90,18 +90,30 @@ def _parse_kv(text: str) -> dict[str, str]:
     return out
 
 
+def _window(text: str) -> tuple[float, float]:
+    """'AFTER:FOR' (seconds) -> (after, for): when an injected fault starts and how long it lasts."""
+    after, sep, length = text.partition(":")
+    if not sep:
+        raise ValueError(f"{text!r} is not AFTER_S:FOR_S")
+    return float(after), float(length)
+
+
 SYNTHETIC_KEYS = {"fps": float, "drift_ppm": float, "jitter_ms": float, "drop": float, "label": str, "seed": int,
                   "phase_ms": float, "width": int, "height": int, "frames": int}
+# faults a separate process can ask for (serve's tests): the camera is wrapped in a FaultySource
+FAULT_KEYS = {"freeze": _window, "hang": _window, "stall": _window, "disconnect": _window, "missing_s": float,
+              "every_s": float}
 
 
 def synthetic_options(spec: str) -> dict[str, Any]:
     """`synthetic[:key=value,...]` -> its options, checked."""
     opts = _parse_kv(spec.partition(":")[2])
-    unknown = set(opts) - set(SYNTHETIC_KEYS)
+    known = {**SYNTHETIC_KEYS, **FAULT_KEYS}
+    unknown = set(opts) - set(known)
     if unknown:
-        raise SourceError(f"unknown synthetic options {sorted(unknown)}; known: {sorted(SYNTHETIC_KEYS)}")
+        raise SourceError(f"unknown synthetic options {sorted(unknown)}; known: {sorted(known)}")
     try:
-        o = {k: SYNTHETIC_KEYS[k](v) for k, v in opts.items()}
+        o = {k: known[k](v) for k, v in opts.items()}
     except ValueError as exc:
         raise SourceError(f"bad synthetic option in {spec!r}: {exc}") from exc
     from edge_pfm.synthetic import SCENES
@@ -117,8 +129,17 @@ def synthetic_bank(spec: str) -> SceneBank:
     return SceneBank((o.get("width", 1280), o.get("height", 720)), o.get("label"), o.get("seed", 0))
 
 
-def synthetic_source(spec: str, modality: str, bank: SceneBank | None = None) -> SyntheticSource:
+def synthetic_source(spec: str, modality: str, bank: SceneBank | None = None) -> FrameSource:
+    """A synthetic camera; with fault options (FAULT_KEYS, e.g. `synthetic:freeze=3:2,every_s=10`) wrapped in a
+    FaultySource that injects them."""
     o = synthetic_options(spec)
-    return SyntheticSource(modality, bank or synthetic_bank(spec), o.get("fps", 30.0), o.get("phase_ms", 0.0),
-                           o.get("drift_ppm", 0.0), o.get("jitter_ms", 0.0), o.get("drop", 0.0),
-                           o.get("seed", 0) + (modality == "fluorescence"), o.get("frames"))
+    seed = o.get("seed", 0) + (modality == "fluorescence")
+    camera = SyntheticSource(modality, bank or synthetic_bank(spec), o.get("fps", 30.0), o.get("phase_ms", 0.0),
+                             o.get("drift_ppm", 0.0), o.get("jitter_ms", 0.0), o.get("drop", 0.0), seed,
+                             o.get("frames"))
+    faults = {k: o[k] for k in FAULT_KEYS if k in o}
+    if not faults:
+        return camera
+    from edge_pfm.sources.simulated.faults import FaultySource
+
+    return FaultySource(camera, seed=seed, **faults)

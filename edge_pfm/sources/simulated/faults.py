@@ -5,7 +5,10 @@
 
 drop: probability a frame is lost; jitter_ms: timestamp noise (exposure/readout/scheduling);
 stall=(after_s, for_s): no frames for a while; disconnect=(after_s, for_s): reads fail (the runtime
-reopens with backoff); every_s: repeat the stall and disconnect windows with this period;
+reopens with backoff); freeze=(after_s, for_s): the same frame again and again, as a frozen driver reports
+success (Argus); hang=(after_s, for_s): a read that blocks and never returns in time (until close());
+missing_s: the camera is not there for the first seconds (open fails: a camera missing at boot);
+every_s: repeat the stall, disconnect, freeze and hang windows with this period;
 corrupt: probability a frame is replaced by a wrong-size, greyscale, empty or None frame.
 Clock drift between cameras is a frame-rate difference (both are stamped by the host's monotonic
 clock): give the inner source the rate, e.g. SyntheticSource(drift_ppm=1000) or ReplaySource(fps=29.97).
@@ -14,6 +17,7 @@ a real backend whose every n-th output is NaN or Inf.
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -24,16 +28,25 @@ from edge_pfm.sources.base import Frame, FrameSource, SourceError
 class FaultySource(FrameSource):
     def __init__(self, inner: FrameSource, drop: float = 0.0, jitter_ms: float = 0.0,
                  stall: tuple[float, float] | None = None, disconnect: tuple[float, float] | None = None,
-                 corrupt: float = 0.0, every_s: float | None = None, seed: int = 0):
+                 corrupt: float = 0.0, every_s: float | None = None, seed: int = 0,
+                 freeze: tuple[float, float] | None = None, hang: tuple[float, float] | None = None,
+                 missing_s: float = 0.0):
         super().__init__(f"faulty:{inner.name}", inner.modality)
         self.inner = inner
         self.drop, self.jitter_ns = drop, jitter_ms * 1e6
         self.stall, self.disconnect, self.corrupt, self.every_s = stall, disconnect, corrupt, every_s
+        self.freeze, self.hang, self.missing_s = freeze, hang, missing_s
         self.rng = np.random.default_rng(seed)
-        self.reconnect = disconnect is not None
-        self.faults = {"dropped": 0, "stalled_s": 0.0, "disconnected_reads": 0, "corrupted": 0}
+        # a device that fails in these ways is one the runtime reopens
+        self.reconnect = bool(disconnect or freeze or hang or missing_s)
+        self.faults = {"dropped": 0, "stalled_s": 0.0, "disconnected_reads": 0, "corrupted": 0, "frozen": 0,
+                       "hung_reads": 0, "missing_opens": 0}
         self.t0_ns: int | None = None
+        self.created_ns = time.monotonic_ns()
         self._opened = False
+        self._held: Frame | None = None  # the frame a frozen driver repeats
+        self._release = threading.Event()  # close() ends a hung read, as closing a device does
+        self._hung_in: int | None = None  # the hang window a read already blocked in (one blocked read each)
 
     @property
     def nominal_fps(self) -> float | None:
@@ -43,6 +56,9 @@ class FaultySource(FrameSource):
         return {**self.stats, **self.faults}
 
     def open(self) -> None:
+        if (time.monotonic_ns() - self.created_ns) / 1e9 < self.missing_s:
+            self.faults["missing_opens"] += 1
+            raise SourceError(f"{self.inner.name}: no such device (injected: missing for {self.missing_s:g} s)")
         if self.disconnect and self.t0_ns is not None and self._in_window(self.disconnect):
             raise SourceError(f"{self.inner.name}: device disconnected (injected)")
         if not self._opened:
@@ -52,12 +68,24 @@ class FaultySource(FrameSource):
             self.t0_ns = time.monotonic_ns()
 
     def _in_window(self, window: tuple[float, float]) -> bool:
+        return self._window_index(window) is not None
+
+    def _window_index(self, window: tuple[float, float]) -> int | None:
+        """Which repetition of `window` now is in (0 without every_s), or None when outside it."""
         elapsed = (time.monotonic_ns() - self.t0_ns) / 1e9 - window[0]
         if elapsed < 0:
-            return False
-        return (elapsed % self.every_s if self.every_s else elapsed) < window[1]
+            return None
+        k, into = divmod(elapsed, self.every_s) if self.every_s else (0, elapsed)
+        return int(k) if into < window[1] else None
 
     def grab(self) -> Frame | None:
+        if self.hang:
+            k = self._window_index(self.hang)
+            if k is not None and k != self._hung_in:  # blocks past any sane frame time; close() releases it
+                self._hung_in = k
+                self.faults["hung_reads"] += 1
+                self._release.clear()
+                self._release.wait(self.hang[1])
         while True:
             if self.stall and self._in_window(self.stall):
                 t = time.monotonic()
@@ -76,6 +104,11 @@ class FaultySource(FrameSource):
                 self.faults["dropped"] += 1
                 continue
             break
+        if self.freeze and self._in_window(self.freeze) and self._held is not None:
+            self.faults["frozen"] += 1  # new capture times, the old pixels: what a frozen driver hands back
+            return Frame(self._held.image, frame.t_capture_ns, frame.seq, self._held.meta, frame.stamp,
+                         frame.dequeue_delay_ns)
+        self._held = frame
         t = frame.t_capture_ns + int(self.rng.uniform(-1, 1) * self.jitter_ns)
         image = frame.image
         if self.rng.random() < self.corrupt:
@@ -92,7 +125,7 @@ class FaultySource(FrameSource):
         return Frame(image, t, frame.seq, frame.meta, frame.stamp, frame.dequeue_delay_ns)
 
     def close(self) -> None:
-        pass  # the inner source stays open across injected disconnects
+        self._release.set()  # the inner source stays open across injected faults
 
     def stop(self) -> None:
         super().stop()
