@@ -1,4 +1,4 @@
-"""`edge-pfm` command line: info, build, run, record, selftest, bench, verify.
+"""`edge-pfm` command line: info, build, run, serve, record, selftest, bench, verify, service-unit.
 
 Every command reads the device configuration the same way (edge_pfm.config.find_config: --config, else
 $EDGE_PFM_CONFIG, else /etc/edge-pfm/device.toml) and loads the bundle under its [security] trust."""
@@ -22,11 +22,16 @@ def _device(args: argparse.Namespace):
     return cfg, Trust.from_config(cfg, path)
 
 
-def _bundle(args: argparse.Namespace, trust):
-    """The command's --bundle, loaded under the device's trust (signature, rollback floor)."""
+def _bundle(args: argparse.Namespace, trust, cfg: dict | None = None):
+    """The command's --bundle (else the config's [run] bundle), loaded under the device's trust (signature,
+    rollback floor)."""
     from edge_pfm.bundle import Bundle
+    from edge_pfm.errors import InvalidArgument
 
-    return Bundle.load(args.bundle, trust=trust)
+    path = args.bundle or (cfg or {}).get("run", {}).get("bundle")
+    if not path:
+        raise InvalidArgument("no bundle: give --bundle DIR, or set [run] bundle in the device config (--config)")
+    return Bundle.load(path, trust=trust)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -91,7 +96,8 @@ def _run_config(args: argparse.Namespace, cfg: dict):
                      threads=args.threads or run_cfg.get("threads"),
                      cache_dir=args.cache_dir or run_cfg.get("cache_dir"),
                      tolerance_ms=args.tolerance_ms or run_cfg.get("tolerance_ms"),
-                     seconds=args.seconds, log=args.log, video=getattr(args, "video", None),
+                     seconds=args.seconds, log=args.log or run_cfg.get("log"),
+                     video=getattr(args, "video", None) or run_cfg.get("video"),
                      preview=getattr(args, "preview", False), gates=gates, decision=decision, modality=modality,
                      **outputs)
 
@@ -116,7 +122,7 @@ def _configured_run(args: argparse.Namespace):
     cfg, trust = _device(args)
     config = _run_config(args, cfg)
     sources = _camera_sources(args, cfg.get("cameras", {}))  # usage errors before the bundle is read
-    bundle = _bundle(args, trust)
+    bundle = _bundle(args, trust, cfg)
     limit_heap_fragmentation()
     return bundle, config, sources
 
@@ -127,6 +133,43 @@ def _cmd_run(args: argparse.Namespace) -> int:
     bundle, config, sources = _configured_run(args)
     runner = Runner(bundle, config=config, **sources)
     _write_summary(args, runner.run(install_signal_handlers=True))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+    import faulthandler
+
+    from edge_pfm.config import ConfigError, find_config
+    from edge_pfm.runtime import format_summary
+    from edge_pfm.service.serve import serve
+    from edge_pfm.service.settings import ServeSettings
+
+    faulthandler.enable()  # a hang or a crash in native code leaves the threads' stacks in the journal
+    if find_config(args.config) is None:
+        raise ConfigError("edge-pfm serve runs from its device config: give --config FILE, or set $EDGE_PFM_CONFIG, "
+                          "or write /etc/edge-pfm/device.toml (docs: The device > edge-pfm serve)")
+    cfg, trust = _device(args)
+    settings = ServeSettings.from_config(cfg, find_config(args.config))
+    flags = argparse.Namespace(**{k: None for k in ("backend", "precision", "threads", "cache_dir", "tolerance_ms",
+                                                    "seconds", "log", "video", "white", "fluo", "alternating",
+                                                    "bundle")}, no_gates=False, loop=False, config=args.config)
+    config = dataclasses.replace(_run_config(flags, cfg), backend_load_s=None, missing_cameras_ok=True,
+                                 frozen_frames=settings.frozen_frames, camera_stall_s=settings.camera_stall_s,
+                                 camera_give_up_s=settings.camera_give_up_s)
+    sources = _camera_sources(flags, cfg.get("cameras", {}), missing_ok=True)
+    bundle = _bundle(flags, trust, cfg)  # a refused bundle: exit 2, before READY
+    from edge_pfm.memory import limit_heap_fragmentation
+
+    limit_heap_fragmentation()
+    print(format_summary(serve(bundle, config, sources, settings)))
+    return 0
+
+
+def _cmd_service_unit(args: argparse.Namespace) -> int:
+    from edge_pfm.service.unit import render_unit
+
+    sys.stdout.write(render_unit(args.executable, args.config))
     return 0
 
 
@@ -142,9 +185,10 @@ def _cmd_record(args: argparse.Namespace) -> int:
     return 0
 
 
-def _camera_sources(args: argparse.Namespace, cams: dict, required: bool = True) -> dict | None:
+def _camera_sources(args: argparse.Namespace, cams: dict, required: bool = True,
+                    missing_ok: bool = False) -> dict | None:
     """--white/--fluo/--alternating (or the config's [cameras]) -> the Runner's sources; None if none is given and
-    none is `required`."""
+    none is `required`. `missing_ok`: a device camera not plugged in yet is looked for at every open (serve)."""
     from edge_pfm.errors import InvalidArgument
     from edge_pfm.sources import open_source
 
@@ -160,15 +204,15 @@ def _camera_sources(args: argparse.Namespace, cams: dict, required: bool = True)
     if not ((white and fluo) or alt) or (alt and (args.white or args.fluo)):
         raise InvalidArgument("give --white SRC and --fluo SRC, or --alternating SRC (or set them in --config)")
     if alt:
-        return {"alternating": open_source(alt, "alternating", loop=args.loop, **alt_opts)}
+        return {"alternating": open_source(alt, "alternating", loop=args.loop, missing_ok=missing_ok, **alt_opts)}
     both_synthetic = white.startswith("synthetic") and fluo.startswith("synthetic")
     bank = None
     if both_synthetic:  # the two cameras see one scene
         from edge_pfm.sources.simulated.cameras import synthetic_bank
 
         bank = synthetic_bank(white)
-    return {"white": open_source(white, "white_light", bank, loop=args.loop, **white_opts),
-            "fluo": open_source(fluo, "fluorescence", bank, loop=args.loop, **fluo_opts)}
+    return {"white": open_source(white, "white_light", bank, loop=args.loop, missing_ok=missing_ok, **white_opts),
+            "fluo": open_source(fluo, "fluorescence", bank, loop=args.loop, missing_ok=missing_ok, **fluo_opts)}
 
 
 def _cmd_selftest(args: argparse.Namespace) -> int:
@@ -254,11 +298,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("run", help="classify live (or recorded, or synthetic) camera pairs")
-    p.add_argument("--bundle", required=True, help="the bundle directory")
+    p.add_argument("--bundle", help="the bundle directory (default: [run] bundle in --config)")
     p.add_argument("--video", help="write an annotated side-by-side video (.avi, MJPG; rotated under a cap)")
     p.add_argument("--preview", action="store_true", help="show a preview window (needs a display)")
     _camera_and_run_options(p)
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("serve", help="run as a service until stopped: the config's bundle and cameras, systemd's "
+                                     "notify protocol and watchdog, /healthz /readyz /metrics, cameras reopened",
+                       description="`edge-pfm run` under supervision, everything from the device config: [run] "
+                                   "bundle, log and video; [cameras]; [serve] health, camera_stall_s, frozen_frames, "
+                                   "camera_give_up_s. Tells systemd READY=1 once the engine is checked and the "
+                                   "outputs are open (a missing camera is reopened meanwhile), WATCHDOG=1 only while "
+                                   "it makes progress. SIGTERM stops it cleanly (exit 0); bad config, a refused "
+                                   "bundle or a port in use exit 2 before READY; a camera lost past "
+                                   "camera_give_up_s exits 6. `edge-pfm service-unit` prints its systemd unit.")
+    p.add_argument("--config", help=CONFIG_HELP + " (serve needs one)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("service-unit", help="print the systemd unit for `edge-pfm serve`, with this installation's "
+                                            "paths filled in",
+                       description="Print edge-pfm.service (shipped with the package) with ExecStart naming this "
+                                   "environment's edge-pfm and --config. Install: edge-pfm service-unit | sudo tee "
+                                   "/etc/systemd/system/edge-pfm.service; sudo systemctl daemon-reload; sudo "
+                                   "systemctl enable --now edge-pfm")
+    p.add_argument("--executable", help="absolute path of the edge-pfm script ExecStart runs (default: this "
+                                        "environment's)")
+    p.add_argument("--config", default="/etc/edge-pfm/device.toml",
+                   help="the device config serve reads (default /etc/edge-pfm/device.toml)")
+    p.set_defaults(func=_cmd_service_unit)
 
     p = sub.add_parser("record", help="record both cameras for the build machine: their own frames as lossless "
                                       "videos with their timing (--mode video), or gated paired stills as an "

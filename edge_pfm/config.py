@@ -19,9 +19,16 @@
     method = "ema"
     alpha = 0.3
     max_age_s = 0.5
-    [run]
+    [run]                          # each key also a `run` flag, which overrides it
+    bundle = "/var/lib/edge-pfm/bundles/current"   # relative paths here are relative to this file
     backend = "auto"
     tolerance_ms = 16
+    log = "/var/log/edge-pfm/decisions.jsonl"      # the decision log (rotated under [outputs])
+    [serve]                        # edge-pfm serve (edge_pfm.service.serve): health, camera recovery
+    health = "127.0.0.1:9464"      # /healthz /readyz /metrics; any other address needs token, tls_cert, tls_key
+    camera_stall_s = 5             # a read blocked this long: the camera is reopened
+    frozen_frames = 90             # this many identical frames in a row: the camera is reopened
+    camera_give_up_s = 300         # a camera lost this long: exit 6, and systemd restarts the service
     [outputs]                      # retention of --log and --video (edge_pfm.outputs); 0 turns a limit off
     log_rotate_mb = 64
     log_rotate_minutes = 0
@@ -47,7 +54,15 @@ from edge_pfm.errors import EdgePfmError
 
 CAMERA_KEYS = {"source", "fourcc", "width", "height", "fps", "exposure", "gain", "buffer_size", "stamps"}
 OUTPUT_KEYS = {f"{o}_{k}" for o in ("log", "video") for k in ("rotate_mb", "rotate_minutes", "cap_mb")} | {"min_free_mb"}
-SECTIONS = ("cameras", "gates", "decision", "modality", "run", "outputs", "security")
+SECTIONS = ("cameras", "gates", "decision", "modality", "run", "outputs", "security", "serve")
+# [run]: key -> (the types it takes, what it is); paths are relative to the config file
+RUN_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "bundle": ((str,), "a bundle directory"), "log": ((str,), "the decision log's path"),
+    "video": ((str,), "the annotated video's path"), "cache_dir": ((str,), "the engine cache directory"),
+    "backend": ((str,), "auto, tensorrt or onnxruntime"), "precision": ((str,), "fp32, fp16 or int8"),
+    "threads": ((int,), "a number of inference threads"), "tolerance_ms": ((int, float), "milliseconds")}
+RUN_CHOICES = {"backend": ("auto", "tensorrt", "onnxruntime"), "precision": ("fp32", "fp16", "int8")}
+RUN_PATHS = ("bundle", "log", "video", "cache_dir")
 CONFIG_ENV = "EDGE_PFM_CONFIG"
 SYSTEM_CONFIG = Path("/etc/edge-pfm/device.toml")
 
@@ -111,7 +126,39 @@ def load_config(path: str | Path) -> dict[str, Any]:
         bad = set(cam) - CAMERA_KEYS
         if bad:
             raise ConfigError(f"{p}: [cameras.{name}] unknown keys {sorted(bad)} (known: {sorted(CAMERA_KEYS)})")
+    _check_run(cfg, p)
     from edge_pfm.trust.settings import Trust
 
     Trust.from_config(cfg, p)  # [security]'s keys and values are checked here, with the rest
+    if "serve" in cfg:
+        from edge_pfm.service.settings import ServeSettings
+
+        ServeSettings.from_config(cfg, p)  # [serve]'s too, with the rest
     return cfg
+
+
+def _check_run(cfg: dict[str, Any], p: Path) -> None:
+    """[run]: known keys of the right types; paths made relative to the config file's folder."""
+    run = cfg.get("run", {})
+    if not isinstance(run, dict):
+        raise ConfigError(f"{p}: [run] must be a table")
+    bad = set(run) - set(RUN_KEYS)
+    if bad:
+        raise ConfigError(f"{p}: [run] unknown keys {sorted(bad)} (known: {sorted(RUN_KEYS)})")
+    for key, value in run.items():
+        types, what = RUN_KEYS[key]
+        if isinstance(value, bool) or not isinstance(value, types) or value in ("", 0):
+            raise ConfigError(f"{p}: [run] {key} must be {what}, got {value!r}")
+        if key in RUN_CHOICES and value not in RUN_CHOICES[key]:
+            raise ConfigError(f"{p}: [run] {key} = {value!r}: one of {', '.join(RUN_CHOICES[key])}")
+        if isinstance(value, (int, float)) and value < 0:
+            raise ConfigError(f"{p}: [run] {key} must be positive, got {value!r}")
+        if key in RUN_PATHS:
+            run[key] = str(relative_to_config(p, value))
+
+
+def relative_to_config(config: Path, value: str) -> Path:
+    """A path from a config file: absolute as it is, else relative to the config file's folder (not to wherever
+    the service happens to start: systemd starts it in /)."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else config.parent.absolute() / path

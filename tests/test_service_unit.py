@@ -368,7 +368,13 @@ def test_systemd_analyze_verifies_the_rendered_unit(form, tmp_path, monkeypatch)
     if form == "python -m":
         monkeypatch.setattr(unit, "default_command", lambda: [sys.executable, "-m", "edge_pfm"])
     path = tmp_path / "edge-pfm.service"
-    path.write_text(render_unit())  # ExecStart must name a real executable: this environment's
+    if form == "script":  # what a user installs: the unit `edge-pfm service-unit` prints
+        script = Path(sys.executable).parent / "edge-pfm"
+        printed = subprocess.run([str(script), "service-unit"], capture_output=True, text=True, check=True).stdout
+        assert f"ExecStart={script} serve --config {DEFAULT_CONFIG}\n" in printed
+        path.write_text(printed)
+    else:
+        path.write_text(render_unit())  # ExecStart must name a real executable: this environment's
     result = verify(path)
     said = (result.stdout + result.stderr).splitlines()
     assert result.returncode == 0, said

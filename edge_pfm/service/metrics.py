@@ -112,22 +112,25 @@ class ServiceMetrics:
 
     # -------------------------------------------------------- what the runtime reports
 
-    def observe_decision(self, state: str, cls: str | None, latency_s: float | None) -> None:
-        """One pair decided, in `state` (decision.STATES) showing `cls` (None: no class shown)."""
-        self.pairs.inc()
+    def observe_decision(self, state: str, cls: str | None, latency_s: float | None, pair: bool = True) -> None:
+        """One decision, in `state` (decision.STATES) showing `cls` (None: no class shown); `pair`: made from a pair
+        (False for no_signal and camera_lost, which count as decisions but not as pairs decided)."""
         self.decisions.labels(state=state, cls=cls or NO_CLASS).inc()
         if latency_s is not None and math.isfinite(latency_s) and latency_s >= 0:
             self.latency.observe(latency_s)
+        if not pair:
+            return
+        self.pairs.inc()
         now = self._clock()
         with self._lock:
             self._recent.append(now)
 
-    def camera_event(self, camera: str, kind: str) -> None:
-        """Count one `kind` (frames, drops, stalls, reopens) for `camera`."""
+    def camera_event(self, camera: str, kind: str, n: int = 1) -> None:
+        """Count `n` of `kind` (frames, drops, stalls, reopens) for `camera`."""
         counter = self.camera.get(kind)
         if counter is None:
             raise ValueError(f"camera event {kind!r}: one of {', '.join(CAMERA_EVENTS)}")
-        counter.labels(camera=camera).inc()
+        counter.labels(camera=camera).inc(n)
 
     def gate_rejected(self, gate: str) -> None:
         self.gate_rejections.labels(gate=gate).inc()

@@ -237,7 +237,7 @@ class FrameSource:
             if frame is None:
                 break
             if self._frozen(frame.image):
-                self.stats["frozen"] += 1
+                self.stats["freezes"] += 1
                 reopen = self._lose(f"the same frame {self.frozen_frames} times in a row (frozen)")
                 continue
             backoff = 0.1

@@ -35,9 +35,11 @@ def by_serial(serial: str, modality: str) -> str:
 
 
 def open_source(spec: str, modality: str, bank: Any = None, paced: bool = True, loop: bool = False,
-                **camera: Any) -> FrameSource:
+                missing_ok: bool = False, **camera: Any) -> FrameSource:
     """Parse a source string (module doc) into an unstarted FrameSource. `bank`: a synthetic SceneBank shared by
-    both synthetic cameras; `camera`: OpenCV settings (fourcc, width, height, fps, exposure, gain, buffer_size)."""
+    both synthetic cameras; `camera`: OpenCV settings (fourcc, width, height, fps, exposure, gain, buffer_size);
+    `missing_ok`: a device path that is not there yet is looked for again at every open (serve: a camera missing
+    at boot) instead of refused now."""
     spec = str(spec).strip()
     if spec == "synthetic" or spec.startswith("synthetic:"):
         from edge_pfm.sources.simulated.cameras import synthetic_source
@@ -50,7 +52,7 @@ def open_source(spec: str, modality: str, bank: Any = None, paced: bool = True, 
     if spec.startswith("serial:"):
         return _v4l2(by_serial(spec[len("serial:"):], modality), modality, camera)
     if spec.isdigit() or spec.startswith(("/dev/video", "/dev/v4l/")):
-        return _v4l2(spec, modality, camera)
+        return _v4l2(spec, modality, camera, missing_ok)
     if Path(spec).exists():
         from edge_pfm.sources.replay import ReplaySource
 
@@ -59,16 +61,17 @@ def open_source(spec: str, modality: str, bank: Any = None, paced: bool = True, 
                       "or image folder, nor synthetic[:options]")
 
 
-def _v4l2(spec: str, modality: str, camera: dict) -> FrameSource:
+def _v4l2(spec: str, modality: str, camera: dict, missing_ok: bool = False) -> FrameSource:
     from edge_pfm.sources.opencv import OpenCVSource
 
     if spec.isdigit():
         return OpenCVSource(int(spec), modality, **camera)
-    if not os.path.exists(spec):
+    if not os.path.exists(spec) and not missing_ok:
         raise SourceError(f"{spec} does not exist: is the camera plugged in? (`ls -l /dev/v4l/by-id`)")
-    # a stable link opens the device it points to now (OpenCV's V4L2 backend wants /dev/videoN)
-    real = os.path.realpath(spec)
-    source = OpenCVSource(real, modality, **camera)
+    # a stable link opens the device it points to (OpenCV's V4L2 backend wants /dev/videoN), resolved again at
+    # every open: it follows its camera to whichever /dev/videoN the camera gets when replugged
+    real = os.path.realpath(spec) if os.path.exists(spec) else spec
+    source = OpenCVSource(real, modality, link=spec, **camera)
     if real != spec:
         source.name = f"{spec} -> {real}"
     return source

@@ -8,6 +8,7 @@ which a reader woken late gets wrong by its lateness.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,14 +23,16 @@ class OpenCVSource(FrameSource):
     def __init__(self, device: int | str, modality: str, fourcc: str | None = "MJPG", width: int | None = None,
                  height: int | None = None, fps: float | None = None, exposure: float | None = None,
                  gain: float | None = None, buffer_size: int = 1, api: int | None = None, stamps: str = "auto",
-                 capture: Callable[[], Any] | None = None):
+                 capture: Callable[[], Any] | None = None, link: str | None = None):
         """stamps: "auto" (the driver's, where the backend gives them) or "host". capture: makes the
         cv2.VideoCapture-like object to read (default: cv2.VideoCapture(device, api)); a scripted capture in the
-        tests, a vendor's wrapper in the field."""
+        tests, a vendor's wrapper in the field. link: a stable name (/dev/v4l/by-id/...) resolved again at every
+        open, so a camera replugged as another /dev/videoN, or plugged in after boot, is found."""
         if stamps not in ("auto", "host"):
             raise SourceError(f"stamps must be auto or host, not {stamps!r}")
         super().__init__(str(device), modality)
         self.device, self.api, self.stamps, self._make_capture = device, api, stamps, capture
+        self.link = link
         self.clock = TimestampMapper()
         self._device_stamps = False
         self.settings = dict(fourcc=fourcc, width=width, height=height, fps=fps, exposure=exposure, gain=gain,
@@ -45,6 +48,11 @@ class OpenCVSource(FrameSource):
     def open(self) -> None:
         import cv2
 
+        if self.link is not None:
+            if not os.path.exists(self.link):
+                raise SourceError(f"{self.link} does not exist: is the camera plugged in? (`ls -l /dev/v4l/by-id`)")
+            self.device = os.path.realpath(self.link)  # OpenCV's V4L2 backend wants /dev/videoN
+            self.name = self.link if self.device == self.link else f"{self.link} -> {self.device}"
         if self._make_capture is not None:
             self.cap = self._make_capture()
         else:

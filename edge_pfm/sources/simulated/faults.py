@@ -13,7 +13,7 @@ corrupt: probability a frame is replaced by a wrong-size, greyscale, empty or No
 Clock drift between cameras is a frame-rate difference (both are stamped by the host's monotonic
 clock): give the inner source the rate, e.g. SyntheticSource(drift_ppm=1000) or ReplaySource(fps=29.97).
 Used by the tests and the soak benchmark; never by a clinical run. NonFiniteBackend is the backend's fault:
-a real backend whose every n-th output is NaN or Inf.
+a real backend whose every n-th output is NaN or Inf; HangingBackend a real backend whose calls stop returning.
 """
 from __future__ import annotations
 
@@ -146,6 +146,33 @@ class NonFiniteBackend:
             out["logits"] = out["logits"].copy()
             out["logits"][:, 0] = np.nan if self.injected % 2 else np.inf
         return out
+
+    def infer(self, white_light, fluorescence):
+        return self.infer_outputs(white_light, fluorescence)["logits"]
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class HangingBackend:
+    """Wraps a real backend; from `after_s` after its first call, a call never returns: a hung GPU or a deadlocked
+    driver, which only a supervisor's watchdog can see. `on_hang()` is called once, as the hang starts."""
+
+    def __init__(self, inner, after_s: float, on_hang=None):
+        self.inner, self.after_s, self.on_hang = inner, after_s, on_hang
+        self.first_call: float | None = None
+        self.hung = threading.Event()
+
+    def infer_outputs(self, white_light, fluorescence):
+        now = time.monotonic()
+        self.first_call = self.first_call or now
+        if now - self.first_call >= self.after_s:
+            if not self.hung.is_set():
+                self.hung.set()
+                if self.on_hang is not None:
+                    self.on_hang()
+            threading.Event().wait()  # forever
+        return self.inner.infer_outputs(white_light, fluorescence)
 
     def infer(self, white_light, fluorescence):
         return self.infer_outputs(white_light, fluorescence)["logits"]

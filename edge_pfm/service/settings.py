@@ -1,0 +1,62 @@
+"""[serve] in device.toml: where health listens, who may ask, and how serve recovers cameras. Checked against a
+whitelist when the config is read, like every section; relative paths are relative to the config file."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_pfm.config import ConfigError, relative_to_config
+from edge_pfm.service.listener import DEFAULT_ADDRESS, ListenAddress, ListenerSecurity
+
+# key -> (types, what it is)
+SERVE_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "health": ((str,), "an address such as 127.0.0.1:9464"),
+    "token": ((str,), "a random token of at least 16 characters"),
+    "tls_cert": ((str,), "a PEM certificate's path"), "tls_key": ((str,), "its PEM private key's path"),
+    "camera_stall_s": ((int, float), "seconds a read may block before the camera is reopened"),
+    "frozen_frames": ((int,), "identical frames in a row that count as a frozen camera (0: off)"),
+    "camera_give_up_s": ((int, float), "seconds a camera may stay lost before serve exits 6 to be restarted"),
+}
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    health: str = DEFAULT_ADDRESS
+    token: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    camera_stall_s: float = 5.0  # a live camera delivers every 33-66 ms: 5 s blocked is a hung driver
+    frozen_frames: int = 90  # 3 s of identical frames at 30 fps: a live sensor's noise never repeats that long
+    camera_give_up_s: float = 300.0  # reopening has not helped for 5 min: a restart (and nvargus-daemon's) might
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], path: Path | None = None) -> ServeSettings:
+        section = cfg.get("serve", {})
+        where = f"{path}: [serve]" if path else "[serve]"
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where} must be a table")
+        unknown = set(section) - set(SERVE_KEYS)
+        if unknown:
+            raise ConfigError(f"{where} unknown keys {sorted(unknown)} (known: {sorted(SERVE_KEYS)})")
+        values: dict[str, Any] = {}
+        for key, value in section.items():
+            types, what = SERVE_KEYS[key]
+            if isinstance(value, bool) or not isinstance(value, types) or value == "":
+                raise ConfigError(f"{where} {key} must be {what}, got {value!r}")
+            if isinstance(value, (int, float)) and (value < 0 or (value == 0 and key != "frozen_frames")):
+                raise ConfigError(f"{where} {key} must be positive, got {value!r}")
+            if key == "frozen_frames" and value == 1:
+                raise ConfigError(f"{where} frozen_frames = 1 would call every frame frozen: use 0 (off) or >= 2")
+            values[key] = relative_to_config(path, value) if key.startswith("tls_") and path else value
+        settings = cls(**values)
+        settings.security.check(settings.address)  # an insecure or half-configured listener: refused here
+        return settings
+
+    @property
+    def address(self) -> ListenAddress:
+        return ListenAddress.parse(self.health)
+
+    @property
+    def security(self) -> ListenerSecurity:
+        return ListenerSecurity(self.token, self.tls_cert, self.tls_key)
