@@ -41,10 +41,14 @@ class PairChecker:
     def __init__(self, tolerance_ns: int):
         self.tolerance_ns = tolerance_ns
         self.last = {"w": -1, "f": -1}  # frame indices only increase: a reuse shows as a repeat
-        self.checked = self.swapped = self.reused = self.skewed = self.unstamped = 0
+        self.last_seq = {"w": -1, "f": -1}  # the sources' own frame numbers: the software never pairs a frame twice
+        self.checked = self.swapped = self.reused = self.skewed = self.unstamped = self.seq_reused = 0
 
     def __call__(self, work, decision) -> None:
         w, f = work.pair.white_light.image, work.pair.fluorescence.image
+        ws, fs = work.pair.white_light.seq, work.pair.fluorescence.seq
+        self.seq_reused += ws <= self.last_seq["w"] or fs <= self.last_seq["f"]
+        self.last_seq = {"w": ws, "f": fs}
         self.checked += 1
         self.skewed += abs(work.pair.skew_ns) > self.tolerance_ns
         if min(w.shape[1], f.shape[1]) < 26 * 6:  # a corrupted, cropped frame: its stamp is cut off

@@ -1,5 +1,6 @@
 """One table of exit codes (edge_pfm.errors.ExitCode, from which the docs' table is generated), one test per code, through the real
-commands in their own processes: one line on stderr, never a traceback."""
+commands in their own processes: one line on stderr, never a traceback. Code 6 (a camera lost past
+camera_give_up_s) is serve's: tests/test_serve.py::test_a_camera_lost_past_give_up_exits_6_for_systemd_to_restart."""
 import subprocess
 import sys
 

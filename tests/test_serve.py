@@ -70,11 +70,11 @@ class NotifySocket:
 
 
 class Serve:
-    """One `edge-pfm serve` process (optionally through tests/serve_faults.py) and its stderr, read as it comes."""
+    """One `edge-pfm serve` process (optionally through benchmarks/serve_faults.py) and its stderr, read as it comes."""
 
     def __init__(self, config: Path, notify: NotifySocket, faults: list[str] | None = None):
         self.notify = notify
-        cmd = ([sys.executable, str(ROOT / "tests" / "serve_faults.py"), *faults, "--"] if faults is not None
+        cmd = ([sys.executable, str(ROOT / "benchmarks" / "serve_faults.py"), *faults, "--"] if faults is not None
                else [sys.executable, "-m", "edge_pfm"])
         env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": str(int(WATCHDOG_S * 1e6)), "PYTHONUNBUFFERED": "1",
                **{k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC")}}
