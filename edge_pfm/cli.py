@@ -131,8 +131,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from edge_pfm.runtime import Runner
 
     bundle, config, sources = _configured_run(args)
-    runner = Runner(bundle, config=config, **sources)
-    _write_summary(args, runner.run(install_signal_handlers=True))
+    if not args.view:
+        runner = Runner(bundle, config=config, **sources)
+        _write_summary(args, runner.run(install_signal_handlers=True))
+        return 0
+    from edge_pfm.config import find_config, load_device_config
+    from edge_pfm.service.serve import view_listeners
+    from edge_pfm.service.settings import ServeSettings, ViewSettings
+    from edge_pfm.service.view import LiveView
+
+    path, cfg = load_device_config(args.config)
+    settings = ViewSettings(args.view, ViewSettings.from_config(cfg, path).max_clients)
+    security = ServeSettings.from_config(cfg, find_config(args.config)).security  # [serve] token and TLS
+    security.check(settings.address)
+    view = LiveView()
+    runner = Runner(bundle, config=config, view=view, **sources)
+    (listener,) = view_listeners(view, settings, security)
+    listener.start()
+    print(f"live view on {listener.url}/", file=sys.stderr)
+    try:
+        _write_summary(args, runner.run(install_signal_handlers=True))
+    finally:
+        listener.stop()
     return 0
 
 
@@ -143,7 +163,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from edge_pfm.config import ConfigError, find_config
     from edge_pfm.runtime import format_summary
     from edge_pfm.service.serve import serve
-    from edge_pfm.service.settings import ServeSettings
+    from edge_pfm.service.settings import ServeSettings, ViewSettings
 
     faulthandler.enable()  # a hang or a crash in native code leaves the threads' stacks in the journal
     if find_config(args.config) is None:
@@ -151,6 +171,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           "or write /etc/edge-pfm/device.toml (docs: The device > edge-pfm serve)")
     cfg, trust = _device(args)
     settings = ServeSettings.from_config(cfg, find_config(args.config))
+    view = ViewSettings.from_config(cfg, find_config(args.config))
     flags = argparse.Namespace(**{k: None for k in ("backend", "precision", "threads", "cache_dir", "tolerance_ms",
                                                     "seconds", "log", "video", "white", "fluo", "alternating",
                                                     "bundle")}, no_gates=False, loop=False, config=args.config)
@@ -162,7 +183,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from edge_pfm.memory import limit_heap_fragmentation
 
     limit_heap_fragmentation()
-    print(format_summary(serve(bundle, config, sources, settings)))
+    print(format_summary(serve(bundle, config, sources, settings, view)))
     return 0
 
 
@@ -301,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", help="the bundle directory (default: [run] bundle in --config)")
     p.add_argument("--video", help="write an annotated side-by-side video (.avi, MJPG; rotated under a cap)")
     p.add_argument("--preview", action="store_true", help="show a preview window (needs a display)")
+    p.add_argument("--view", metavar="HOST:PORT",
+                   help="serve the live view (the page, /stream.mjpg, /events, /snapshot.jpg) on this address, e.g. "
+                        "127.0.0.1:8080; any other than loopback needs [serve] token, tls_cert and tls_key in --config")
     _camera_and_run_options(p)
     p.set_defaults(func=_cmd_run)
 

@@ -29,6 +29,8 @@
     camera_stall_s = 5             # a read blocked this long: the camera is reopened
     frozen_frames = 90             # this many identical frames in a row: the camera is reopened
     camera_give_up_s = 300         # a camera lost this long: exit 6, and systemd restarts the service
+    [view]                         # the live view (edge_pfm.service.view): `serve` serves it; `run --view ADDR`
+    listen = "127.0.0.1:8080"      # the same as [serve] health: one listener; off loopback: [serve] token + TLS
     [outputs]                      # retention of --log and --video (edge_pfm.outputs); 0 turns a limit off
     log_rotate_mb = 64
     log_rotate_minutes = 0
@@ -54,7 +56,7 @@ from edge_pfm.errors import EdgePfmError
 
 CAMERA_KEYS = {"source", "fourcc", "width", "height", "fps", "exposure", "gain", "buffer_size", "stamps"}
 OUTPUT_KEYS = {f"{o}_{k}" for o in ("log", "video") for k in ("rotate_mb", "rotate_minutes", "cap_mb")} | {"min_free_mb"}
-SECTIONS = ("cameras", "gates", "decision", "modality", "run", "outputs", "security", "serve")
+SECTIONS = ("cameras", "gates", "decision", "modality", "run", "outputs", "security", "serve", "view")
 # [run]: key -> (the types it takes, what it is); paths are relative to the config file
 RUN_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "bundle": ((str,), "a bundle directory"), "log": ((str,), "the decision log's path"),
@@ -130,10 +132,11 @@ def load_config(path: str | Path) -> dict[str, Any]:
     from edge_pfm.trust.settings import Trust
 
     Trust.from_config(cfg, p)  # [security]'s keys and values are checked here, with the rest
-    if "serve" in cfg:
-        from edge_pfm.service.settings import ServeSettings
+    if "serve" in cfg or "view" in cfg:
+        from edge_pfm.service.settings import ServeSettings, ViewSettings
 
-        ServeSettings.from_config(cfg, p)  # [serve]'s too, with the rest
+        ServeSettings.from_config(cfg, p)  # [serve]'s and [view]'s too, with the rest
+        ViewSettings.from_config(cfg, p)
     return cfg
 
 

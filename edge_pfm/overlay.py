@@ -1,4 +1,5 @@
-"""Annotated side-by-side video (and an optional preview window), written off the inference thread."""
+"""Annotated side-by-side frames, drawn once off the inference thread at a capped rate, for every consumer: the
+video file, the preview window and the live view (`on_drawn`)."""
 from __future__ import annotations
 
 import collections
@@ -61,8 +62,10 @@ class AnnotatedVideo:
     STUCK_CHECKS = 3  # checks without growth that mean the writes are failing
 
     def __init__(self, path: str | None, preview: bool, classes, fps: float = 15.0,
-                 retention: Retention = VIDEO_RETENTION):
-        self.path, self.preview, self.fps = path, preview, fps
+                 retention: Retention = VIDEO_RETENTION, on_drawn=None):
+        """on_drawn(frame, decision, t_capture_ns): another consumer of each drawn frame (the live view); it is
+        also given the failure and signal states drawn over the last frame (t_capture_ns 0 then)."""
+        self.path, self.preview, self.fps, self.on_drawn = path, preview, fps, on_drawn
         self.retention = retention if path and rotatable(Path(path)) else Retention(None, None, None)
         self.queue: collections.deque = collections.deque(maxlen=2)
         self.cond = threading.Condition()
@@ -79,19 +82,20 @@ class AnnotatedVideo:
         self.thread = threading.Thread(target=self._loop, name="video", daemon=True)
         self.thread.start()
 
-    def submit(self, white: np.ndarray, fluo: np.ndarray, decision, gates: dict) -> None:
+    def submit(self, white: np.ndarray, fluo: np.ndarray, decision, gates: dict, t_capture_ns: int = 0) -> None:
         """One decided pair's camera frames, to draw (the drawing thread skips what exceeds its rate)."""
         self.rate.append(time.monotonic())
         fps = (len(self.rate) - 1) / (self.rate[-1] - self.rate[0]) if len(self.rate) > 1 else 0.0
         with self.cond:
-            self.queue.append((white, fluo, decision, fps, gates))
+            self.queue.append(((white, fluo, decision, fps, gates), t_capture_ns, False))
             self.cond.notify()
 
     def show_failure(self, decision) -> None:
-        """Draw a failed state (log_failed) on the preview's last frame, so the person at the device sees it."""
-        if self.preview and self._last is not None:
+        """Draw a state that comes without a frame (log_failed, no_signal, camera_lost) over the last frame, for
+        the preview and the live view (the video file gets decided pairs only)."""
+        if (self.preview or self.on_drawn) and self._last is not None:
             with self.cond:
-                self.queue.append((*self._last[:2], decision, 0.0, {}))
+                self.queue.append(((*self._last[:2], decision, 0.0, {}), 0, True))
                 self.cond.notify()
 
     def _open_writer(self, frame) -> None:
@@ -167,15 +171,19 @@ class AnnotatedVideo:
                     self.cond.wait(0.1)
                 if not self.queue and self.stop:
                     break
-                item = self.queue.popleft()
+                item, t_capture_ns, frameless = self.queue.popleft()  # frameless: a state over the last frame
             now = time.monotonic()
-            if now - last < 1.0 / self.fps and item[2].state not in ("log_failed", "video_failed"):
-                continue  # the video runs at a fixed rate; extra pairs are skipped
+            decision = item[2]
+            if now - last < 1.0 / self.fps and not frameless:
+                continue  # drawn at a capped rate; extra pairs are skipped
             last = now
-            self._last = item
             frame = annotate(*item)
-            if self.path:
-                self._write(frame)
+            if not frameless:
+                self._last = item
+                if self.path:
+                    self._write(frame)
+            if self.on_drawn is not None:
+                self.on_drawn(frame, decision, t_capture_ns)
             if self.preview:
                 try:
                     cv2.imshow("edge-pfm", frame)

@@ -54,7 +54,7 @@ class CameraLost(RuntimeFailure):
 class Runner:
     def __init__(self, bundle: str | Path | Bundle, white: FrameSource | None = None, fluo: FrameSource | None = None,
                  alternating: FrameSource | None = None, config: RunConfig | None = None, classifier: Classifier | None = None,
-                 sinks: Iterable[Sink] = ()):
+                 sinks: Iterable[Sink] = (), view: Any = None):
         if alternating is None and (white is None or fluo is None):
             raise ValueError("give both white and fluo sources, or one alternating source")
         self.cfg = config or RunConfig()
@@ -73,7 +73,11 @@ class Runner:
         # wait (a camera being reopened, cameras alive but no pair); waiting(seconds) while the backend loads
         self.progress_hooks: list[Callable[[], None]] = []
         self.waiting_hooks: list[Callable[[float], None]] = []
-        self.sinks: list[Sink] = [*sinks_from_config(self.cfg), *sinks, ObserverSink(self.observers)]
+        # view: a live view (edge_pfm.service.view.LiveView) fed by the video's drawing thread and every record
+        self.view = view
+        drawn = view.frame_drawn if view is not None else None
+        self.sinks: list[Sink] = [*sinks_from_config(self.cfg, drawn), *sinks, *([view.sink()] if view else []),
+                                  ObserverSink(self.observers)]
         self._memory: MemorySink | None = None
         self.run_id = uuid.uuid4().hex
         # bounded: an always-on device must not grow with uptime

@@ -97,8 +97,12 @@ class AnnotatedVideoSink(Sink):
     failed_state = "video_failed"
     DRAWN_FPS = 15.0
 
-    def __init__(self, path: str | Path | None, preview: bool = False, retention: Retention = VIDEO_RETENTION):
+    def __init__(self, path: str | Path | None, preview: bool = False, retention: Retention = VIDEO_RETENTION,
+                 on_drawn: Callable | None = None):
+        """on_drawn(frame, decision, t_capture_ns): another consumer of the drawn frames (the live view): one
+        drawing thread serves the file, the window and the view, nothing is drawn twice."""
         self.path, self.preview, self.retention = (None if path is None else str(path)), preview, retention
+        self.on_drawn = on_drawn
         self.video = None
 
     @property
@@ -115,12 +119,16 @@ class AnnotatedVideoSink(Sink):
     def open(self, run: RunStart) -> None:
         from edge_pfm.overlay import AnnotatedVideo
 
-        self.video = AnnotatedVideo(self.path, self.preview, run.classes, self.DRAWN_FPS, retention=self.retention)
+        self.video = AnnotatedVideo(self.path, self.preview, run.classes, self.DRAWN_FPS, retention=self.retention,
+                                    on_drawn=self.on_drawn)
 
     def write(self, event: DecisionEvent) -> None:
         if event.work is not None:
             p = event.work.pair
-            self.video.submit(p.white_light.image, p.fluorescence.image, event.decision, event.work.gates)
+            self.video.submit(p.white_light.image, p.fluorescence.image, event.decision, event.work.gates,
+                              p.t_capture_ns)
+        elif self.on_drawn is not None:  # no_signal, camera_lost: the view shows it over the last frame
+            self.video.show_failure(event.decision)
 
     def show_failure(self, decision: Decision) -> None:
         if self.video is not None:
@@ -159,11 +167,12 @@ class MemorySink(Sink):
         self.records.append(event.record)
 
 
-def sinks_from_config(cfg: RunConfig) -> list[Sink]:
-    """The outputs RunConfig names (--log, --video, --preview) as sinks."""
+def sinks_from_config(cfg: RunConfig, on_drawn: Callable | None = None) -> list[Sink]:
+    """The outputs RunConfig names (--log, --video, --preview) as sinks; `on_drawn` (the live view) shares the
+    video's drawing thread."""
     sinks: list[Sink] = []
     if cfg.log:
         sinks.append(DecisionLogSink(cfg.log, cfg.log_retention))
-    if cfg.video or cfg.preview:
-        sinks.append(AnnotatedVideoSink(cfg.video, cfg.preview, cfg.video_retention))
+    if cfg.video or cfg.preview or on_drawn is not None:
+        sinks.append(AnnotatedVideoSink(cfg.video, cfg.preview, cfg.video_retention, on_drawn))
     return sinks

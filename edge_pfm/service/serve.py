@@ -24,7 +24,7 @@ from edge_pfm.runtime.record import DecisionEvent
 from edge_pfm.runtime.sinks import Sink
 from edge_pfm.service.metrics import ServiceMetrics
 from edge_pfm.service.notify import Notifier, WatchdogGate
-from edge_pfm.service.settings import ServeSettings
+from edge_pfm.service.settings import ServeSettings, ViewSettings
 
 _LOG = logging.getLogger(__name__)
 WATCHDOG_FRACTION = 0.3  # a ping at most every 0.3 x WatchdogSec (+ a tick): at least two per interval
@@ -134,9 +134,24 @@ def _outputs(config: Any) -> dict[str, Path]:
     return {name: Path(p) for name, p in (("log", config.log), ("video", config.video)) if p}
 
 
-def serve(bundle: Any, config: Any, sources: dict[str, Any], settings: ServeSettings) -> dict[str, Any]:
-    """Run `bundle` on `sources` under supervision until SIGTERM/SIGINT. -> the run's summary (exit 0). Raises
-    before READY for a port in use (exit 2); CameraLost (exit 6) after camera_give_up_s."""
+def view_listeners(view: Any, view_settings: ViewSettings, security: Any, shared: Any = None) -> list[Any]:
+    """The live view's routes on `shared` (a listener on the same address: one socket for health and the view), or
+    on a listener of its own -> the listeners to start."""
+    from edge_pfm.service.listener import Listener
+
+    if shared is not None and shared.address == view_settings.address:
+        shared.add_routes(view.routes())
+        shared.max_streams = max(shared.max_streams, view_settings.max_clients)
+        return [shared]
+    own = Listener(view_settings.address, security, view.routes(), max_streams=view_settings.max_clients)
+    return [own] if shared is None else [shared, own]
+
+
+def serve(bundle: Any, config: Any, sources: dict[str, Any], settings: ServeSettings,
+          view_settings: ViewSettings | None = None) -> dict[str, Any]:
+    """Run `bundle` on `sources` under supervision until SIGTERM/SIGINT, with the live view when [view] listen is
+    set. -> the run's summary (exit 0). Raises before READY for a port in use (exit 2); CameraLost (exit 6) after
+    camera_give_up_s."""
     from edge_pfm.runtime import Runner
     from edge_pfm.service.health import health_routes
     from edge_pfm.service.listener import Listener
@@ -144,10 +159,26 @@ def serve(bundle: Any, config: Any, sources: dict[str, Any], settings: ServeSett
     notifier = Notifier.from_env()
     metrics = ServiceMetrics()
     metrics.set_outputs(_outputs(config))
-    runner = Runner(bundle, config=config, **sources)
+    view = None
+    if view_settings is not None and view_settings.listen:
+        from edge_pfm.service.view import LiveView
+
+        view = LiveView()
+    runner = Runner(bundle, config=config, view=view, **sources)
     supervisor = Supervisor(runner, notifier, metrics, settings)
-    listener = Listener(settings.address, settings.security, health_routes(runner.readiness, metrics))
-    listener.start()  # before the engine loads: /readyz answers "loading the engine" meanwhile
+    health = Listener(settings.address, settings.security, health_routes(runner.readiness, metrics))
+    listeners = view_listeners(view, view_settings, settings.security, health) if view else [health]
+    started: list[Any] = []
+    try:
+        for listener in listeners:  # before the engine loads: /readyz answers "loading the engine" meanwhile
+            listener.start()
+            started.append(listener)
+    except BaseException:
+        for listener in started:
+            listener.stop()
+        raise
+    if view is not None:
+        _LOG.info(f"live view on {listeners[-1].url}/")
 
     def stop(signum: int, _frame: object) -> None:
         notifier.stopping()
@@ -162,7 +193,8 @@ def serve(bundle: Any, config: Any, sources: dict[str, Any], settings: ServeSett
     finally:
         supervisor.done.set()
         supervisor.sync()
-        listener.stop()
+        for listener in listeners:
+            listener.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         notifier.close()

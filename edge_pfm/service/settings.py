@@ -1,5 +1,7 @@
-"""[serve] in device.toml: where health listens, who may ask, and how serve recovers cameras. Checked against a
-whitelist when the config is read, like every section; relative paths are relative to the config file."""
+"""[serve] and [view] in device.toml: where health and the live view listen, who may ask, and how serve recovers
+cameras. Checked against a whitelist when the config is read, like every section; relative paths are relative to
+the config file. The token and TLS files of [serve] guard both listeners (one listener design, one set of
+credentials)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -60,3 +62,39 @@ class ServeSettings:
     @property
     def security(self) -> ListenerSecurity:
         return ListenerSecurity(self.token, self.tls_cert, self.tls_key)
+
+
+VIEW_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
+    "listen": ((str,), "an address such as 127.0.0.1:8080 (the same as [serve] health: one listener for both)"),
+    "max_clients": ((int,), "how many browsers may stream at once"),
+}
+VIEW_KEY = "[view] listen"
+
+
+@dataclass(frozen=True)
+class ViewSettings:
+    listen: str | None = None  # None: no live view
+    max_clients: int = 4  # each streaming client holds a thread and a socket
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], path: Path | None = None) -> ViewSettings:
+        section = cfg.get("view", {})
+        where = f"{path}: [view]" if path else "[view]"
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where} must be a table")
+        unknown = set(section) - set(VIEW_KEYS)
+        if unknown:
+            raise ConfigError(f"{where} unknown keys {sorted(unknown)} (known: {sorted(VIEW_KEYS)})")
+        for key, value in section.items():
+            types, what = VIEW_KEYS[key]
+            if isinstance(value, bool) or not isinstance(value, types) or value in ("", 0) or \
+                    (isinstance(value, int) and value < 0):
+                raise ConfigError(f"{where} {key} must be {what}, got {value!r}")
+        settings = cls(**section)
+        if settings.listen is not None:
+            ServeSettings.from_config(cfg, path).security.check(settings.address)
+        return settings
+
+    @property
+    def address(self) -> ListenAddress:
+        return ListenAddress.parse(self.listen, key=VIEW_KEY)
