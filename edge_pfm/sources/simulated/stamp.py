@@ -22,9 +22,10 @@ def stamp(frame: np.ndarray, index: int, modality: str) -> np.ndarray:
     return frame
 
 
-def read_stamp(frame: np.ndarray) -> tuple[int, str | None]:
-    """-> (index, modality or None if the stamp is unreadable)."""
-    cells = frame[CELL // 2, [k * CELL + CELL // 2 for k in range(BITS + 2)]]
+def read_stamp(frame: np.ndarray, scale: float = 1.0) -> tuple[int, str | None]:
+    """-> (index, modality or None if the stamp is unreadable). `scale`: the frame was resized by this factor since
+    it was stamped (the live view's drawing): the cells are read at their scaled centres."""
+    cells = frame[int(CELL / 2 * scale), [int((k * CELL + CELL / 2) * scale) for k in range(BITS + 2)]]
     bits = [int(np.mean(c) > 127) for c in cells]
     index = sum(b << i for i, b in enumerate(bits[:BITS]))
     return index, _CODE_MODALITY.get(bits[BITS] | (bits[BITS + 1] << 1))
