@@ -8,8 +8,8 @@ the accuracy gate on 2000 held-out pairs nothing was tuned on; if the gate still
 fine-tuning distilled from the trained model, kept only if its FP32 accuracy holds, then export and calibrate
 again; after a last refusal the bundle is the trained FP32 model) -> sign it with a demo key (build/demo/demo-key/,
 never committed) and trust that key -> check and time each precision -> stream two synthetic cameras through the
-runtime with the best backend available -> summary + decision log, annotated video, latency histogram,
-confusion matrices in build/demo/.
+runtime with the best backend available, the live view on loopback -> summary + decision log, annotated video,
+the live view's snapshot, latency histogram, confusion matrices in build/demo/.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import argparse
 import json
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -63,6 +64,19 @@ def latency_histogram_png(records: list[dict], path: Path) -> Path:
     cv2.putText(img, "ms", (W - m + 5, H - m + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.imwrite(str(path), img)
     return path
+
+
+def save_snapshot(url: str, path: Path, after_s: float) -> None:
+    """The live view's /snapshot.jpg, `after_s` into the run, saved to `path` (what a browser on the device shows)."""
+    import urllib.request
+
+    time.sleep(after_s)
+    try:
+        with urllib.request.urlopen(url + "/snapshot.jpg", timeout=10) as r:
+            path.write_bytes(r.read())
+        print(f"saved the live view's snapshot: {path}", flush=True)
+    except OSError as exc:
+        print(f"no live view snapshot: {exc}", flush=True)
 
 
 def score_run(records: list[dict], classes: tuple[str, ...]) -> dict:
@@ -196,10 +210,23 @@ def run_demo(args: argparse.Namespace) -> int:
     log, video = out / "decisions.jsonl", out / "annotated.avi"
     log.unlink(missing_ok=True)
     bank = SceneBank((1280, 720), seed=11, per_class=2, scene_seconds=2.5)
+    # the live view on loopback, as `run --view` serves it: the demo saves its /snapshot.jpg (no browser needed)
+    from edge_pfm.service.listener import ListenAddress, Listener
+    from edge_pfm.service.view import LiveView
+
+    view = LiveView()
     runner = Runner(b, SyntheticSource("white_light", bank, fps=30, jitter_ms=2, seed=1),
                     SyntheticSource("fluorescence", bank, fps=30, phase_ms=7, drift_ppm=200, jitter_ms=2, seed=2),
-                    config=RunConfig(log=str(log), video=str(video)))
-    summary = runner.run(args.seconds)
+                    config=RunConfig(log=str(log), video=str(video)), view=view)
+    listener = Listener(ListenAddress.parse("127.0.0.1:0"), None, view.routes()).start()
+    snapshot = threading.Thread(target=save_snapshot, args=(listener.url, out / "live_view_snapshot.jpg",
+                                                            args.seconds * 0.6), daemon=True)
+    snapshot.start()
+    try:
+        summary = runner.run(args.seconds)
+    finally:
+        snapshot.join(10)
+        listener.stop()
     records, _ = read_log(log)
     scores = score_run(records, b.classes)
     latency_histogram_png(records, out / "latency_histogram.png")
