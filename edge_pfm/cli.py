@@ -141,7 +141,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from edge_pfm.service.view import LiveView
 
     path, cfg = load_device_config(args.config)
-    settings = ViewSettings(args.view, ViewSettings.from_config(cfg, path).max_clients)
+    settings = ViewSettings(args.view, ViewSettings.from_config(cfg, path).max_clients, key="--view")
     security = ServeSettings.from_config(cfg, find_config(args.config)).security  # [serve] token and TLS
     security.check(settings.address)
     view = LiveView()

@@ -142,14 +142,16 @@ def engine_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("serve-cache")  # shared: each process still checks its engine before READY
 
 
-def write_config(tmp_path: Path, bundle: Path, cache: Path, white: str = "", fluo: str = "", **serve: object) -> Path:
+def write_config(tmp_path: Path, bundle: Path, cache: Path, white: str = "", fluo: str = "", view: bool = False,
+                 **serve: object) -> Path:
     cam = "synthetic:fps=15,width=320,height=240"
     body = {"health": "127.0.0.1:0", "frozen_frames": 8, "camera_stall_s": 1.0, **serve}
     lines = ["[run]", f'bundle = "{bundle}"', 'log = "decisions.jsonl"', f'cache_dir = "{cache}"',
              "[cameras.white_light]", f'source = "{cam}{"," + white if white else ""}"',
              "[cameras.fluorescence]", f'source = "{cam}{"," + fluo if fluo else ""}"',
              "[serve]", *[f"{k} = {json.dumps(v)}" for k, v in body.items()],
-             "[security]", 'trusted_keys = "keys"', 'state_dir = "state"']
+             "[security]", 'trusted_keys = "keys"', 'state_dir = "state"',
+             *(["[view]", 'listen = "127.0.0.1:0"'] if view else [])]
     path = tmp_path / "device.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -175,7 +177,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 def test_ready_with_a_camera_missing_at_boot_then_health_watchdog_metrics_and_a_clean_stop(
         calibrated_bundle, engine_cache, notify, tmp_path):
-    cfg = write_config(tmp_path, calibrated_bundle, engine_cache, fluo="missing_s=6")
+    cfg = write_config(tmp_path, calibrated_bundle, engine_cache, fluo="missing_s=6", view=True)
     serve = Serve(cfg, notify)
     try:
         status, body = serve.get("/readyz")  # the listener is up while the engine loads
@@ -193,6 +195,8 @@ def test_ready_with_a_camera_missing_at_boot_then_health_watchdog_metrics_and_a_
         assert status == 503 and "camera_lost" in body and "fluorescence" in body, body
         body = serve.poll_until("/readyz", 200, 30)  # it is reopened and delivers
         assert body == "ready\n"
+        # [view] on [serve] health's address: one listener serves the live view too
+        assert serve.get("/snapshot.jpg")[0] == 200 and "EventSource" in serve.get("/")[1]
         # pings only after READY, at least two per WatchdogSec, while the runtime progresses
         time.sleep(2.5 * WATCHDOG_S)
         pings = [t for t, _ in notify.fields("WATCHDOG")]

@@ -266,3 +266,13 @@ def test_with_a_token_and_tls_no_token_is_401_and_the_browser_logs_in_over_https
         driver.quit()
         proc.terminate()
         proc.wait(30)
+
+
+def test_run_refuses_a_network_view_without_token_and_tls(calibrated_bundle, tmp_path):
+    """Checked before anything binds (tests never listen beyond loopback): exit 2, naming what is missing."""
+    r = subprocess.run([sys.executable, "-m", "edge_pfm", "run", "--bundle", str(calibrated_bundle), "--white", CAMERA,
+                        "--fluo", CAMERA, "--seconds", "1", "--view", "0.0.0.0:8080"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "token" in errors[0] and "TLS" in errors[0] and "--view" in errors[0], r.stderr

@@ -75,6 +75,7 @@ VIEW_KEY = "[view] listen"
 class ViewSettings:
     listen: str | None = None  # None: no live view
     max_clients: int = 4  # each streaming client holds a thread and a socket
+    key: str = VIEW_KEY  # where the address came from, named in errors (run's --view)
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], path: Path | None = None) -> ViewSettings:
@@ -97,4 +98,4 @@ class ViewSettings:
 
     @property
     def address(self) -> ListenAddress:
-        return ListenAddress.parse(self.listen, key=VIEW_KEY)
+        return ListenAddress.parse(self.listen, key=self.key)
