@@ -75,11 +75,14 @@ class Bundle:
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike, verify: bool = True, trust: Trust | None = None) -> Bundle:
+    def load(cls, path: str | os.PathLike, verify: bool = True, trust: Trust | None = None,
+             hold_floor: bool = True) -> Bundle:
         """`trust`: the keys and state directory to hold the bundle to (default: Trust.default(), the device's
         config as every command finds it). With a trusted key, the bundle must be signed by it, unchanged, and not
         older than the device's rollback floor (edge_pfm.trust); the manifest parsed is the one that was verified.
-        `verify=False` skips the artifacts' hashes of an unsigned bundle (tools that repair one; never the device)."""
+        `verify=False` skips the artifacts' hashes of an unsigned bundle (tools that repair one; never the device).
+        `hold_floor=False`: the signature is verified but the floor is not held; only for the bundle store's own
+        versions, which were held to the floor when installed (edge_pfm.store: a rollback to `previous`)."""
         from edge_pfm.trust.signature import unverified
 
         root = Path(path)
@@ -90,7 +93,7 @@ class Bundle:
         if not mpath.is_file():
             raise BundleError(f"{mpath} is missing: {root} is not a bundle; {_fix(root)}")
         if trust.required:
-            manifest, verdict = cls._verified_manifest(root, trust)
+            manifest, verdict = cls._verified_manifest(root, trust, hold_floor)
         else:
             manifest = read_json(mpath, BundleError, _fix(root))
             cls._validated(manifest, mpath, root)
@@ -107,7 +110,7 @@ class Bundle:
         return bundle
 
     @classmethod
-    def _verified_manifest(cls, root: Path, trust: Trust) -> tuple[dict[str, Any], Any]:
+    def _verified_manifest(cls, root: Path, trust: Trust, hold_floor: bool = True) -> tuple[dict[str, Any], Any]:
         """The signed manifest, its artifacts' hashes matched to the signed digests, and the rollback floor held."""
         import json
 
@@ -124,7 +127,8 @@ class Bundle:
         for name, a in manifest["artifacts"].items():  # the files were hashed against the signature just now
             if verdict.digests.get(name) != a["sha256"]:
                 raise BundleError(f"{root / name}: the manifest's sha256 is not the signed file's; {_fix(root)}")
-        check_floor(manifest.get("bundle_version"), trust.writable_state_dir(), root)
+        if hold_floor:
+            check_floor(manifest.get("bundle_version"), trust.writable_state_dir(), root)
         return manifest, verdict
 
     @classmethod

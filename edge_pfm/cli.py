@@ -1,4 +1,4 @@
-"""`edge-pfm` command line: info, build, run, serve, record, selftest, bench, verify, service-unit.
+"""`edge-pfm` command line: info, build, run, serve, update, record, selftest, bench, verify, service-unit.
 
 Every command reads the device configuration the same way (edge_pfm.config.find_config: --config, else
 $EDGE_PFM_CONFIG, else /etc/edge-pfm/device.toml) and loads the bundle under its [security] trust."""
@@ -179,11 +179,55 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                  frozen_frames=settings.frozen_frames, camera_stall_s=settings.camera_stall_s,
                                  camera_give_up_s=settings.camera_give_up_s)
     sources = _camera_sources(flags, cfg.get("cameras", {}), missing_ok=True)
-    bundle = _bundle(flags, trust, cfg)  # a refused bundle: exit 2, before READY
+    updates = None
+    if cfg.get("run", {}).get("bundle"):
+        bundle = _bundle(flags, trust, cfg)  # a refused bundle: exit 2, before READY
+    else:  # the store's current version, with updates (edge_pfm.store)
+        from edge_pfm.store import update as store_update
+        from edge_pfm.store.store import StoreError, store_settings
+
+        store, health_pairs = store_settings(cfg, find_config(args.config))
+        pending = store_update.recover_pending(store.ensure())
+        current = store.link("current")
+        if current is None:
+            raise StoreError(f"no bundle to serve: [run] bundle is not set and the store {store.root} has no current "
+                             "version; install one: edge-pfm update BUNDLE_DIR_OR_TAR")
+        bundle = store_update.load_store_bundle(current, trust)
+        config = dataclasses.replace(config, raise_floor_at_start=False)
+        updates = {"store": store, "trust": trust, "health_pairs": health_pairs, "pending": pending}
     from edge_pfm.memory import limit_heap_fragmentation
 
     limit_heap_fragmentation()
-    print(format_summary(serve(bundle, config, sources, settings, view)))
+    print(format_summary(serve(bundle, config, sources, settings, view, updates)))
+    return 0
+
+
+def _cmd_update(args: argparse.Namespace) -> int:
+    from edge_pfm.config import find_config
+    from edge_pfm.errors import InvalidArgument
+    from edge_pfm.store import update as store_update
+    from edge_pfm.store.store import store_settings
+
+    cfg, trust = _device(args)
+    store, health_pairs = store_settings(cfg, find_config(args.config))
+    store.ensure()
+    if args.rollback:
+        if args.source:
+            raise InvalidArgument("give SOURCE or --rollback, not both")
+        target = store_update.rollback(store, "asked for (edge-pfm update --rollback)", log=print)
+        print(f"current: {target.name}; a running serve switches to it at its next pair boundary")
+        return 0
+    if not args.source:
+        raise InvalidArgument("give the bundle to install (a directory or a .tar), or --rollback")
+    run = cfg.get("run", {})
+    backend, cache_dir = run.get("backend", "auto"), run.get("cache_dir")
+    running = store_update.running_selection(store, trust, backend, cache_dir)
+    installed = store_update.prepare(store, args.source, trust, backend=backend, running=running,
+                                     cache_dir=cache_dir, threads=run.get("threads"), log=print)
+    before = store_update.switch(store, installed.path)
+    print(f"current: {installed.path.name} (was {before.name if before else 'none'}); a running serve switches to "
+          f"it at its next pair boundary and commits it after {health_pairs} healthy pairs (else rolls back); "
+          "otherwise the next serve start does")
     return 0
 
 
@@ -339,6 +383,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "camera_give_up_s exits 6. `edge-pfm service-unit` prints its systemd unit.")
     p.add_argument("--config", help=CONFIG_HELP + " (serve needs one)")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("update", help="install a bundle into the device's store: stage, verify, check the engine on "
+                                      "this device, switch; serve commits it after healthy pairs or rolls back",
+                       description="Stage SOURCE (a bundle directory or a .tar of one) into [bundles] store, verify "
+                                   "its signature and version, build and check its engine as `edge-pfm build` does "
+                                   "(no precision is timed: the running one is kept when allowed), install it and "
+                                   "make it current. A running `serve` switches at a pair boundary and commits after "
+                                   "[bundles] health_pairs pairs without error, else rolls back. A refusal leaves "
+                                   "the current bundle as it is (exit 2, the bundle kept in the store's failed/).")
+    p.add_argument("source", nargs="?", help="a bundle directory or a .tar of one")
+    p.add_argument("--rollback", action="store_true", help="make the previous version current again")
+    p.add_argument("--config", help=CONFIG_HELP)
+    p.set_defaults(func=_cmd_update)
 
     p = sub.add_parser("service-unit", help="print the systemd unit for `edge-pfm serve`, with this installation's "
                                             "paths filled in",

@@ -29,6 +29,10 @@
     camera_stall_s = 5             # a read blocked this long: the camera is reopened
     frozen_frames = 90             # this many identical frames in a row: the camera is reopened
     camera_give_up_s = 300         # a camera lost this long: exit 6, and systemd restarts the service
+    [bundles]                      # the bundle store (edge_pfm.store): edge-pfm update, serve's inbox
+    store = "/var/lib/edge-pfm/bundles"            # serve runs its `current` when [run] bundle is not set
+    keep = 3                       # versions kept (current, previous and the newest others), under max_mb
+    health_pairs = 300             # pairs decided without error before an update is committed
     [view]                         # the live view (edge_pfm.service.view): `serve` serves it; `run --view ADDR`
     listen = "127.0.0.1:8080"      # the same as [serve] health: one listener; off loopback: [serve] token + TLS
     [outputs]                      # retention of --log and --video (edge_pfm.outputs); 0 turns a limit off
@@ -56,7 +60,7 @@ from edge_pfm.errors import EdgePfmError
 
 CAMERA_KEYS = {"source", "fourcc", "width", "height", "fps", "exposure", "gain", "buffer_size", "stamps"}
 OUTPUT_KEYS = {f"{o}_{k}" for o in ("log", "video") for k in ("rotate_mb", "rotate_minutes", "cap_mb")} | {"min_free_mb"}
-SECTIONS = ("cameras", "gates", "decision", "modality", "run", "outputs", "security", "serve", "view")
+SECTIONS = ("cameras", "gates", "decision", "modality", "run", "outputs", "security", "serve", "view", "bundles")
 # [run]: key -> (the types it takes, what it is); paths are relative to the config file
 RUN_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "bundle": ((str,), "a bundle directory"), "log": ((str,), "the decision log's path"),
@@ -137,6 +141,10 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
         ServeSettings.from_config(cfg, p)  # [serve]'s and [view]'s too, with the rest
         ViewSettings.from_config(cfg, p)
+    if "bundles" in cfg:
+        from edge_pfm.store.store import store_settings
+
+        store_settings(cfg, p)
     return cfg
 
 

@@ -97,6 +97,18 @@ class DecisionLog:
         if record.get("type") != HEADER:
             self._file_lines += 1
 
+    def new_run(self, header: dict[str, Any]) -> None:
+        """A new run header in the same file (a bundle switched mid-run): the lines after it are its engine's; a
+        rotation repeats the newest header."""
+        self.header = dict(header)
+        try:
+            if self._fd is None:
+                raise OSError(errno.EBADF, "the log is closed after an earlier failure")
+            self._emit({"type": HEADER, **self.header, "file": self.path.name, "opened_utc": _utc()})
+        except OSError as exc:
+            self._close_fd(quiet=True)
+            raise self._failed(exc) from exc
+
     def write(self, record: dict[str, Any]) -> None:
         try:
             if self._fd is None:

@@ -34,6 +34,7 @@ class RunConfig:
     frozen_frames: int = 0  # this many identical frames in a row: the camera is reopened (0: off)
     camera_stall_s: float | None = None  # a read blocked this long: the camera is reopened (None: off)
     camera_give_up_s: float | None = None  # a camera lost this long ends the run: CameraLost, exit 6 (None: never)
+    raise_floor_at_start: bool = True  # False under the bundle store: the rollback floor rises when an update commits
 
     def digest(self) -> str:
         """sha256 of the effective configuration, for the decision log's run header."""

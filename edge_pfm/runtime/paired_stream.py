@@ -41,6 +41,7 @@ class PreparedPair:
     t_paired_ns: int  # when the newer frame was prepared and paired
     t_ready_ns: int  # when both frames were prepared (a frame skipped under load is prepared after pairing)
     arrival_prepare_ns: int  # preparing the frame whose arrival made the pair, before it could pair
+    generation: int = 0  # the preprocessing it was prepared with (set_preprocessing): a switch drops older pairs
 
     @property
     def gates(self) -> dict[str, list[str]]:
@@ -79,6 +80,7 @@ class PairedStream:
         self.sources = sources
         self.alternating = CAMERA in sources
         self.specs = specs
+        self.generation = 0  # bumped by set_preprocessing: a pair prepared before it never reaches the new model
         self.thresholds = {m: getattr(gates, m) if gates.enabled else None for m in ("white_light", "fluorescence")}
         self.configured_ms = tolerance_ms
         self.pairer: TimestampPairer | AlternatingPairer = (
@@ -131,6 +133,18 @@ class PairedStream:
         rates = [s.nominal_fps for s in self.sources.values() if s.nominal_fps]
         return max(rates) if rates else PROVISIONAL_FPS
 
+    def set_preprocessing(self, specs: dict[str, PreprocessSpec]) -> int:
+        """A new model's preprocessing (a bundle update): frames prepared for the old one are dropped, and a pair
+        being prepared now is recognised by its generation. -> the new generation."""
+        with self._lock:
+            self.specs = specs
+            self.generation += 1
+            for kept in self._prepared.values():
+                kept.clear()
+        with self._slot_cond:
+            self._slot.clear()
+        return self.generation
+
     # -- the consumer ---------------------------------------------------------------------------------
     def next(self, timeout: float) -> PreparedPair | None:
         """The freshest prepared pair, or None after `timeout` seconds."""
@@ -179,11 +193,12 @@ class PairedStream:
                     self.stats["bad_frames"] += 1
                     self.last_bad_frame = f"{type(exc).__name__}: {exc}"
                 return
-            prepared = (prepare_input(frame, self.specs[modality], self.thresholds[modality]) if self._wanted()
+            generation, specs = self.generation, self.specs  # read together: a switch swaps both
+            prepared = (prepare_input(frame, specs[modality], self.thresholds[modality]) if self._wanted()
                         else None)
             if isinstance(prepared, Prepared):
                 to_measure.append(prepared)
-            self._pair(label, frame, prepared, to_measure)
+            self._pair(label, frame, prepared, to_measure, generation)
         except BaseException as exc:  # a bug, not a bad frame: the run stops and says so
             if self.on_error is None:
                 raise
@@ -194,8 +209,12 @@ class PairedStream:
             if self.watch is not None and self.watch.wants(label, frame.t_capture_ns):
                 self.watch.observe(label, frame.t_capture_ns, frame.image)
 
-    def _pair(self, label: str, frame: Frame, prepared: Prepared | Rejected | None, to_measure: list[Prepared]) -> None:
+    def _pair(self, label: str, frame: Frame, prepared: Prepared | Rejected | None, to_measure: list[Prepared],
+              generation: int = 0) -> None:
         with self._lock:
+            if generation != self.generation:  # prepared for the model before a switch: prepare again
+                prepared, generation = None, self.generation
+            specs = self.specs
             if self.tolerance.source == "provisional":
                 self._measure_tolerance()
             if prepared is not None:
@@ -224,10 +243,10 @@ class PairedStream:
         t_paired = time.monotonic_ns()
         late = []
         if w is None:
-            w = prepare_input(pair.white_light, self.specs["white_light"], self.thresholds["white_light"])
+            w = prepare_input(pair.white_light, specs["white_light"], self.thresholds["white_light"])
             late.append(w)
         if f is None:
-            f = prepare_input(pair.fluorescence, self.specs["fluorescence"], self.thresholds["fluorescence"])
+            f = prepare_input(pair.fluorescence, specs["fluorescence"], self.thresholds["fluorescence"])
             late.append(f)
         to_measure += [x for x in late if isinstance(x, Prepared)]
         bad = next((x for x in (w, f) if isinstance(x, Rejected)), None)
@@ -238,7 +257,7 @@ class PairedStream:
             return
         in_pair = frame is pair.white_light or frame is pair.fluorescence
         work = PreparedPair(pair, w.input, f.input, {"white_light": w, "fluorescence": f}, t_paired,
-                            time.monotonic_ns(), prepared.ns if in_pair and prepared is not None else 0)
+                            time.monotonic_ns(), prepared.ns if in_pair and prepared is not None else 0, generation)
         with self._slot_cond:
             if self._slot:
                 with self._lock:

@@ -99,6 +99,8 @@ class Runner:
         self._context: RunContext | None = None
         self._failed: list[Sink] = []  # sinks whose output failed: they get nothing more
         self._lost_said: str | None = None  # the camera_lost reason last emitted
+        self._switch: tuple | None = None  # (bundle, classifier, done): applied by the inference thread
+        self.switches: list[dict[str, Any]] = []  # each switch: when, after which decision, from and to
 
     # -- what tests and tools attach ----------------------------------------------------------------
     def attach(self, sink: Sink) -> Sink:
@@ -148,7 +150,7 @@ class Runner:
         if verdict is None:
             return
         _LOG.info(f"bundle {self.bundle.root}: {verdict.describe()}")
-        if verdict.verified and verdict.bundle_version is not None:
+        if verdict.verified and verdict.bundle_version is not None and self.cfg.raise_floor_at_start:
             from edge_pfm.trust.rollback import raise_floor
 
             if raise_floor(verdict.bundle_version, self.bundle.trust.writable_state_dir()):
@@ -166,9 +168,14 @@ class Runner:
                 return
         clf, engine = self.classifier, self.engine
         while not self.stop_event.is_set():
+            if self._switch is not None:  # at a pair boundary: nothing of the old model is in flight
+                clf, engine = self._apply_switch()
             work = self.stream.next(0.05)
             if work is None:
                 self._idle(time.monotonic_ns())
+                continue
+            if work.generation != self.stream.generation:  # prepared for the model before a switch
+                self.counts["pairs_dropped_switch"] += 1
                 continue
             t0 = time.monotonic_ns()
             try:
@@ -188,6 +195,37 @@ class Runner:
                 gate_flags += self.modality.flags()  # a camera that now looks like the other one: swapped?
             self._emit(engine.update(result.prob_vector, t1, gate_flags, result.lesion_map), work,
                        result.prob_vector, t0, t1)
+
+    def request_switch(self, bundle: Bundle, classifier: Classifier) -> threading.Event:
+        """Switch to `classifier` (loaded and checked, for `bundle`) at the next pair boundary: the pairs prepared
+        for the old model are dropped, the sinks start a new run (the log a new header), decisions keep their
+        numbers. -> an event set once the switch is applied (`switches[-1]` then says when)."""
+        done = threading.Event()
+        self._switch = (bundle, classifier, done)
+        return done
+
+    def _apply_switch(self) -> tuple[Classifier, DecisionEngine]:
+        bundle, clf, done = self._switch
+        self._switch = None
+        old = self.classifier
+        self.stream.set_preprocessing(bundle.preprocessing)
+        self.bundle, self.classifier = bundle, clf
+        self.thread_plan = getattr(clf.backend, "thread_plan", None)
+        self.engine = DecisionEngine(clf.classes, self.cfg.decision, clf.lesion_verdict.classes)
+        self._context = RunContext(self.run_id, clf.backend.describe(), clf.model_sha256, clf.engine_identity,
+                                   clf.classes)
+        start = RunStart(self._header(self.stream.tolerance.to_dict()), clf.classes)
+        for sink in self.sinks:
+            if sink not in self._failed:
+                try:
+                    sink.switch(start)
+                except RuntimeFailure as exc:
+                    self._output_failed(exc, sink)
+        self.switches.append({"t_ns": time.monotonic_ns(), "last_n": self.decisions_made, "bundle": str(bundle.root),
+                              "from": str(old.bundle.root) if old is not None else None})
+        _LOG.info(f"switched to {bundle.root} ({clf.backend.describe()}) after decision {self.decisions_made}")
+        done.set()
+        return clf, self.engine
 
     def _idle(self, now_ns: int) -> None:
         """No pair came: say why once (camera_lost naming the camera being reopened, else no_signal), and stop when

@@ -53,6 +53,9 @@ class Sink:
     def show_failure(self, decision: Decision) -> None:
         """Another output failed: show it to the person at the device, if this sink can."""
 
+    def switch(self, run: RunStart) -> None:
+        """The model changed mid-run (a bundle update): what follows is decided by `run`'s engine."""
+
     def close(self) -> None:
         pass
 
@@ -79,6 +82,9 @@ class DecisionLogSink(Sink):
 
     def write(self, event: DecisionEvent) -> None:
         self.log.write(event.record)
+
+    def switch(self, run: RunStart) -> None:
+        self.log.new_run(run.header)
 
     def close(self) -> None:
         if self.log is not None:

@@ -107,6 +107,9 @@ class ServiceMetrics:
         self.bundle = pc.Info("edge_pfm_bundle", "The bundle being served.", registry=r)
         self.ready = pc.Gauge("edge_pfm_ready", "1 when a decision can be made now (as /readyz answers).",
                               registry=r)
+        self.updates = pc.Counter("edge_pfm_bundle_updates", "Bundle updates by result (installed, switched, "
+                                  "committed, refused, rolled_back) and the step that refused or rolled back.",
+                                  ["result", "step"], registry=r)
         self.camera_lost = pc.Gauge("edge_pfm_camera_lost", "1 while the camera is lost (being reopened).",
                                     ["camera"], registry=r)
 
@@ -146,6 +149,9 @@ class ServiceMetrics:
         self.disk_free.clear()
         for name, path in outputs.items():
             self.disk_free.labels(output=name).set_function(lambda p=Path(path): free_bytes(p))
+
+    def update_event(self, result: str, step: str = "") -> None:
+        self.updates.labels(result=result, step=step).inc()
 
     def set_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)

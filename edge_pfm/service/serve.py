@@ -148,10 +148,10 @@ def view_listeners(view: Any, view_settings: ViewSettings, security: Any, shared
 
 
 def serve(bundle: Any, config: Any, sources: dict[str, Any], settings: ServeSettings,
-          view_settings: ViewSettings | None = None) -> dict[str, Any]:
+          view_settings: ViewSettings | None = None, updates: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run `bundle` on `sources` under supervision until SIGTERM/SIGINT, with the live view when [view] listen is
-    set. -> the run's summary (exit 0). Raises before READY for a port in use (exit 2); CameraLost (exit 6) after
-    camera_give_up_s."""
+    set, and bundle updates when it runs from the store (`updates`: store, trust, health_pairs, pending). -> the run's
+    summary (exit 0). Raises before READY for a port in use (exit 2); CameraLost (exit 6) after camera_give_up_s."""
     from edge_pfm.runtime import Runner
     from edge_pfm.service.health import health_routes
     from edge_pfm.service.listener import Listener
@@ -188,9 +188,17 @@ def serve(bundle: Any, config: Any, sources: dict[str, Any], settings: ServeSett
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     supervisor.status(f"loading the engine for {bundle.root} ({bundle.signature.describe() if bundle.signature else 'unsigned'})")
     supervisor.start()
+    watcher = None
+    if updates is not None:
+        from edge_pfm.service.updates import UpdateWatcher
+
+        watcher = UpdateWatcher(runner, updates["store"], updates["trust"], updates["health_pairs"], metrics)
+        watcher.start(updates.get("pending"))
     try:
         summary = runner.run(install_signal_handlers=False)
     finally:
+        if watcher is not None:
+            watcher.done.set()
         supervisor.done.set()
         supervisor.sync()
         for listener in listeners:
