@@ -115,6 +115,8 @@ class UpdateWatcher:
         switch["precision_note"] = note
         self.running_version = current
         self._count("switched")
+        _LOG.info(f"update: running {current.name} (loaded and checked in {switch['load_s']:.2f} s, switched "
+                  f"{switch['check_to_switch_s'] * 1e3:.0f} ms later at a pair boundary; {note})")
         if self.metrics is not None:
             sig = bundle.signature
             b = clf.backend

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_pfm.config import ConfigError
+from edge_pfm.config import ConfigError, relative_to_config
 
 DEFAULT_TRUSTED_KEYS = Path("/etc/edge-pfm/trusted_keys")
 DEFAULT_STATE_DIR = Path("/var/lib/edge-pfm")
@@ -42,9 +42,13 @@ class Trust:
         for key in section:
             if not isinstance(section[key], str) or not section[key]:
                 raise ConfigError(f"{where} {key} must be a directory path, got {section[key]!r}")
-        return cls(trusted_keys=Path(section.get("trusted_keys", DEFAULT_TRUSTED_KEYS)).expanduser(),
-                   state_dir=Path(section.get("state_dir", DEFAULT_STATE_DIR)).expanduser(),
-                   state_dir_configured="state_dir" in section)
+        def where_is(key: str, default: Path) -> Path:  # relative to the config file, as every section's paths
+            if key not in section:
+                return default
+            return relative_to_config(Path(path), section[key]) if path else Path(section[key]).expanduser()
+
+        return cls(trusted_keys=where_is("trusted_keys", DEFAULT_TRUSTED_KEYS),
+                   state_dir=where_is("state_dir", DEFAULT_STATE_DIR), state_dir_configured="state_dir" in section)
 
     @classmethod
     def default(cls) -> Trust:
