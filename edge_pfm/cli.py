@@ -41,6 +41,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     bundle = _bundle(args, trust) if args.bundle else None
     print(describe(bundle, args.cache_dir, _camera_sources(args, cfg.get("cameras", {}), required=False),
                    args.seconds))
+    if "bundles" in cfg:
+        from edge_pfm.config import find_config
+        from edge_pfm.store.store import store_settings
+
+        print(store_settings(cfg, find_config(args.config))[0].describe())
     return 0
 
 

@@ -92,14 +92,14 @@ def signed(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     return b
 
 
-def write_device(tmp_path: Path, signed: dict[str, Path], health_pairs: int = 30) -> Path:
+def write_device(tmp_path: Path, signed: dict[str, Path], health_pairs: int = 30, keep: int = 3) -> Path:
     cam = "synthetic:fps=15,width=320,height=240"
     cfg = tmp_path / "device.toml"
     cfg.write_text("\n".join([
         "[run]", 'log = "decisions.jsonl"', f'cache_dir = "{tmp_path / "cache"}"', 'backend = "onnxruntime"',
         "[cameras.white_light]", f'source = "{cam}"', "[cameras.fluorescence]", f'source = "{cam}"',
         "[serve]", 'health = "127.0.0.1:0"',
-        "[bundles]", 'store = "store"', f"health_pairs = {health_pairs}",
+        "[bundles]", 'store = "store"', f"health_pairs = {health_pairs}", f"keep = {keep}",
         "[security]", f'trusted_keys = "{signed["trusted"]}"', 'state_dir = "state"']) + "\n")
     return cfg
 
@@ -131,7 +131,7 @@ def log_records(path: Path) -> tuple[list[dict], list[int]]:
 
 
 def test_updates_switch_without_losing_a_decision_and_refusals_never_stop_serving(signed, tmp_path):
-    cfg = write_device(tmp_path, signed)
+    cfg = write_device(tmp_path, signed, keep=2)
     store = BundleStore(tmp_path / "store")
     r = update(cfg, str(signed["base"]))
     assert r.returncode == 0, r.stderr
@@ -152,6 +152,7 @@ def test_updates_switch_without_losing_a_decision_and_refusals_never_stop_servin
         (store.inbox / "shape.tar.complete").touch()
         wait_until(lambda: store.pending() is None and store.link("current").name.startswith(f"{SHAPE}-"), 90,
                    "the new shape committed", serve)
+        assert [v.bundle_version for v in store.list()] == [WEIGHTS, SHAPE]  # keep = 2: the base was removed
         # refusals: serving goes on, current stays, the reason is in the service log and the metrics
         for name in ("stranger", "tampered", "bad_check"):
             shutil.copytree(signed[name], store.inbox / name)
@@ -183,6 +184,9 @@ def test_updates_switch_without_losing_a_decision_and_refusals_never_stop_servin
     finally:
         serve.kill()
         notify.close()
+    for line in serve.output.splitlines():  # the load-and-check and check-to-switch times, for the closing note
+        if line.startswith("update: running"):
+            print(line)
     decisions, headers = log_records(tmp_path / "decisions.jsonl")
     assert [d["n"] for d in decisions] == list(range(1, len(decisions) + 1))  # 0 decisions lost
     lines = [json.loads(line) for line in (tmp_path / "decisions.jsonl").read_text().splitlines()]
@@ -232,9 +236,23 @@ def test_sigkill_at_each_step_leaves_current_whole_and_serving_resumes(signed, t
     finally:
         serve.kill()
         notify.close()
+    info = subprocess.run([sys.executable, "-m", "edge_pfm", "info", "--config", str(cfg)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120).stdout
+    assert f"{base.name} (version {BASE})  <- previous" in info and "<- current" in info, info
     # and --rollback goes back to previous
     r = update(cfg, "--rollback")
     assert r.returncode == 0 and store.link("current") == base, r.stderr
+
+
+def test_the_engine_cache_keeps_only_what_kept_bundles_use(tmp_path):
+    from edge_pfm.engine.cache import evict_engines
+
+    for stem, sha in (("pfm.fp16.a", "kept"), ("pfm.int8.b", "gone")):
+        (tmp_path / f"{stem}.engine").write_bytes(b"engine bytes")
+        (tmp_path / f"{stem}.json").write_text(json.dumps({"key": {"onnx_sha256": sha}, "built_from": {"m": sha}}))
+    removed = evict_engines(tmp_path, {"kept"})
+    assert sorted(p.name for p in removed) == ["pfm.int8.b.engine", "pfm.int8.b.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pfm.fp16.a.engine", "pfm.fp16.a.json"]
 
 
 @pytest.mark.parametrize("member", ["../evil", "/etc/evil", "link", "device"])

@@ -217,3 +217,22 @@ def find_any_engine(cache_dir: str | Path, secret: DeviceSecret | None) -> list[
             out.append({"file": p.with_suffix(".engine").name, **side.get("key", {}), "sealed": ok,
                         "check": (side.get("check") or {}).get("passed") if ok else None})
     return out
+
+
+def evict_engines(cache_dir: str | Path, keep_sha256: set[str]) -> list[Path]:
+    """Remove the engines (and their sidecars) built from no artifact in `keep_sha256` (the sha256s of every
+    artifact of the bundles the device keeps): the bundle store's cap also holds for the engine cache. -> removed."""
+    removed = []
+    for sidecar in sorted(Path(cache_dir).glob("pfm.*.json")):
+        try:
+            record = json.loads(sidecar.read_text())
+            built_from = set(record.get("built_from", {}).values()) or {record["key"]["onnx_sha256"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not ours to judge: a damaged sidecar is rebuilt by the next check anyway
+        if built_from & keep_sha256:
+            continue
+        for path in (sidecar.with_suffix(".engine"), sidecar):
+            if path.exists():
+                path.unlink()
+                removed.append(path)
+    return removed

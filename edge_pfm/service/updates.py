@@ -152,7 +152,7 @@ class UpdateWatcher:
             self._count("rolled_back", "health")
         elif pairs >= self.health_pairs:
             self.judging = None
-            steps.commit(self.store, self.trust)
+            steps.commit(self.store, self.trust, cache_dir=self.runner.cfg.cache_dir)
             self._count("committed")
 
 

@@ -194,6 +194,23 @@ class BundleStore:
             _fsync_dir(self.versions)
         return removed
 
+    def describe(self) -> str:
+        """The store as `edge-pfm info` shows it: each version, which is current, previous, pending; what failed."""
+        lines = [f"bundle store {self.root}:"]
+        if not self.root.is_dir():
+            return lines[0] + " (none yet: edge-pfm update BUNDLE installs the first version)"
+        current, previous, pend = self.link("current"), self.link("previous"), self.pending()
+        for v in self.list():
+            tags = [t for t, on in (("current", v.path.resolve() == current), ("previous", v.path.resolve() == previous),
+                                    ("pending health", pend is not None and pend["candidate"] == v.name)) if on]
+            lines.append(f"  {v.describe()}{'  <- ' + ', '.join(tags) if tags else ''}")
+        failed = sorted(self.failed.glob("*/report.json")) if self.failed.is_dir() else []
+        for report in failed[-5:]:
+            r = json.loads(report.read_text())
+            lines.append(f"  failed {report.parent.name}: {r.get('refused') or r.get('rolled_back')}")
+        lines.append(f"  {len(self.list())} versions kept (at most {self.keep}), {self.size() / (1 << 20):.1f} MB")
+        return "\n".join(lines)
+
     def size(self) -> int:
         return sum(f.stat().st_size for f in self.versions.rglob("*") if f.is_file())
 

@@ -14,6 +14,7 @@ A refusal at any step leaves `current` untouched; what was staged goes to failed
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -137,7 +138,18 @@ def switch(store: BundleStore, installed: Path) -> Path | None:
         return before
 
 
-def commit(store: BundleStore, trust: Any, log: Callable[[str], None] = _LOG.info) -> None:
+def evict_unused_engines(store: BundleStore, cache_dir: str | None, log: Callable[[str], None]) -> None:
+    """The engine cache keeps only engines built from artifacts of the versions the store keeps."""
+    from edge_pfm.engine.cache import evict_engines
+    from edge_pfm.engine.trt_build import DEFAULT_CACHE_DIR
+
+    keep = {a["sha256"] for v in store.list()
+            for a in json.loads((v.path / "manifest.json").read_text())["artifacts"].values()}
+    for path in evict_engines(Path(cache_dir or DEFAULT_CACHE_DIR), keep):
+        log(f"update: removed {path.name} from the engine cache (no kept bundle uses it)")
+
+
+def commit(store: BundleStore, trust: Any, log: Callable[[str], None] = _LOG.info, cache_dir: str | None = None) -> None:
     """The pending version is healthy: the version it replaced becomes `previous`, the floor rises to it."""
     pend = store.pending()
     if pend is None:
@@ -154,8 +166,11 @@ def commit(store: BundleStore, trust: Any, log: Callable[[str], None] = _LOG.inf
 
             if raise_floor(version, trust.writable_state_dir()):
                 log(f"rollback floor raised to bundle version {version}")
-        for name in store.prune():
+        removed = store.prune()
+        for name in removed:
             log(f"update: removed {name} from the store (keep {store.keep})")
+        if removed:
+            evict_unused_engines(store, cache_dir, log)
     log(f"update committed: {current.name if current else '?'} is current"
         + (f", {pend['before']} is previous" if pend["before"] else ""))
 
