@@ -3,7 +3,8 @@ blocks run as written.
 
 A block marked `<!-- runnable -->` runs in the order of the site's contents (the toctrees of docs/index.md),
 page by page: the build machine's quickstart (train, export, calibrate, check into build/quickstart/), then
-bring your own model (build/byo/), then the device's synthetic run on the quickstart bundle. They share those
+bring your own model (build/byo/), then the device's synthetic run on the quickstart bundle, then serve on it
+(build/serve-try/, until 60 decisions, then SIGTERM: about 10 s more). They share those
 folders, so they run in one test, in that order: about 5 minutes of the suite on a 2-core machine (307 s for
 this file on a fresh clone, 2026-12-06).
 """
@@ -93,7 +94,8 @@ def test_a_broken_link_fails_the_strict_build(tmp_path):
 @pytest.mark.slow
 def test_the_pages_runnable_blocks_run_literally_in_contents_order():
     blocks = [(page, block) for page in pages_in_contents_order() for block in RUNNABLE.findall(page.read_text())]
-    assert [p.name for p, _ in blocks] == ["build-machine.md", "bring-your-own.md", "bring-your-own.md", "run.md"]
+    assert [p.name for p, _ in blocks] == ["build-machine.md", "bring-your-own.md", "bring-your-own.md", "run.md",
+                                          "serve.md"]
     bindir = Path(sys.executable).parent  # the pages say .venv/bin/: the interpreter running these tests
     for page, block in blocks:
         script = block.replace(".venv/bin/", f"{bindir}/")
@@ -104,6 +106,8 @@ def test_the_pages_runnable_blocks_run_literally_in_contents_order():
     # INT8 was either accepted, or refused by the gate with its report kept beside the bundle
     assert (bundle / "model.int8.onnx").is_file() or (ROOT / "build/quickstart/bundle.int8-rejected/accuracy.md").is_file()
     assert (ROOT / "build/quickstart/decisions.jsonl").stat().st_size > 0
+    served = (ROOT / "build/serve-try/decisions.jsonl").read_text().splitlines()
+    assert len(served) > 60 and '"camera_lost"' in served[1]  # the missing camera, then decisions
     import json  # bring your own model: the example team model through --model
 
     byo = json.loads((ROOT / "build/byo/bundle/manifest.json").read_text())
