@@ -107,7 +107,8 @@ def test_the_pages_runnable_blocks_run_literally_in_contents_order():
     assert (bundle / "model.int8.onnx").is_file() or (ROOT / "build/quickstart/bundle.int8-rejected/accuracy.md").is_file()
     assert (ROOT / "build/quickstart/decisions.jsonl").stat().st_size > 0
     served = (ROOT / "build/serve-try/decisions.jsonl").read_text().splitlines()
-    assert len(served) > 60 and '"camera_lost"' in served[1]  # the missing camera, then decisions
+    assert len(served) > 60  # the header and at least 60 decisions, closed whole by the SIGTERM
+    assert all(line.endswith("}") for line in served)
     import json  # bring your own model: the example team model through --model
 
     byo = json.loads((ROOT / "build/byo/bundle/manifest.json").read_text())
