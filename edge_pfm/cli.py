@@ -192,7 +192,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from edge_pfm.store.store import StoreError, store_settings
 
         store, health_pairs = store_settings(cfg, find_config(args.config))
-        pending = store_update.recover_pending(store.ensure())
+        pending = store_update.recover_pending(store.ensure(), trust)
         current = store.link("current")
         if current is None:
             raise StoreError(f"no bundle to serve: [run] bundle is not set and the store {store.root} has no current "

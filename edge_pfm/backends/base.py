@@ -74,6 +74,11 @@ class Backend(ABC):
         sha = self.bundle.sha256(artifact)
         return {"backend": self.name, "precision": self.precision, "built_from": {artifact: sha}, "engine_sha256": sha}
 
+    def adopt_thread(self) -> None:
+        """The calling thread makes the inferences from now on (a classifier loaded by one thread and handed to the
+        inference thread: a bundle update). Backends without per-thread state have nothing to do."""
+        return None
+
     def close(self) -> None:
         self.closed = True
 

@@ -120,6 +120,11 @@ class TensorRTBackend(Backend):
     def describe(self) -> str:
         return f"tensorrt {trt_version(self._trt)} {self.precision}"
 
+    def adopt_thread(self) -> None:
+        """Inferences come from the calling thread from now on: each call pushes the retained primary context, so
+        only the owner check changes (a classifier loaded by serve's update thread, run by the inference thread)."""
+        self._owner = threading.get_ident()
+
     def close(self) -> None:
         if not self.closed:
             self._ctx.push()

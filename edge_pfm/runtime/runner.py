@@ -208,6 +208,7 @@ class Runner:
         bundle, clf, done = self._switch
         self._switch = None
         old = self.classifier
+        clf.backend.adopt_thread()  # loaded by another thread; this one runs it (TensorRT checks the owner)
         self.stream.set_preprocessing(bundle.preprocessing)
         self.bundle, self.classifier = bundle, clf
         self.thread_plan = getattr(clf.backend, "thread_plan", None)
@@ -224,6 +225,8 @@ class Runner:
         self.switches.append({"t_ns": time.monotonic_ns(), "last_n": self.decisions_made, "bundle": str(bundle.root),
                               "from": str(old.bundle.root) if old is not None else None})
         _LOG.info(f"switched to {bundle.root} ({clf.backend.describe()}) after decision {self.decisions_made}")
+        if old is not None and old is not clf:
+            old.backend.close()  # its session, or engine and device buffers, are not needed any more
         done.set()
         return clf, self.engine
 
@@ -354,7 +357,8 @@ class Runner:
         reopened; a camera lost past camera_give_up_s ends the run (CameraLost)."""
         cfg = self.cfg
         for label, source in self.stream.sources.items():
-            blocked = source.grab_since_ns and now_ns - source.grab_since_ns
+            since = source.grab_since_ns  # read once: the reader may clear it meanwhile
+            blocked = since and now_ns - since
             if cfg.camera_stall_s is not None and blocked and blocked > cfg.camera_stall_s * 1e9 and \
                     source.restart(f"a read blocked for more than {cfg.camera_stall_s:g} s (stalled)"):
                 _LOG.warning(f"{label} camera: a read blocked for more than {cfg.camera_stall_s:g} s: reopening")

@@ -59,7 +59,7 @@ class Notifier:
     def __init__(self, address: str | None, watchdog_interval_s: float | None = None):
         self.address = address  # '/path' or '\0abstract' (as sendto() takes it), None when disabled
         self.watchdog_interval_s = watchdog_interval_s if address else None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a signal handler may send while the main thread sends
         self._sock: socket.socket | None = None
         self._failed_logged = False
 

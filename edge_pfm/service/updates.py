@@ -47,12 +47,11 @@ class UpdateWatcher:
 
     def _loop(self) -> None:
         while not self.done.wait(POLL_S):
-            try:
-                self._inbox()
-                self._follow_current()
-                self._health()
-            except Exception:  # an update must never take serving down
-                _LOG.exception("the update watcher failed; serving goes on")
+            for step in (self._inbox, self._follow_current, self._health):  # one failing never stops the others
+                try:
+                    step()
+                except Exception:  # an update must never take serving down
+                    _LOG.exception(f"the update watcher's {step.__name__.strip('_')} step failed; serving goes on")
 
     # -- the inbox ------------------------------------------------------------------------------------
     def _inbox(self) -> None:
@@ -68,9 +67,11 @@ class UpdateWatcher:
                                           threads=self.runner.cfg.threads)
                 steps.switch(self.store, installed.path)
                 self._count("installed")
-            except StoreBusy:  # `edge-pfm update` holds the store: this one waits for the next poll
+            except StoreBusy:  # `edge-pfm update` holds the store, or a switch is judged: wait for the next poll
                 return
-            except EdgePfmError as exc:
+            except Exception as exc:  # refused (EdgePfmError), or an error of its own: never tried again
+                if not isinstance(exc, EdgePfmError):
+                    _LOG.exception(f"update from the inbox failed: {source}")
                 _LOG.error(f"update from the inbox refused: {exc}")
                 self._count("refused", _step_of(exc))
             marker.unlink(missing_ok=True)  # done with, installed or refused (a refused copy is in failed/)
@@ -126,6 +127,8 @@ class UpdateWatcher:
         pend = self.store.pending()
         if pend is not None and pend["candidate"] == current.name:
             self._judge()
+        else:
+            self.judging = None  # a rollback or a version nobody judges: nothing pending to commit
 
     # -- health after the switch ------------------------------------------------------------------------
     def _judge(self) -> None:

@@ -130,9 +130,9 @@ class LiveView:
         def events():
             nonlocal cursor
             yield b"retry: 2000\n\n"
-            if not cursor:  # a new client starts from the newest record, not from the ring's oldest
-                with self._cond:
-                    cursor = self._events[-2][0] if len(self._events) > 1 else 0
+            with self._cond:
+                if not cursor or cursor > self._event_id:  # new, or numbered by a run before a restart: start
+                    cursor = self._events[-2][0] if len(self._events) > 1 else 0  # from the newest record
             while not request.stopping.is_set():
                 with self._cond:
                     self._cond.wait_for(lambda c=cursor: self._event_id > c or request.stopping.is_set(),

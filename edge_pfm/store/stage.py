@@ -49,7 +49,12 @@ def stage_directory(source: Path, dest: Path) -> None:
                 raise UnsafeBundleSource(f"{Path(dirpath) / name}: not a regular file or folder (a link or a device); "
                                          "a bundle holds plain files only")
         for name in filenames:
-            with open(Path(dirpath) / name, "rb") as f:
+            path = Path(dirpath) / name
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # a link swapped in after the check is refused too
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise UnsafeBundleSource(f"{path}: not a regular file; a bundle holds plain files only")
+            with os.fdopen(fd, "rb") as f:
                 _copy_file(f, dest / rel / name)
     for dirpath, _, _ in os.walk(dest):
         _fsync(Path(dirpath))
@@ -98,12 +103,15 @@ def stage_tar(tar_path: Path, dest: Path) -> None:
 def stage(source: str | os.PathLike, dest: Path) -> None:
     """Copy `source` (a bundle directory or a .tar of one) into `dest`, an empty staging directory."""
     src = Path(source)
-    if src.is_dir():
-        stage_directory(src, dest)
-    elif src.is_file():
-        stage_tar(src, dest)
-    else:
-        raise InvalidArgument(f"{src} does not exist: give a bundle directory or a .tar of one")
+    try:
+        if src.is_dir():
+            stage_directory(src, dest)
+        elif src.is_file():
+            stage_tar(src, dest)
+        else:
+            raise InvalidArgument(f"{src} does not exist: give a bundle directory or a .tar of one")
+    except (tarfile.TarError, OSError) as exc:  # a truncated tar, a file where a folder should be, a read error
+        raise InvalidArgument(f"{src} cannot be staged: {exc}") from exc
     if not (dest / "manifest.json").is_file():
         raise InvalidArgument(f"{src} holds no manifest.json: not a bundle (a .tar may hold one folder with the "
                               "bundle in it)")

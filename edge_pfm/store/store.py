@@ -125,12 +125,20 @@ class BundleStore:
         """Move a staged, verified and checked bundle into versions/ (a rename) -> its directory."""
         name = f"{bundle_version or 0}-{manifest_sha256[:8]}"
         final = self.versions / name
-        if final.exists():  # the same bundle again: the installed copy is identical (same signed manifest)
-            shutil.rmtree(staged, ignore_errors=True)
-            return final
+        if final.exists():  # the same bundle again: the fresh, verified copy replaces whatever is there (a prune
+            self._discard(final)  # cut short by a crash may have left it partial)
         os.replace(staged, final)
         _fsync_dir(self.versions)
         return final
+
+    def _discard(self, path: Path) -> None:
+        """Remove a version: renamed into staging/ first (atomic; staging/ is emptied on start), then deleted, so a
+        crash midway never leaves a partial version under versions/."""
+        self.staging.mkdir(parents=True, exist_ok=True)
+        trash = self.staging / f"discard-{uuid.uuid4().hex[:8]}"
+        os.replace(path, trash)
+        _fsync_dir(path.parent)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def set_pending(self, candidate: Path, before: Path | None) -> None:
         atomic_write_json(self.pending_file, {"candidate": candidate.name, "before": before.name if before else None})
@@ -172,27 +180,27 @@ class BundleStore:
         return done
 
     def prune(self) -> list[str]:
-        """Keep `current`, `previous`, a pending candidate, and the newest others up to `keep` versions, under
+        """Keep `current`, `previous`, a pending candidate and any version newer than `current` (installed, not yet
+        switched to), then the newest others up to `keep` versions; then drop the oldest others while over
         `max_bytes`. -> the names removed."""
-        protected = {p for p in (self.link("current"), self.link("previous")) if p is not None}
+        current = self.link("current")
+        protected = {p for p in (current, self.link("previous")) if p is not None}
         pend = self.pending()
         if pend:
-            protected |= {self.versions / n for n in (pend["candidate"], pend["before"]) if n}
+            protected |= {(self.versions / n).resolve() for n in (pend["candidate"], pend["before"]) if n}
+        newest = self.version(current).bundle_version or 0 if current is not None else 0
+        protected |= {v.path.resolve() for v in self.list() if (v.bundle_version or 0) > newest}
         others = sorted((v for v in self.list() if v.path.resolve() not in protected),
-                        key=lambda v: (v.bundle_version or 0, v.name), reverse=True)
-        removed = []
-        kept = len(self.list()) - len(others)
-        for v in others:
-            over_count = kept >= self.keep
-            over_size = self.max_bytes is not None and self.size() > self.max_bytes
-            if over_count or over_size:
-                shutil.rmtree(v.path)
-                removed.append(v.name)
-            else:
-                kept += 1
-        if removed:
-            _fsync_dir(self.versions)
-        return removed
+                        key=lambda v: (v.bundle_version or 0, v.name), reverse=True)  # newest first
+        room = max(0, self.keep - (len(self.list()) - len(others)))
+        victims = others[room:]
+        survivors = others[:room]
+        while self.max_bytes is not None and survivors and \
+                self.size() - sum(_size(v.path) for v in victims) > self.max_bytes:
+            victims.append(survivors.pop())  # the oldest of those kept
+        for v in victims:
+            self._discard(v.path)
+        return [v.name for v in victims]
 
     def describe(self) -> str:
         """The store as `edge-pfm info` shows it: each version, which is current, previous, pending; what failed."""
@@ -212,7 +220,11 @@ class BundleStore:
         return "\n".join(lines)
 
     def size(self) -> int:
-        return sum(f.stat().st_size for f in self.versions.rglob("*") if f.is_file())
+        return _size(self.versions)
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 # [bundles] in device.toml: key -> (types, what it is)

@@ -25,7 +25,7 @@ from typing import Any
 from edge_pfm.bundle import Bundle
 from edge_pfm.errors import EdgePfmError
 from edge_pfm.store.stage import stage
-from edge_pfm.store.store import BundleStore, StoreError
+from edge_pfm.store.store import BundleStore, StoreBusy, StoreError
 
 _LOG = logging.getLogger(__name__)
 STEPS = ("stage", "verify", "check", "install", "switch")
@@ -73,6 +73,10 @@ def prepare(store: BundleStore, source: str | Path, trust: Any, *, backend: str 
 
     seconds: dict[str, float] = {}
     with store.locked():
+        pend = store.pending()
+        if pend is not None:  # one update at a time, until the last one's health has been judged
+            raise StoreBusy(f"{store.root}: {pend['candidate']} is still being judged by serve (pending.json); "
+                            "install the next update once it is committed or rolled back")
         staged = store.new_staging()
         step = "stage"
         try:
@@ -130,6 +134,10 @@ def switch(store: BundleStore, installed: Path) -> Path | None:
     entry that does not name `current`, which recover_pending clears). -> the version it replaced."""
     with store.locked(wait=True):
         step_hook("switch")
+        if not (installed / "manifest.json").is_file():
+            raise StoreError(f"{installed} is not in the store any more (pruned meanwhile); run the update again")
+        if store.pending() is not None:
+            raise StoreBusy(f"{store.root}: another update is still being judged; try again once it is committed")
         before = store.link("current")
         if before is not None and before == installed.resolve():
             return before
@@ -151,27 +159,27 @@ def evict_unused_engines(store: BundleStore, cache_dir: str | None, log: Callabl
 
 def commit(store: BundleStore, trust: Any, log: Callable[[str], None] = _LOG.info, cache_dir: str | None = None) -> None:
     """The pending version is healthy: the version it replaced becomes `previous`, the floor rises to it."""
-    pend = store.pending()
-    if pend is None:
-        return
     with store.locked(wait=True):
         step_hook("commit")
+        pend = store.pending()
         current = store.link("current")
-        if pend["before"]:
-            store.set_link("previous", store.versions / pend["before"])
-        store.clear_pending()
-        version = store.version(current).bundle_version if current else None
-        if version is not None and trust.required:
+        if pend is None or current is None or current.name != pend["candidate"]:
+            return  # rolled back or replaced meanwhile: nothing of this switch to commit
+        version = store.version(current).bundle_version
+        if version is not None and trust.required:  # first: a crash after it leaves pending, judged again
             from edge_pfm.trust.rollback import raise_floor
 
             if raise_floor(version, trust.writable_state_dir()):
                 log(f"rollback floor raised to bundle version {version}")
+        if pend["before"]:
+            store.set_link("previous", store.versions / pend["before"])
+        store.clear_pending()
         removed = store.prune()
         for name in removed:
             log(f"update: removed {name} from the store (keep {store.keep})")
         if removed:
             evict_unused_engines(store, cache_dir, log)
-    log(f"update committed: {current.name if current else '?'} is current"
+    log(f"update committed: {current.name} is current"
         + (f", {pend['before']} is previous" if pend["before"] else ""))
 
 
@@ -199,18 +207,39 @@ def rollback(store: BundleStore, why: str, log: Callable[[str], None] = _LOG.war
         return target
 
 
-def recover_pending(store: BundleStore, log: Callable[[str], None] = _LOG.info) -> dict | None:
-    """On start: clean staging/, and a pending entry a crash left behind. -> the pending switch still to judge
-    (its candidate is `current`: serve runs it and commits or rolls back on its health), or None."""
-    for line in store.recover():
-        log(f"update: {line}")
-    pend = store.pending()
-    if pend is None:
-        return None
-    current = store.link("current")
-    if current is None or current.name != pend["candidate"]:
-        store.clear_pending()  # the crash came before the link switched: the old version is still current
-        log("update: an interrupted switch left current unchanged; its pending entry was cleared")
+MAX_JUDGED_STARTS = 2  # a candidate judged at this many starts without a verdict took the process down: roll back
+
+
+def recover_pending(store: BundleStore, trust: Any = None, log: Callable[[str], None] = _LOG.info) -> dict | None:
+    """On start, under the store's lock: clean staging/, and a pending entry a crash left behind. -> the pending
+    switch still to judge (its candidate is `current`: serve runs it and commits or rolls back on its health), or
+    None. A candidate that was being judged when the process died twice, or that cannot be loaded, is rolled back."""
+    with store.locked(wait=True):
+        for line in store.recover():
+            log(f"update: {line}")
+        pend = store.pending()
+        if pend is None:
+            return None
+        current = store.link("current")
+        if current is None or current.name != pend["candidate"]:
+            store.clear_pending()  # the crash came before the link switched: the old version is still current
+            log("update: an interrupted switch left current unchanged; its pending entry was cleared")
+            return None
+        starts = pend.get("judged_starts", 0) + 1
+        why = None
+        if starts > MAX_JUDGED_STARTS:
+            why = f"the process ended {starts - 1} times while judging it (a crash, a hang or a power cut)"
+        elif trust is not None:
+            try:
+                load_store_bundle(current, trust)
+            except EdgePfmError as exc:
+                why = f"it cannot be loaded: {exc}"
+        if why is None:
+            from edge_pfm.fileio import atomic_write_json
+
+            atomic_write_json(store.pending_file, {**pend, "judged_starts": starts})
+    if why is not None:
+        rollback(store, why)
         return None
     log(f"update: {pend['candidate']} was switched to but not yet committed: judging its health again")
     return pend
