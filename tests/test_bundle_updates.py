@@ -209,6 +209,14 @@ def test_sigkill_at_each_step_leaves_current_whole_and_serving_resumes(signed, t
     store = BundleStore(tmp_path / "store")
     assert update(cfg, str(signed["base"])).returncode == 0
     base = store.link("current")
+    notify = NotifySocket(tmp_path / "notify.sock")
+    serve = Serve(cfg, notify)  # the first version is judged and committed: then it is the last good one
+    try:
+        notify.wait_for("READY", 90, serve.proc)
+        wait_until(lambda: store.pending() is None, 60, "the base committed", serve)
+        assert serve.stop() == 0
+    finally:
+        serve.kill()
     for step in ("stage", "check", "install", "switch"):
         r = update(cfg, str(signed["weights"]), kill_at=step)
         assert r.returncode == -signal.SIGKILL, (step, r.returncode, r.stderr[-2000:])
@@ -217,7 +225,6 @@ def test_sigkill_at_each_step_leaves_current_whole_and_serving_resumes(signed, t
     assert list(store.staging.iterdir())  # a killed update left its staging copy behind...
     # the health step: killed while serve judges the new version; after a restart it is judged again
     assert update(cfg, str(signed["weights"])).returncode == 0
-    notify = NotifySocket(tmp_path / "notify.sock")
     serve = Serve(cfg, notify, faults=["--kill-at", "commit"])
     try:
         notify.wait_for("READY", 90, serve.proc)

@@ -103,9 +103,9 @@ class Serve:
     def get(self, path: str) -> tuple[int, str]:
         try:
             with urllib.request.urlopen(self.url() + path, timeout=5) as r:
-                return r.status, r.read().decode()
+                return r.status, r.read().decode(errors="replace")
         except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
+            return e.code, e.read().decode(errors="replace")
 
     def poll_until(self, path: str, status: int, timeout: float = 30.0) -> str:
         deadline = time.monotonic() + timeout
@@ -196,7 +196,8 @@ def test_ready_with_a_camera_missing_at_boot_then_health_watchdog_metrics_and_a_
         body = serve.poll_until("/readyz", 200, 30)  # it is reopened and delivers
         assert body == "ready\n"
         # [view] on [serve] health's address: one listener serves the live view too
-        assert serve.get("/snapshot.jpg")[0] == 200 and "EventSource" in serve.get("/")[1]
+        serve.poll_until("/snapshot.jpg", 200, 10)  # once the drawing thread has drawn a frame
+        assert "EventSource" in serve.get("/")[1]
         # pings only after READY, at least two per WatchdogSec, while the runtime progresses
         time.sleep(2.5 * WATCHDOG_S)
         pings = [t for t, _ in notify.fields("WATCHDOG")]

@@ -74,7 +74,7 @@ def prepare(store: BundleStore, source: str | Path, trust: Any, *, backend: str 
     seconds: dict[str, float] = {}
     with store.locked():
         pend = store.pending()
-        if pend is not None:  # one update at a time, until the last one's health has been judged
+        if pend is not None and pend["before"]:  # one update at a time while a last good version is at stake
             raise StoreBusy(f"{store.root}: {pend['candidate']} is still being judged by serve (pending.json); "
                             "install the next update once it is committed or rolled back")
         staged = store.new_staging()
@@ -136,12 +136,14 @@ def switch(store: BundleStore, installed: Path) -> Path | None:
         step_hook("switch")
         if not (installed / "manifest.json").is_file():
             raise StoreError(f"{installed} is not in the store any more (pruned meanwhile); run the update again")
-        if store.pending() is not None:
+        pend = store.pending()
+        if pend is not None and pend["before"]:
             raise StoreBusy(f"{store.root}: another update is still being judged; try again once it is committed")
         before = store.link("current")
         if before is not None and before == installed.resolve():
             return before
-        store.set_pending(installed, before)
+        # replacing a first version nobody has judged yet: there is still no good version to fall back to
+        store.set_pending(installed, None if pend is not None else before)
         store.set_link("current", installed)
         return before
 
