@@ -74,7 +74,7 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("decisions*.jsonl"):
+    for old in out.glob("decisions*.jsonl"):  # the log rotates at 64 MB: a 30-minute soak writes several files
         old.unlink()
     tol_ms = 1000 / args.fps / 2
     jitter = 0.3 * 1000 / args.fps
@@ -154,8 +154,9 @@ state_dir = "state"
             if total(final, "edge_pfm_decisions_total") == previous:
                 break
             previous = total(final, "edge_pfm_decisions_total")
-        logged = (out / "decisions.jsonl").read_text().splitlines()
-        records = [json.loads(line) for line in logged[1:]]
+        from edge_pfm.decision_log import read_log
+
+        records, _ = read_log(out / "decisions.jsonl")  # every rotated file, oldest first
         numbers = [r["n"] for r in records]
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(60)
