@@ -148,22 +148,33 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
+def checked_section(cfg: dict[str, Any], name: str, keys: dict[str, tuple[tuple[type, ...], str]],
+                    path: Path | None, zero_ok: tuple[str, ...] = ()) -> dict[str, Any]:
+    """[name] of `cfg`, checked against its whitelist `keys` (key -> (types, what it is)): a table, known keys, the
+    right types (never a bool for a number), no empty string, no negative number, no zero unless in `zero_ok`.
+    ConfigError names the file, the section and the key. -> the section (empty when absent)."""
+    section = cfg.get(name, {})
+    where = f"{path}: [{name}]" if path else f"[{name}]"
+    if not isinstance(section, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = set(section) - set(keys)
+    if unknown:
+        raise ConfigError(f"{where} unknown keys {sorted(unknown)} (known: {sorted(keys)})")
+    for key, value in section.items():
+        types, what = keys[key]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(value, bool) or not isinstance(value, types) or value == "" or \
+                (number and (value < 0 or (value == 0 and key not in zero_ok))):
+            raise ConfigError(f"{where} {key} must be {what}, got {value!r}")
+    return section
+
+
 def _check_run(cfg: dict[str, Any], p: Path) -> None:
     """[run]: known keys of the right types; paths made relative to the config file's folder."""
-    run = cfg.get("run", {})
-    if not isinstance(run, dict):
-        raise ConfigError(f"{p}: [run] must be a table")
-    bad = set(run) - set(RUN_KEYS)
-    if bad:
-        raise ConfigError(f"{p}: [run] unknown keys {sorted(bad)} (known: {sorted(RUN_KEYS)})")
+    run = checked_section(cfg, "run", RUN_KEYS, p)
     for key, value in run.items():
-        types, what = RUN_KEYS[key]
-        if isinstance(value, bool) or not isinstance(value, types) or value in ("", 0):
-            raise ConfigError(f"{p}: [run] {key} must be {what}, got {value!r}")
         if key in RUN_CHOICES and value not in RUN_CHOICES[key]:
             raise ConfigError(f"{p}: [run] {key} = {value!r}: one of {', '.join(RUN_CHOICES[key])}")
-        if isinstance(value, (int, float)) and value < 0:
-            raise ConfigError(f"{p}: [run] {key} must be positive, got {value!r}")
         if key in RUN_PATHS:
             run[key] = str(relative_to_config(p, value))
 

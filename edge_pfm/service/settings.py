@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_pfm.config import ConfigError, relative_to_config
+from edge_pfm.config import ConfigError, checked_section, relative_to_config
 from edge_pfm.service.listener import DEFAULT_ADDRESS, ListenAddress, ListenerSecurity
 
 # key -> (types, what it is)
@@ -34,20 +34,10 @@ class ServeSettings:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], path: Path | None = None) -> ServeSettings:
-        section = cfg.get("serve", {})
+        section = checked_section(cfg, "serve", SERVE_KEYS, path, zero_ok=("frozen_frames",))
         where = f"{path}: [serve]" if path else "[serve]"
-        if not isinstance(section, dict):
-            raise ConfigError(f"{where} must be a table")
-        unknown = set(section) - set(SERVE_KEYS)
-        if unknown:
-            raise ConfigError(f"{where} unknown keys {sorted(unknown)} (known: {sorted(SERVE_KEYS)})")
         values: dict[str, Any] = {}
         for key, value in section.items():
-            types, what = SERVE_KEYS[key]
-            if isinstance(value, bool) or not isinstance(value, types) or value == "":
-                raise ConfigError(f"{where} {key} must be {what}, got {value!r}")
-            if isinstance(value, (int, float)) and (value < 0 or (value == 0 and key != "frozen_frames")):
-                raise ConfigError(f"{where} {key} must be positive, got {value!r}")
             if key == "frozen_frames" and value == 1:
                 raise ConfigError(f"{where} frozen_frames = 1 would call every frame frozen: use 0 (off) or >= 2")
             values[key] = relative_to_config(path, value) if key.startswith("tls_") and path else value
@@ -79,19 +69,7 @@ class ViewSettings:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any], path: Path | None = None) -> ViewSettings:
-        section = cfg.get("view", {})
-        where = f"{path}: [view]" if path else "[view]"
-        if not isinstance(section, dict):
-            raise ConfigError(f"{where} must be a table")
-        unknown = set(section) - set(VIEW_KEYS)
-        if unknown:
-            raise ConfigError(f"{where} unknown keys {sorted(unknown)} (known: {sorted(VIEW_KEYS)})")
-        for key, value in section.items():
-            types, what = VIEW_KEYS[key]
-            if isinstance(value, bool) or not isinstance(value, types) or value in ("", 0) or \
-                    (isinstance(value, int) and value < 0):
-                raise ConfigError(f"{where} {key} must be {what}, got {value!r}")
-        settings = cls(**section)
+        settings = cls(**checked_section(cfg, "view", VIEW_KEYS, path))
         if settings.listen is not None:
             ServeSettings.from_config(cfg, path).security.check(settings.address)
         return settings

@@ -238,20 +238,11 @@ DEFAULT_HEALTH_PAIRS = 300  # 10-20 s of a running colposcope
 
 def store_settings(cfg: dict[str, Any], path: Path | None = None) -> tuple[BundleStore, int]:
     """[bundles] -> (the store, health_pairs); keys checked against BUNDLES_KEYS (ConfigError names the key)."""
-    from edge_pfm.config import ConfigError, relative_to_config
+    from edge_pfm.config import ConfigError, checked_section, relative_to_config
 
-    section = cfg.get("bundles", {})
-    where = f"{path}: [bundles]" if path else "[bundles]"
-    if not isinstance(section, dict):
-        raise ConfigError(f"{where} must be a table")
-    unknown = set(section) - set(BUNDLES_KEYS)
-    if unknown:
-        raise ConfigError(f"{where} unknown keys {sorted(unknown)} (known: {sorted(BUNDLES_KEYS)})")
-    for key, value in section.items():
-        types, what = BUNDLES_KEYS[key]
-        if isinstance(value, bool) or not isinstance(value, types) or value in ("", 0) or \
-                (not isinstance(value, str) and value < 0) or (key == "keep" and value < 2):
-            raise ConfigError(f"{where} {key} must be {what}, got {value!r}")
+    section = checked_section(cfg, "bundles", BUNDLES_KEYS, path)
+    if section.get("keep", 2) < 2:
+        raise ConfigError(f"{path or ''}: [bundles] keep must be {BUNDLES_KEYS['keep'][1]}, got {section['keep']!r}")
     root = section.get("store")
     root = relative_to_config(path, root) if root and path else Path(root or DEFAULT_STORE)
     max_mb = section.get("max_mb")
