@@ -42,7 +42,16 @@ from calibration.data_plan import (
     pair_digest,
     plan_data,
 )
-from calibration.mixed import FULL_AGREEMENT, MARGIN, MIN_INT8_SHARE, Recipe, ValSet, _pairs_for, choose_recipe
+from calibration.mixed import (
+    FULL_AGREEMENT,
+    MARGIN,
+    MIN_INT8_SHARE,
+    Recipe,
+    ValSet,
+    _pairs_for,
+    choose_recipe,
+    judge_fixed,
+)
 from calibration.qdq import quantize_qdq
 from calibration.ranges import METHODS, compute_all_ranges
 from edge_pfm.bundle import Bundle, write_manifest
@@ -159,8 +168,13 @@ def _recipe(fp32: Path, all_ranges: dict, qat: dict | None, val: ValSet | None, 
     total = sum(n.op_type in QUANTIZABLE_OPS for n in graph.graph.node)
     why = "QAT ranges: the scheme QAT trained, unchanged" if qat is not None else "no val set: nothing tuned"
     _log(f"[3/6] the INT8 recipe: {why} ({method})")
-    return Recipe("qat" if qat is not None else "ptq", method, [], None, why, total,
-                  len(quantizable_layers(graph, ops)))
+    quantized = len(quantizable_layers(graph, ops))
+    if qat is not None and val is not None:  # held to the search's target on val and confirmation (judge_fixed)
+        qmodel = quantize_qdq(fp32, {**all_ranges[method], **qat}, None, op_types=ops, keep_float=tuple(plan.keep_float),
+                              float_nodes=tuple(all_ranges.float_nodes))
+        return judge_fixed("qat", method, qmodel, total, quantized, val, why, confirm, plan.margin, gate_pairs,
+                           log=_log)
+    return Recipe("qat" if qat is not None else "ptq", method, [], None, why, total, quantized)
 
 
 def _val_sets(data: DataPlan, bundle: Bundle, calib_digests: set[str]

@@ -361,6 +361,33 @@ def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_type
                   f"(val agreement {s.agreement:.2%})", methods=summary, sensitivity=sensitivity)
 
 
+def judge_fixed(kind: str, method: str, qmodel, layers: int, quantized: int, val: ValSet, why: str,
+                confirm: ValSet | None = None, margin: float = MARGIN, gate_pairs: int | None = None,
+                gate_floor: float = GATE_FLOOR, log: Callable[[str], None] = lambda m: None) -> Recipe:
+    """A recipe nothing was chosen for (QAT's ranges: trained, not searched), held to the search's own target on val
+    and on the confirmation pairs: without it such a model went to the gate alone, and one that passed there with 11
+    of 2000 differing showed 17 of 2000 on a fresh set. No search ran, so val is not biased for it; confirmation
+    is still asked for, so every shipped recipe has met the target on two sets. -> `kind`, or "refused"."""
+    t0 = time.perf_counter()
+    meets, target = margin_target(len(val), margin, gate_pairs, gate_floor)
+    s = val.score(qmodel)
+    log(f"      {why}: val agreement {s.agreement:.2%} ({s.n - s.agree} of {s.n} differ): "
+        f"{'met' if meets(s) else 'MISSED'} ({target})")
+    c, confirmations = None, []
+    if meets(s) and confirm is not None:
+        c_meets, c_target = margin_target(len(confirm), margin, gate_pairs, gate_floor)
+        c = confirm.score(qmodel)
+        confirmations.append({"recipe": why, **c.to_dict(), "met": c_meets(c)})
+        log(f"      confirmation on {c.n} unseen pairs ({confirm.source}): {c.agreement:.2%} ({c.n - c.agree} "
+            f"differ): {'met' if c_meets(c) else 'MISSED'} ({c_target})")
+    ok = meets(s) and all(x["met"] for x in confirmations)
+    reason = "" if ok else (f"{why}: {target} failed on val ({s.n - s.agree} differ)" if not meets(s) else
+                            f"{why}: the target failed on the {c.n} confirmation pairs ({c.n - c.agree} differ)")
+    return Recipe(kind if ok else "refused", method, [], s, target, layers, quantized, reason,
+                  confirm=c, confirmations=confirmations, trials=1 + len(confirmations),
+                  seconds=time.perf_counter() - t0)
+
+
 def _shortest_prefix(order: list[str], holds: ValScore, score_prefix: Callable[[int], ValScore],
                      meets: Callable[[ValScore], bool]) -> tuple[list[str], ValScore]:
     """The shortest prefix of `order` (ranked, most sensitive first) that still meets the target, by a binary

@@ -14,15 +14,17 @@ from pathlib import Path
 import numpy as np
 
 from export.onnx_graph import topological_sort
-from export.quant_scheme import DEFAULT_QUANTIZED_OPS, input_layers, name_nodes, residual_adds
+from export.quant_scheme import DEFAULT_QUANTIZED_OPS, OUTPUT_FLOAT_OPS, input_layers, name_nodes, residual_adds
 
 
 def quantize_qdq(onnx_path: str | Path, amax: dict[str, float], out_path: str | Path | None,
                  op_types: tuple[str, ...] = DEFAULT_QUANTIZED_OPS, keep_float: tuple[str, ...] = (),
-                 int32_biases: bool = False, float_nodes: tuple[str, ...] = ()):
+                 int32_biases: bool = False, float_nodes: tuple[str, ...] = (),
+                 output_float_ops: tuple[str, ...] = OUTPUT_FLOAT_OPS):
     """Write the Q/DQ model quantizing `op_types` (+ residual adds), each input's first layer, the nodes named in
     `float_nodes` and those whose names contain a `keep_float` substring left float; -> onnx.ModelProto (also
     when `out_path` is None: nothing written).
+    `output_float_ops`: the ops whose outputs stay float (export.quant_scheme: inputs only are quantized).
     `int32_biases` writes what this project wrote before TensorRT checked it (biases quantized to int32,
     which TensorRT refuses): for accuracy comparisons only, never a bundle artifact."""
     import onnx
@@ -43,7 +45,8 @@ def quantize_qdq(onnx_path: str | Path, amax: dict[str, float], out_path: str | 
     quantizer = QDQQuantizer(
         model, per_channel=True, reduce_range=False, weight_qType=QuantType.QInt8, activation_qType=QuantType.QInt8,
         tensors_range=ranges, nodes_to_quantize=nodes, nodes_to_exclude=[], op_types_to_quantize=[*op_types, "Add"],
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": int32_biases},
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": int32_biases,
+                       "OpTypesToExcludeOutputQuantization": list(output_float_ops)},
         # per-channel weight axes: onnxruntime's own (MatMul 1, the output columns; Gemm by its transB)
     )
     qmodel = topological_sort(quantizer.quantize_model())

@@ -9,7 +9,9 @@ without three passes:
 - percentile: the scheme's PERCENTILE of |x| (onnxruntime's rule, clipped to the values seen);
 - minmax: the largest |x| seen;
 - entropy: the threshold whose 128-level quantization of the |x| histogram loses the least information
-  (KL divergence), as TensorRT's entropy calibrator chooses it.
+  (KL divergence), as TensorRT's entropy calibrator chooses it;
+- mse: the threshold whose int8 grid (127 steps of amax / 127, clipped beyond) gives the least mean squared error
+  over the histogram: rounding and clipping error weighed together (pytorch-quantization's "mse" calibrator).
 
 Every tensor gets a finite, positive range, whatever its values (the TensorRT calibration cache lists every
 activation, and a softmax feeds a quantized MatMul): a tensor whose histogram is degenerate (constant, a spread
@@ -33,7 +35,7 @@ from calibration.data import PairReader
 from edge_pfm.errors import EdgePfmError
 from export.quant_scheme import PERCENTILE
 
-METHODS = ("percentile", "entropy", "minmax")
+METHODS = ("percentile", "entropy", "minmax", "mse")
 NUM_BINS = 2048  # onnxruntime's percentile calibrator's
 MAX_BINS = 64 * NUM_BINS  # a histogram that would grow past this is re-binned (onnxruntime's would allocate on)
 MIN_AMAX = 1e-30  # the smallest range written: a scale of amax / 127 stays a normal float32 (TensorRT's scales)
@@ -122,7 +124,7 @@ class HistogramRange:
         e = self.edges[np.searchsorted(cdf, PERCENTILE / 100.0)]
         lo, hi = (self.lo if -e < self.lo else -e), (self.hi if e > self.hi else e)  # clipped to the values seen
         out = {"percentile": max(abs(float(lo)), abs(float(hi))), "entropy": entropy_amax(self.hist, self.edges),
-               "minmax": self.amax}
+               "minmax": self.amax, "mse": mse_amax(self.hist, self.edges)}
         return {m: max(out[m], MIN_AMAX) for m in METHODS}
 
     @property
@@ -205,6 +207,31 @@ def entropy_amax(hist: np.ndarray, edges: np.ndarray, levels: int = 128, stride:
         if kl < best_kl:
             best_kl, best_i = kl, i
     return float(edges[min(best_i, n)])
+
+
+def mse_amax(hist: np.ndarray, edges: np.ndarray, levels: int = 127, candidates: int = 256) -> float:
+    """The clipping threshold of an |x| histogram whose symmetric int8 grid (step amax / levels, values beyond amax
+    clipped to it) has the least mean squared error, each bin's count taken at its centre. Thresholds are bin
+    edges from 1/16 of the range up, about `candidates` of them evenly spaced (the last edge always tried)."""
+    hist = hist.astype(np.float64)
+    if hist.sum() == 0:
+        return float(edges[-1])
+    occupied = hist > 0
+    centres = ((edges[:-1] + edges[1:]) / 2).astype(np.float64)[occupied]
+    counts = hist[occupied]
+    n = len(hist)
+    stride = max(1, n // candidates)
+    tries = np.unique(np.r_[np.arange(max(1, n // 16), n, stride), n])
+    best_err, best_t = np.inf, float(edges[-1])
+    for block in np.array_split(tries, max(1, len(tries) // 32)):  # 32 thresholds at a time: bounded memory
+        t = edges[block].astype(np.float64)[:, None]
+        step = t / levels
+        q = np.minimum(np.round(centres[None, :] / step), levels) * step
+        err = ((centres[None, :] - q) ** 2 * counts[None, :]).sum(1)
+        k = int(np.argmin(err))
+        if err[k] < best_err:
+            best_err, best_t = float(err[k]), float(t[k, 0])
+    return best_t
 
 
 def _augmented_session(model, tensors: list[str], path: Path):
