@@ -105,6 +105,56 @@ def test_one_histogram_pass_gives_every_method(fragile):
     assert mm >= pc > 0 and mm >= ranges["entropy"]["fragile_input"] > 0
 
 
+def test_only_inputs_are_quantized_and_the_logits_stay_float(fragile):
+    """TensorRT's placement: Q/DQ on the inputs of quantized layers; a graph output (the logits) is never rounded
+    to int8 (onnxruntime's quantizer did, and near-ties flipped), and every Q/DQ pair is there for a quantized
+    layer's input: read by one (other readers of the same tensor share it), or moved on to one by a Split or
+    Concat, which TensorRT moves the Q/DQ through."""
+    path, _, ranges, _ = fragile
+    q = quantize_qdq(path, ranges["percentile"], None)
+    producers = {o: n for n in q.graph.node for o in n.output}
+    assert all(producers[o.name].op_type not in ("DequantizeLinear", "QuantizeLinear") for o in q.graph.output)
+    readers: dict[str, list] = {}
+    for n in q.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    purposes = {*DEFAULT_QUANTIZED_OPS, "Add", "Split", "Concat"}
+    for n in q.graph.node:
+        if n.op_type == "QuantizeLinear":
+            dq = [r for r in readers[n.output[0]] if r.op_type == "DequantizeLinear"]
+            assert dq and all(any(r.op_type in purposes for r in readers[d.output[0]]) for d in dq), n.name
+    # the old placement, for contrast: the logits themselves came out of a DequantizeLinear
+    both = quantize_qdq(path, ranges["percentile"], None, output_float_ops=())
+    old = {o: n for n in both.graph.node for o in n.output}
+    assert any(old[o.name].op_type == "DequantizeLinear" for o in both.graph.output)
+
+
+def test_a_fixed_recipe_such_as_qat_is_held_to_the_target_on_val_and_confirmation(fragile):
+    """QAT's ranges are not searched, but its model must meet the same target on val and on the confirmation pairs
+    before the gate sees it (calibration.mixed.judge_fixed)."""
+    from calibration.mixed import judge_fixed
+
+    path, name, ranges, val = fragile
+    good = quantize_qdq(path, ranges["percentile"], None, float_nodes=(name,))
+    bad = quantize_qdq(path, ranges["percentile"], None)
+    margin = min(0.90, val.score(good).lower - 0.005)
+    passed = judge_fixed("qat", "percentile", good, 10, 9, val, "QAT ranges", confirm=val, margin=margin)
+    assert passed.kind == "qat" and passed.confirm is not None and passed.confirmations[0]["met"], passed.reason
+    refused = judge_fixed("qat", "percentile", bad, 10, 9, val, "QAT ranges", confirm=val, margin=margin)
+    assert refused.kind == "refused" and "failed on val" in refused.reason and not refused.confirmations
+
+
+def test_mse_ranges_weigh_rounding_against_clipping():
+    from calibration.ranges import mse_amax
+
+    x = np.abs(np.random.default_rng(0).laplace(size=400_000))
+    hist, edges = np.histogram(x, bins=2048)
+    amax = mse_amax(hist, edges)
+    assert 8.0 < amax < 12.0 < edges[-1]  # int8's optimum for a unit Laplace is ~9.9 scales (Banner et al.)
+    hist, edges = np.histogram(np.full(1000, 0.5), bins=2048, range=(0, 1))
+    assert mse_amax(hist, edges) >= 0.5  # a constant keeps its value on the grid: no clipping
+
+
 def test_entropy_clips_a_gaussians_outliers():
     x = np.abs(np.random.default_rng(0).standard_normal(400_000))
     x[:3] = 60.0  # three outliers set minmax's range
