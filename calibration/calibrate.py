@@ -21,6 +21,7 @@ from pathlib import Path
 from calibration.accuracy import (
     ADVICE,
     GATE,
+    NOISE_FLOOR,
     agreement_report,
     confusion_png,
     evaluate,
@@ -29,6 +30,7 @@ from calibration.accuracy import (
     gate_rule,
     lesion_report,
     markdown,
+    noise_floor,
     range_note_lines,
 )
 from calibration.calib_cache import CalibrationCache, trt_version_int
@@ -325,18 +327,27 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
                 recipe_record["confirm_note"] = data.confirm_note
             _log(f"[5/6] accuracy on {n_eval} held-out pairs: FP32 vs INT8 vs FP16, ONNX Runtime CPU")
             lesion: dict = {}
-            logits, labels = evaluate_stream({"fp32": fp32, "int8": tmp / "model.int8.onnx",
-                                              "fp16": tmp / "model.fp16.onnx"}, eval_chunks, specs, names, never_calibrated,
-                                             lesion=lesion, spin=not eval_rendered)
+            models = {"fp32": fp32, "int8": tmp / "model.int8.onnx", "fp16": tmp / "model.fp16.onnx"}
+            noisy = {"fp32_noise": fp32}  # FP32 under a grey level of pixel noise, where agreement is decided
+            logits, labels = evaluate_stream({**models, **(noisy if data.agreement is None else {})}, eval_chunks,
+                                             specs, names, never_calibrated, lesion=lesion, spin=not eval_rendered,
+                                             noise={"fp32_noise": NOISE_FLOOR})
+            floor = noise_floor(logits, eval_source) if "fp32_noise" in logits else None
+            logits.pop("fp32_noise", None)
+            lesion.get("maps", {}).pop("fp32_noise", None)
             results = evaluate(logits, labels, classes)
             agreement = None
             if data.agreement is not None:
                 _log(f"      agreement on {data.agreement.n} pairs ({data.agreement.source}): FP32 vs INT8 vs FP16")
-                agreement = agreement_report(
-                    evaluate_stream({"fp32": fp32, "int8": tmp / "model.int8.onnx", "fp16": tmp / "model.fp16.onnx"},
-                                    data.agreement.chunks(), specs, names, never_calibrated, labelled=False,
-                                    progress="agreement")[0], data.agreement.source)
-            reasons = gate(results, protected, agreement=agreement) + recipe_reasons
+                agreement_logits = evaluate_stream({**models, **noisy}, data.agreement.chunks(), specs, names,
+                                                   never_calibrated, labelled=False, progress="agreement",
+                                                   noise={"fp32_noise": NOISE_FLOOR})[0]
+                floor = noise_floor(agreement_logits, data.agreement.source)
+                agreement_logits.pop("fp32_noise")
+                agreement = agreement_report(agreement_logits, data.agreement.source)
+            _log(f"      noise floor: FP32 changes {floor['fp32_changed']} of {floor['samples']} decisions under "
+                 f"{NOISE_FLOOR:g} grey level of pixel noise; INT8 changes {floor['int8_changed']}")
+            reasons = gate(results, protected, agreement=agreement, floor_report=floor) + recipe_reasons
             report = {
                 "eval": {"samples": int(len(labels)), "source": eval_source},
                 "calibration": {"method": recipe.method, "ranges": ranges_used, "samples": len(calib),
@@ -344,6 +355,7 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
                                 "range_notes": all_ranges.notes()},
                 "recipe": recipe_record,
                 **({"agreement": agreement} if agreement else {}),
+                "noise_floor": floor,
                 **({"training_data": data.training_note} if data.training_note else {}),
                 "builds": {n: build_census(c) for n, c in build_checks.items()},  # a refused report keeps them too
                 "fp16_method": FP16_METHOD, "results": results,

@@ -84,6 +84,10 @@ def test_calibrated_bundle_contents(calibrated_bundle):
         r = report["results"][name]
         assert {"accuracy", "top1_agreement", "recall", "recall_delta", "max_abs_prob_diff", "logit_rmse"} <= set(r)
     assert report["results"]["fp16"]["top1_agreement"] >= 0.97  # FP16 barely moves logits
+    floor = report["noise_floor"]  # FP32 under a grey level of pixel noise, on the same held-out pairs
+    assert floor["samples"] == report["results"]["fp32"]["samples"] and floor["sigma_grey_levels"] == 1.0
+    assert floor["int8_changed"] == report["results"]["int8"]["disagreements"]
+    assert 0 <= floor["fp32_changed"] <= floor["samples"] and "noise floor" in (calibrated_bundle / "accuracy.md").read_text()
     assert (calibrated_bundle / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -119,6 +119,33 @@ def test_the_agreement_set_decides_the_agreement_criterion():
     assert len(reasons) == 1 and "on recording" in reasons[0]
 
 
+def test_the_noise_floor_perturbs_pixels_and_explains_a_refusal(tiny_bundle):
+    """FP32 with Gaussian pixel noise really reads other pixels (more noise, more decisions change), and a refusal
+    whose count FP32 itself exceeds under a grey level of noise says so."""
+    from calibration.accuracy import evaluate_stream, noise_floor
+
+    b = Bundle.load(tiny_bundle)
+    pairs = synthetic_pairs(48, 3, (320, 240), b.classes)
+    fp32 = b.model_path("fp32")
+    logits, _ = evaluate_stream({"fp32": fp32, "calm": fp32, "loud": fp32}, [pairs], b.preprocessing, b.input_names,
+                                progress=None, noise={"calm": 0.0, "loud": 80.0})
+    assert np.array_equal(logits["calm"], logits["fp32"])  # no noise: the same logits
+    assert np.abs(logits["loud"] - logits["fp32"]).max() > 1e-3
+    floor = noise_floor({"fp32": logits["fp32"], "fp32_noise": logits["loud"], "int8": logits["fp32"]}, "pairs", 80.0)
+    assert floor["samples"] == 48 and floor["int8_changed"] == 0
+    ref = np.zeros((3000, 4), np.float32)
+    ref[:, 0] = 1
+    int8 = ref.copy()
+    int8[:30, 1] = 2
+    held = _results(398, 400)
+    shaky = {"samples": 3000, "fp32_changed": 25, "sigma_grey_levels": 1.0}
+    reasons = gate(held, ("hsil",), agreement=agreement_report({"fp32": ref, "int8": int8}, "rec"), floor_report=shaky)
+    assert "FP32 itself changes 25 of 3000" in reasons[0]
+    steady = {**shaky, "fp32_changed": 2}
+    reasons = gate(held, ("hsil",), agreement=agreement_report({"fp32": ref, "int8": int8}, "rec"), floor_report=steady)
+    assert "FP32 itself" not in reasons[0]
+
+
 def test_a_recipe_that_met_val_by_luck_is_caught_by_confirmation(tiny_bundle, tmp_path):
     """A val set that is unrepresentative (one pair INT8 gets right, 64 times) passes full INT8; pairs the search
     never saw refuse it, and the search goes on to the fragile layer that costs it."""
