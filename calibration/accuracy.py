@@ -159,11 +159,13 @@ def _floor_words(floor_report: dict | None, allowed: int) -> str:
 
 
 def gate(results: dict, protected: tuple[str, ...], model: str = "int8", agreement: dict | None = None,
-         floor_report: dict | None = None) -> list[str]:
+         floor_report: dict | None = None, confirm_count: int | None = None) -> list[str]:
     """Reasons the INT8 model must not ship (empty list = pass), decided on 95 % intervals (module docstring).
     `protected`: the classes whose recall must not drop (the critical role, ClassRoles.protected). `agreement`
     (agreement_report): an unlabelled set the agreement criterion is decided on instead of the held-out set.
-    `floor_report` (noise_floor, on that same set): named in the agreement reason where it explains it."""
+    `floor_report` (noise_floor, on that same set): named in the agreement reason where it explains it.
+    `confirm_count`: the set also confirms the recipe (nothing else could: calibration.mixed.confirming_count), so
+    at most this many of its pairs may differ."""
     reasons = []
     m = results[model]
     a = agreement[model] if agreement else m
@@ -182,6 +184,16 @@ def gate(results: dict, protected: tuple[str, ...], model: str = "int8", agreeme
                            + _floor_words(floor_report, allowed) if allowed >= 0 else
                           f" (with {n} pairs even 100 % cannot show it: measure it on >= 2000, e.g. unlabelled pairs "
                           "recorded on the device: --agreement-data DIR)"))
+    elif confirm_count is not None and a["disagreements"] > confirm_count:
+        where = f" on {agreement['source']}" if agreement else ""
+        reasons.append(f"INT8 differs from FP32 on {a['disagreements']} of {a['samples']} pairs{where}; no pairs could "
+                       "confirm the recipe before the gate (val too small to halve or to show the margin), so this "
+                       + (f"set confirms it and may show at most {confirm_count} (a 97 % chance that a fresh set of "
+                          f"{a['samples']} shows >= {floor:.0%}" if confirm_count >= 0 else
+                          f"set must confirm it, and {a['samples']} pairs cannot even at full agreement (measure "
+                          "agreement on >= 1000 pairs: --agreement-data DIR")
+                       + "; or give a larger --val, for a confirmation set of its own)"
+                       + _floor_words(floor_report, max(confirm_count, 0)))
     tol, alpha = GATE["top_class_recall_drop"], GATE["alpha"]
     for top in protected:
         rc = m["recall_change"][top]

@@ -52,6 +52,7 @@ from calibration.mixed import (
     ValSet,
     _pairs_for,
     choose_recipe,
+    confirming_count,
     judge_fixed,
 )
 from calibration.qdq import quantize_qdq
@@ -347,7 +348,14 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
                 agreement = agreement_report(agreement_logits, data.agreement.source)
             _log(f"      noise floor: FP32 changes {floor['fp32_changed']} of {floor['samples']} decisions under "
                  f"{NOISE_FLOOR:g} grey level of pixel noise; INT8 changes {floor['int8_changed']}")
-            reasons = gate(results, protected, agreement=agreement, floor_report=floor) + recipe_reasons
+            decided_on = agreement["samples"] if agreement else len(labels)
+            confirm_count = confirming_count(decided_on, plan.margin) if recipe.gate_confirms else None
+            if confirm_count is not None:
+                recipe_record["gate_confirm_count"] = confirm_count
+                _log(f"      the gate's {decided_on} pairs confirm the recipe (no confirmation set): at most "
+                     f"{confirm_count} may differ")
+            reasons = gate(results, protected, agreement=agreement, floor_report=floor,
+                           confirm_count=max(confirm_count, -1) if confirm_count is not None else None) + recipe_reasons
             report = {
                 "eval": {"samples": int(len(labels)), "source": eval_source},
                 "calibration": {"method": recipe.method, "ranges": ranges_used, "samples": len(calib),

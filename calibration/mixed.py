@@ -17,6 +17,12 @@ layer sensitivity. Nothing here sees the `test` pairs the gate decides on.
   that misses there counts as missing, and the search goes on. Each later confirmation reuses those pairs (a much
   smaller bias: it happens only after a miss, and the report lists every confirmation tried); the gate's
   held-out set is never used.
+- **No confirmation set** (val too small to halve, or too small to show the margin at all): the gate's held-out
+  set is the recipe's confirmation, looked at once after the search: it must show what val would have had to, the
+  count that gives a 97 % chance that a fresh set of its size holds the gate's floor (4 of 2000), not merely the
+  floor (11 of 2000). A val set too small to show the margin still steers the search (full agreement, else the
+  float set closest to FP32 by KL within the budget), but does not refuse by itself: seen, 152 val pairs with one
+  near-tie pair refused a model that differed on 1 of 2000 held-out pairs.
 - **The range method**: each of calibration.ranges.METHODS, from the one histogram pass; the best val agreement
   wins (ties: the lower KL divergence from FP32).
 - **Sensitivity**: each block of the network (a module: `/model/stages.3/...` in a torch export) quantized alone,
@@ -162,6 +168,7 @@ class Recipe:
     sensitivity: dict[str, float] = field(default_factory=dict)  # block or layer -> mean KL, quantized alone
     confirm: ValScore | None = None  # the chosen recipe on pairs the search did not see
     confirmations: list[dict] = field(default_factory=list)  # every confirmation tried, in order
+    gate_confirms: bool = False  # no pairs could confirm it: the gate's held-out set must show the val target
     trials: int = 0
     seconds: float = 0.0  # logged, not recorded: reports stay byte-identical from run to run
 
@@ -175,6 +182,7 @@ class Recipe:
                 "onnx_conv_matmul": {"layers": self.layers, "quantized": self.quantized,
                                      "share": round(self.onnx_int8_share, 4)},
                 "confirm": self.confirm.to_dict() if self.confirm else None, "confirmations": self.confirmations,
+                "gate_confirms": self.gate_confirms,
                 "methods": self.methods, "sensitivity": self.sensitivity, "trials": self.trials}
 
 
@@ -186,6 +194,12 @@ def allowed_disagreements(n: int, margin: float = MARGIN, gate_pairs: int | None
         while allowed >= 0 and predicted_pass(n - allowed, n, gate_pairs, gate_floor) < PASS_PROBABILITY:
             allowed -= 1
     return allowed
+
+
+def confirming_count(n: int, margin: float = MARGIN, gate_floor: float = GATE_FLOOR) -> int:
+    """The most of the gate's n pairs that may differ when they confirm the recipe (no confirmation set): what a
+    val set of n pairs would have had to show against a fresh set of n (module docstring); -1: none can."""
+    return allowed_disagreements(n, margin, n, gate_floor)
 
 
 FULL_AGREEMENT = "every val pair agreeing"  # the target of a val set too small for the margin
@@ -278,7 +292,7 @@ def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_type
         return Recipe(kind, method, float_nodes, s, target, len(all_layers), len(layers) - len(floats), reason,
                       trials=trials, seconds=time.perf_counter() - t0,
                       confirm=last_confirm[0] if last_confirm and kind != "refused" else None,
-                      confirmations=confirmations, **kw)
+                      confirmations=confirmations, gate_confirms=confirm is None and kind != "refused", **kw)
 
     methods = list(methods or ranges)
     full = {m: quantize_qdq(fp32, ranges[m], None, op_types=op_types, float_nodes=fixed) for m in methods}
@@ -355,6 +369,11 @@ def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_type
         else:  # no closer: these stay INT8 (seen: a whole block float flipped more pairs than one of its layers)
             log(f"        no closer to FP32 than KL {s.kl:.2e}: {unit} stays INT8")
     n_float = sum(n in layer_set for n in float_nodes)
+    if target.startswith(FULL_AGREEMENT):  # val cannot show the margin: it steered, the gate's set confirms
+        log(f"      {len(val)} val pairs cannot show the margin: the closest recipe found ({len(float_nodes)} node(s) "
+            "float) goes to the gate, whose held-out set must show the val target")
+        return recipe("mixed" if float_nodes else "ptq", method, float_nodes, s, methods=summary,
+                      sensitivity=sensitivity)
     return recipe("refused", method, float_nodes, s,
                   f"{target} failed with {n_float} conv/matmul layers and {len(float_nodes) - n_float} residual Adds "
                   f"float, the most that leaves {min_share:.0%} of the {len(all_layers)} conv/matmul layers in INT8 "
@@ -384,8 +403,8 @@ def judge_fixed(kind: str, method: str, qmodel, layers: int, quantized: int, val
     reason = "" if ok else (f"{why}: {target} failed on val ({s.n - s.agree} differ)" if not meets(s) else
                             f"{why}: the target failed on the {c.n} confirmation pairs ({c.n - c.agree} differ)")
     return Recipe(kind if ok else "refused", method, [], s, target, layers, quantized, reason,
-                  confirm=c, confirmations=confirmations, trials=1 + len(confirmations),
-                  seconds=time.perf_counter() - t0)
+                  confirm=c, confirmations=confirmations, gate_confirms=ok and confirm is None,
+                  trials=1 + len(confirmations), seconds=time.perf_counter() - t0)
 
 
 def _shortest_prefix(order: list[str], holds: ValScore, score_prefix: Callable[[int], ValScore],

@@ -144,6 +144,27 @@ def test_a_fixed_recipe_such_as_qat_is_held_to_the_target_on_val_and_confirmatio
     assert refused.kind == "refused" and "failed on val" in refused.reason and not refused.confirmations
 
 
+def test_a_val_set_too_small_steers_the_search_and_the_gate_confirms(fragile):
+    """400 val pairs cannot show the margin against a 2000-pair gate: the search still runs (the fragile layer goes
+    float), nothing is refused for val alone, and the gate's held-out set must confirm the recipe at the count a
+    fresh set needs (4 of 2000), not just its floor (11 of 2000)."""
+    from calibration.accuracy import gate
+    from calibration.mixed import confirming_count
+
+    path, name, ranges, val = fragile
+    recipe = choose_recipe(path, ranges, DEFAULT_QUANTIZED_OPS, val, methods=["percentile"], gate_pairs=2000)
+    assert recipe.target.startswith("every val pair") and recipe.kind in ("ptq", "mixed"), recipe.reason
+    assert recipe.gate_confirms and recipe.confirm is None and name in recipe.float_layers
+    assert confirming_count(2000) == 4
+    ok = {"delta": 0.0, "ci95": [0.0, 0.0], "n": 2000, "lost": 0, "gained": 0, "mcnemar_p_loss": 1.0}
+    held = {"int8": {"agreement_ci95": [0.9912, 0.9985], "top1_agreement": 0.997, "disagreements": 6, "samples": 2000,
+                     "recall_change": {"hsil": ok}, "accuracy_change": ok}}
+    assert gate(held, ("hsil",)) == []  # 6 of 2000: the floor alone passes
+    reasons = gate(held, ("hsil",), confirm_count=4)
+    assert len(reasons) == 1 and "at most 4" in reasons[0] and "confirm" in reasons[0]
+    assert gate(held, ("hsil",), confirm_count=6) == []
+
+
 def test_mse_ranges_weigh_rounding_against_clipping():
     from calibration.ranges import mse_amax
 
