@@ -73,7 +73,7 @@ def calibration_row(bundle: Path, rc: int, out: str) -> dict:
                held_out=report["eval"]["samples"], fp32_accuracy=report["results"]["fp32"]["accuracy"],
                int8_agreement=int8["top1_agreement"], agreement_ci95=int8["agreement_ci95"],
                disagreements=int8["disagreements"], gate=report["gate"],
-               range_fallbacks=notes.get("fallbacks", {}))
+               range_fallbacks=notes.get("fallbacks", {}), noise_floor=report.get("noise_floor"))
     return row
 
 
@@ -145,10 +145,12 @@ def main(argv: list[str] | None = None) -> int:
                          if "int8_agreement" in c else "-",
                          f"{c['fp32_accuracy']:.1%}" if "fp32_accuracy" in c else "-",
                          len(c.get("range_fallbacks", {})),
+                         f"{c['noise_floor']['fp32_changed']} of {c['noise_floor']['samples']}"
+                         if c.get("noise_floor") else "-",
                          f"{r['train_seconds'] + c['export_seconds'] + c['calibration_seconds']:.0f}"])
     print_table(["model", "door", "expected", "actual", "exit", "INT8 recipe (method)", "nodes kept float",
                  "Int8 share", "held-out INT8 agreement [95 % CI]", "FP32 acc", "range fallbacks",
-                 "s (train+export+calib)"], rows)
+                 "FP32 changed by 1 grey level of noise", "s (train+export+calib)"], rows)
     print()
     print_table(["model", "trainer (best val)", "expected", "why"],
                 [[n, r["training"].split(": ", 1)[-1].split("; wrote")[0], r["expected"], r["why"]]
