@@ -66,7 +66,7 @@ def evaluate_stream(models: dict[str, object], chunks: Iterable[list[Pair]], spe
                     for k, v in stacked.items()}
                 outs = sess.run(None, feed)
                 logits[name].append(outs[0])
-                if len(outs) > 1:
+                if len(outs) > 1 and name not in noise:
                     maps[name].append(outs[1])
         labels += [-1 if p[2] is None else p[2] for p in chunk]
         if lesion is not None:  # None: a lesion pair without an outline, unscored
@@ -74,8 +74,8 @@ def evaluate_stream(models: dict[str, object], chunks: Iterable[list[Pair]], spe
                         for p in chunk]
         bar.update(len(chunk))
     bar.close()
-    if lesion is not None and all(maps.values()):
-        lesion["maps"] = {name: np.concatenate(v) for name, v in maps.items()}
+    if lesion is not None and all(v for name, v in maps.items() if name not in noise):
+        lesion["maps"] = {name: np.concatenate(v) for name, v in maps.items() if name not in noise}
         known = np.array([t is not None for t in targets], bool)
         if known.any():
             lesion["targets"] = np.stack([t for t in targets if t is not None])

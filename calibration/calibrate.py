@@ -329,22 +329,24 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
             _log(f"[5/6] accuracy on {n_eval} held-out pairs: FP32 vs INT8 vs FP16, ONNX Runtime CPU")
             lesion: dict = {}
             models = {"fp32": fp32, "int8": tmp / "model.int8.onnx", "fp16": tmp / "model.fp16.onnx"}
-            noisy = {"fp32_noise": fp32}  # FP32 under a grey level of pixel noise, where agreement is decided
-            logits, labels = evaluate_stream({**models, **(noisy if data.agreement is None else {})}, eval_chunks,
-                                             specs, names, never_calibrated, lesion=lesion, spin=not eval_rendered,
-                                             noise={"fp32_noise": NOISE_FLOOR})
-            floor = noise_floor(logits, eval_source) if "fp32_noise" in logits else None
-            logits.pop("fp32_noise", None)
-            lesion.get("maps", {}).pop("fp32_noise", None)
+
+            def measured(chunks, source: str, with_floor: bool, **kw):  # -> (logits, labels, noise floor or None)
+                # the noise floor: FP32 once more under a grey level of pixel noise, where agreement is decided
+                runs = {**models, "fp32_noise": fp32} if with_floor else models
+                lg, lb = evaluate_stream(runs, chunks, specs, names, never_calibrated, noise={"fp32_noise": NOISE_FLOOR},
+                                         **kw)
+                floor = noise_floor(lg, source) if with_floor else None
+                lg.pop("fp32_noise", None)
+                return lg, lb, floor
+
+            logits, labels, floor = measured(eval_chunks, eval_source, data.agreement is None, lesion=lesion,
+                                             spin=not eval_rendered)
             results = evaluate(logits, labels, classes)
             agreement = None
             if data.agreement is not None:
                 _log(f"      agreement on {data.agreement.n} pairs ({data.agreement.source}): FP32 vs INT8 vs FP16")
-                agreement_logits = evaluate_stream({**models, **noisy}, data.agreement.chunks(), specs, names,
-                                                   never_calibrated, labelled=False, progress="agreement",
-                                                   noise={"fp32_noise": NOISE_FLOOR})[0]
-                floor = noise_floor(agreement_logits, data.agreement.source)
-                agreement_logits.pop("fp32_noise")
+                agreement_logits, _, floor = measured(data.agreement.chunks(), data.agreement.source, True,
+                                                      labelled=False, progress="agreement")
                 agreement = agreement_report(agreement_logits, data.agreement.source)
             _log(f"      noise floor: FP32 changes {floor['fp32_changed']} of {floor['samples']} decisions under "
                  f"{NOISE_FLOOR:g} grey level of pixel noise; INT8 changes {floor['int8_changed']}")
@@ -355,7 +357,7 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
                 _log(f"      the gate's {decided_on} pairs confirm the recipe (no confirmation set): at most "
                      f"{confirm_count} may differ")
             reasons = gate(results, protected, agreement=agreement, floor_report=floor,
-                           confirm_count=max(confirm_count, -1) if confirm_count is not None else None) + recipe_reasons
+                           confirm_count=confirm_count) + recipe_reasons
             report = {
                 "eval": {"samples": int(len(labels)), "source": eval_source},
                 "calibration": {"method": recipe.method, "ranges": ranges_used, "samples": len(calib),

@@ -196,6 +196,19 @@ def allowed_disagreements(n: int, margin: float = MARGIN, gate_pairs: int | None
     return allowed
 
 
+def score_confirmation(confirm: ValSet, model, what: str, margin: float = MARGIN, gate_pairs: int | None = None,
+                       gate_floor: float = GATE_FLOOR, log: Callable[[str], None] = lambda m: None
+                       ) -> tuple[ValScore, dict]:
+    """`model` on the confirmation pairs, against the val target for their size -> (its score, the report's record
+    of the confirmation: what was confirmed, the score, and whether it met the target)."""
+    meets, target = margin_target(len(confirm), margin, gate_pairs, gate_floor)
+    c = confirm.score(model)
+    ok = meets(c)
+    log(f"      confirmation of {what} on {c.n} unseen pairs ({confirm.source}): {c.agreement:.2%} "
+        f"({c.n - c.agree} differ): {'met' if ok else 'MISSED'} ({target})")
+    return c, {"recipe": what, **c.to_dict(), "met": ok}
+
+
 def confirming_count(n: int, margin: float = MARGIN, gate_floor: float = GATE_FLOOR) -> int:
     """The most of the gate's n pairs that may differ when they confirm the recipe (no confirmation set): what a
     val set of n pairs would have had to show against a fresh set of n (module docstring); -1: none can."""
@@ -269,7 +282,6 @@ def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_type
     layers = quantizable_layers(graph, op_types)
     adds = residual_adds(graph)
     meets, target = margin_target(len(val), margin, gate_pairs, gate_floor)
-    confirm_meets, confirm_target = margin_target(len(confirm), margin, gate_pairs, gate_floor) if confirm else (None, "")
     trials = 0
     confirmations: list[dict] = []
     last_confirm: list[ValScore] = []
@@ -277,13 +289,10 @@ def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_type
     def confirmed(model, what: str) -> bool:  # the recipe the search stops at, on pairs it never saw
         if confirm is None:
             return True
-        c = confirm.score(model)
-        ok = confirm_meets(c)
-        confirmations.append({"recipe": what, **c.to_dict(), "met": ok})
+        c, record = score_confirmation(confirm, model, what, margin, gate_pairs, gate_floor, log)
+        confirmations.append(record)
         last_confirm[:] = [c]
-        log(f"      confirmation of {what} on {c.n} unseen pairs ({confirm.source}): {c.agreement:.2%} "
-            f"({c.n - c.agree} differ): {'met' if ok else 'MISSED'} ({confirm_target})")
-        return ok
+        return record["met"]
 
     fixed = tuple(fixed_float)
 
@@ -394,11 +403,8 @@ def judge_fixed(kind: str, method: str, qmodel, layers: int, quantized: int, val
         f"{'met' if meets(s) else 'MISSED'} ({target})")
     c, confirmations = None, []
     if meets(s) and confirm is not None:
-        c_meets, c_target = margin_target(len(confirm), margin, gate_pairs, gate_floor)
-        c = confirm.score(qmodel)
-        confirmations.append({"recipe": why, **c.to_dict(), "met": c_meets(c)})
-        log(f"      confirmation on {c.n} unseen pairs ({confirm.source}): {c.agreement:.2%} ({c.n - c.agree} "
-            f"differ): {'met' if c_meets(c) else 'MISSED'} ({c_target})")
+        c, record = score_confirmation(confirm, qmodel, why, margin, gate_pairs, gate_floor, log)
+        confirmations.append(record)
     ok = meets(s) and all(x["met"] for x in confirmations)
     reason = "" if ok else (f"{why}: {target} failed on val ({s.n - s.agree} differ)" if not meets(s) else
                             f"{why}: the target failed on the {c.n} confirmation pairs ({c.n - c.agree} differ)")
