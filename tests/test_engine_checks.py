@@ -142,7 +142,9 @@ def _gate_passed_copy(calibrated_bundle, dst):
     return Bundle.load(b)
 
 
-@pytest.mark.parametrize("fp32_ms,int8_ms,expected", [(4, 8, "fp32"), (10, 9.5, "fp32"), (10, 5, "int8")])
+# the delays dominate the models' own few milliseconds (INT8's Q/DQ graph runs ~1.5 ms faster than FP32 on ONNX
+# Runtime since only layer inputs are quantized: at 10 vs 9.5 ms that alone crossed the 10 % line)
+@pytest.mark.parametrize("fp32_ms,int8_ms,expected", [(20, 40, "fp32"), (50, 47.5, "fp32"), (50, 25, "int8")])
 def test_auto_picks_int8_only_when_it_is_ten_percent_faster(calibrated_bundle, tmp_path, fp32_ms, int8_ms, expected):
     bundle = _gate_passed_copy(calibrated_bundle, tmp_path / "b")
     delays = {"fp32": fp32_ms / 1000, "int8": int8_ms / 1000}
@@ -150,7 +152,7 @@ def test_auto_picks_int8_only_when_it_is_ten_percent_faster(calibrated_bundle, t
     def opener(bundle, backend, precision):
         return DelayedBackend(open_backend(bundle, backend, precision, cache_dir=tmp_path / "cache"), delays[precision])
 
-    pick = measure_pick(bundle, "onnxruntime", tmp_path / "cache", None, opener, windows=3, window_s=0.15)
+    pick = measure_pick(bundle, "onnxruntime", tmp_path / "cache", None, opener, windows=3, window_s=0.4)
     assert pick.pick == expected, pick.describe()
     assert {c.precision: c.allowed for c in pick.candidates} == {"fp32": True, "fp16": False, "int8": True}
     assert cached_pick(bundle, "onnxruntime", tmp_path / "cache").pick == expected
