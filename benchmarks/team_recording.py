@@ -70,7 +70,8 @@ def record(bundle: Path, cameras: Path, n: int, out: Path, log: Path) -> tuple[i
     return sum(1 for _ in (out / "white").iterdir()), seconds
 
 
-def one_seed(work: Path, seed: int, val_pairs: int, agreement_pairs: int, model: str = "their_pfm") -> dict:
+def one_seed(work: Path, seed: int, val_pairs: int, agreement_pairs: int, model: str = "their_pfm",
+             pairs: int = PAIRS) -> dict:
     from edge_pfm.synthetic import write_dataset
 
     logs = work / "logs"
@@ -80,7 +81,7 @@ def one_seed(work: Path, seed: int, val_pairs: int, agreement_pairs: int, model:
     if not weights.exists():  # --resume keeps a finished training
         shutil.rmtree(data, ignore_errors=True)
         shutil.rmtree(heldout, ignore_errors=True)
-        write_dataset(data, PAIRS, seed=3, size=SIZE, split=SPLIT)
+        write_dataset(data, pairs, seed=3, size=SIZE, split=SPLIT)
         write_dataset(heldout, PAIRS, seed=4, size=SIZE)
         seconds["their training"] = train(model, data, seed, weights, logs)
     factory, spec = model_door(model, weights, logs)
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="their_pfm", help="their_pfm (the docs' example) or zoo:NAME")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="their trainer's seeds")
+    ap.add_argument("--pairs", type=int, default=PAIRS,
+                    help="their labelled pairs with a split column (70/15/15 %% train/val/test; the docs' 400); the "
+                         "labelled held-out set stays 400 pairs")
     ap.add_argument("--val-pairs", type=int, default=2000)
     ap.add_argument("--agreement-pairs", type=int, default=3000)
     ap.add_argument("--work", default="build/team_recording", help="emptied first (unless --resume)")
@@ -126,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for seed in args.seeds:
         t0 = time.perf_counter()
-        row = one_seed(work / f"seed{seed}", seed, args.val_pairs, args.agreement_pairs, args.model)
+        row = one_seed(work / f"seed{seed}", seed, args.val_pairs, args.agreement_pairs, args.model,
+                       args.pairs)
         row["seconds"]["total"] = time.perf_counter() - t0
         rows.append(row)
         print(f"seed {seed}: {row['shipped']}", flush=True)

@@ -152,8 +152,37 @@ class _Refused(Exception):
         self.report = report
 
 
+def _conv_matmul_census(tensorrt_record: dict) -> tuple[int, int] | None:
+    """A build check's (Int8, all) conv/matmul engine layers, or None where no engine was built."""
+    by_type = tensorrt_record.get("compute_by_datatype") or {}
+    if not tensorrt_record.get("checked") or not by_type:
+        return None
+    return int(by_type.get("Int8", 0)), sum(int(v) for v in by_type.values())
+
+
+def _engine_census(max_batch: int):
+    """-> a function of a Q/DQ model: its (Int8, all) conv/matmul engine layers built by TensorRT-RTX, or None
+    (calibration.mixed counts the float budget with it, as the verdict does)."""
+    import tempfile
+
+    from export.artifact_check import ArtifactRejected
+
+    def census(model) -> tuple[int, int] | None:
+        with tempfile.TemporaryDirectory(prefix="edge-pfm-census-") as tmp:
+            path = save_onnx(model, Path(tmp) / "model.int8.onnx")
+            try:
+                with warnings.catch_warnings():  # "not checked here" is said once, by the artifact's own check
+                    warnings.simplefilter("ignore")
+                    record = check_artifact(path, max_batch=max_batch)
+            except ArtifactRejected:
+                return None  # the artifact's own check names the failure
+        return _conv_matmul_census(record["tensorrt"])
+
+    return census
+
+
 def _recipe(fp32: Path, all_ranges: dict, qat: dict | None, val: ValSet | None, plan: CalibrationPlan,
-            gate_pairs: int, confirm: ValSet | None = None) -> Recipe:
+            gate_pairs: int, confirm: ValSet | None = None, max_batch: int = 8) -> Recipe:
     """The range method and float layers (calibration.mixed), or the fixed recipe where nothing is chosen: QAT
     ranges (trained for the whole scheme) or no val set."""
     import onnx
@@ -165,7 +194,8 @@ def _recipe(fp32: Path, all_ranges: dict, qat: dict | None, val: ValSet | None, 
     if qat is None and val is not None:
         return choose_recipe(fp32, all_ranges, DEFAULT_QUANTIZED_OPS, val,
                              methods=None if plan.method == "auto" else [plan.method], margin=plan.margin, log=_log,
-                             gate_pairs=gate_pairs, fixed_float=all_ranges.float_nodes, confirm=confirm)
+                             gate_pairs=gate_pairs, fixed_float=all_ranges.float_nodes, confirm=confirm,
+                             census=_engine_census(max_batch))
     graph = name_nodes(onnx.load(str(fp32)))
     ops = QAT_QUANTIZED_OPS if qat is not None else DEFAULT_QUANTIZED_OPS
     total = sum(n.op_type in QUANTIZABLE_OPS for n in graph.graph.node)
@@ -209,9 +239,9 @@ def _recipe_verdict(recipe: Recipe, int8_check: dict) -> tuple[dict, list[str]]:
     not ship: a refused recipe, or too little left in Int8 to be worth it)."""
     record, reasons = recipe.to_dict(), []
     t = int8_check.get("tensorrt", {})
-    by_type = t.get("compute_by_datatype") or {}
-    if t.get("checked") and by_type:
-        int8, total = int(by_type.get("Int8", 0)), sum(int(v) for v in by_type.values())
+    counted = _conv_matmul_census(t)
+    if counted is not None:
+        int8, total = counted
         record["engine_conv_matmul"] = {"int8": int8, "layers": total, "share": round(int8 / total, 4),
                                         "census": f"{t.get('flavour')} {t.get('version')}"}
         share, where = int8 / total, f"{int8} of {total} conv/matmul engine layers ({t.get('flavour')} census)"
@@ -286,7 +316,8 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
             raise CalibrationError(f"qat_ranges.json names tensors the graph does not have, e.g. {unknown[:3]}; "
                                    "re-export the QAT checkpoint")
     val_set, confirm_set, tuned = _val_sets(data, bundle, calib_digests)
-    recipe = _recipe(fp32, all_ranges, qat, val_set, plan, data.gate_agreement_pairs, confirm_set)
+    recipe = _recipe(fp32, all_ranges, qat, val_set, plan, data.gate_agreement_pairs, confirm_set,
+                     bundle.max_batch)
     amax = dict(all_ranges[recipe.method])
     ranges_used, quantized_ops = f"ptq ({recipe.method})", DEFAULT_QUANTIZED_OPS
     if qat is not None:

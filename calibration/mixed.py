@@ -251,13 +251,16 @@ def _pairs_for(margin: float, gate_pairs: int | None = None, gate_floor: float =
 def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_types: tuple[str, ...], val: ValSet,
                   methods: Sequence[str] | None = None, margin: float = MARGIN, min_share: float = MIN_INT8_SHARE,
                   log: Callable[[str], None] = lambda m: None, gate_pairs: int | None = None,
-                  gate_floor: float = GATE_FLOOR, fixed_float: Sequence[str] = (), confirm: ValSet | None = None
-                  ) -> Recipe:
+                  gate_floor: float = GATE_FLOOR, fixed_float: Sequence[str] = (), confirm: ValSet | None = None,
+                  census: Callable[[object], tuple[int, int] | None] | None = None) -> Recipe:
     """The range method and the nodes kept float (module docstring). `ranges`: {method: amax}; `methods`: the
     ones to choose among (default all in `ranges`); `gate_pairs`, `gate_floor`: the held-out set the gate will
     decide on, and its agreement floor (margin_target); `fixed_float`: nodes float whatever the search finds (those
     reading a non-finite tensor: calibration.ranges), not counted as the search's; `confirm`: pairs the search never
-    sees, on which the recipe it stops at must meet the target too (module docstring).
+    sees, on which the recipe it stops at must meet the target too (module docstring); `census`: a Q/DQ model ->
+    (Int8, all) conv/matmul layers of its engine (TensorRT-RTX), or None where no engine can be built: the float
+    budget is then counted as the verdict counts it (an engine fuses and splits layers: seen, 16 ONNX conv/matmul
+    nodes with 81 % in Int8 built 14 engine layers with 79 %, and the recipe the search stopped at was refused).
 
     The search's units are each block's conv/matmul layers and each block's residual Adds (export.quant_scheme:
     quantized for TensorRT's fusions; keeping them float costs no conv/matmul Int8). Units are ranked by their
@@ -344,6 +347,12 @@ def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_type
         units.setdefault(f"{layer_block(name)} residual adds", []).append(name)
     sensitivity = {u: alone(members) for u, members in units.items()}
     max_float = len(layers) - int(np.ceil(min_share * len(all_layers)))
+    engine = census(qmodel) if census is not None else None
+    if engine is not None:  # each layer kept float costs (at least) one engine Int8 layer
+        int8_engine, all_engine = engine
+        max_float = min(max_float, int8_engine - int(np.ceil(min_share * all_engine)))
+        log(f"      float budget {max(max_float, 0)} conv/matmul layer(s): full INT8 builds {int8_engine} of "
+            f"{all_engine} conv/matmul engine layers in Int8 (TensorRT-RTX census), {min_share:.0%} must stay")
     layer_set = set(layers)
     float_nodes: list[str] = []
     s = best  # the float set so far and its score: a unit joins it only if it brings INT8 closer to FP32
@@ -385,7 +394,8 @@ def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_type
                       sensitivity=sensitivity)
     return recipe("refused", method, float_nodes, s,
                   f"{target} failed with {n_float} conv/matmul layers and {len(float_nodes) - n_float} residual Adds "
-                  f"float, the most that leaves {min_share:.0%} of the {len(all_layers)} conv/matmul layers in INT8 "
+                  f"float, the most that leaves {min_share:.0%} of the "
+                  f"{f'{engine[1]} engine' if engine else len(all_layers)} conv/matmul layers in INT8 "
                   f"(val agreement {s.agreement:.2%})", methods=summary, sensitivity=sensitivity)
 
 

@@ -96,6 +96,38 @@ def test_a_search_that_would_leave_too_little_int8_is_refused(fragile):
     assert not layers & set(recipe.float_layers)  # residual Adds may have been tried float, no layer
 
 
+def test_the_float_budget_is_counted_on_the_engine_as_the_verdict_counts_it(fragile):
+    """The search's float budget comes from the TensorRT-RTX census, as the verdict's share does: a budget counted on
+    ONNX nodes let the search stop at a recipe whose engine then fell below the share, and it was refused."""
+    import math
+
+    from calibration.calibrate import _engine_census
+    from export.quant_scheme import QUANTIZABLE_OPS
+
+    path, name, ranges, val = fragile
+    census = _engine_census(max_batch=8)
+    engine = census(quantize_qdq(path, ranges["percentile"], None))
+    if engine is None:
+        pytest.skip("TensorRT-RTX cannot build here: no engine census")
+    int8, total = engine
+    graph = name_nodes(onnx.load(str(path)))
+    onnx_layers = sum(n.op_type in QUANTIZABLE_OPS for n in graph.graph.node)
+    ours = len(quantizable_layers(graph, DEFAULT_QUANTIZED_OPS))
+    # a share that, counted on ONNX nodes, leaves room for one float layer, and on the engine for none (its two
+    # input convs are float there too, of fewer layers: 55 of 57 in Int8 against 58 of 60 nodes)
+    min_share = (ours - 1) / onnx_layers
+    assert int8 - math.ceil(min_share * total) <= 0, (int8, total, ours, onnx_layers)
+    alone = val.score(quantize_qdq(path, ranges["percentile"], None, float_nodes=(name,)))
+    margin = min(0.90, alone.lower - 0.005)  # met with the fragile layer float (the test above)
+    floated = census(quantize_qdq(path, ranges["percentile"], None, float_nodes=(name,)))
+    assert floated[0] / floated[1] < min_share  # ... and the verdict would refuse that recipe for its share
+    recipe = choose_recipe(path, ranges, DEFAULT_QUANTIZED_OPS, val, methods=["percentile"], margin=margin,
+                           min_share=min_share, census=census)
+    layers = set(quantizable_layers(graph, DEFAULT_QUANTIZED_OPS))
+    assert recipe.kind == "refused" and f"of the {total} engine conv/matmul layers" in recipe.reason, recipe.reason
+    assert not layers & set(recipe.float_layers)
+
+
 def test_one_histogram_pass_gives_every_method(fragile):
     path, _, ranges, _ = fragile
     assert list(ranges) == list(METHODS)
