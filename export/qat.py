@@ -5,7 +5,8 @@ Fake quantization (straight-through estimator) where the Q/DQ model has them (ex
 - every Conv weight but the stems': int8 symmetric per-output-channel. BatchNorm is frozen, and since
   the folded weight is the raw weight times a per-channel factor, quantizing the raw weight per channel
   is quantizing the folded one;
-- each FasterNet block's residual Add and each channel gate's Add: both inputs and the output, per-tensor.
+- each FasterNet block's residual Add and each channel gate's Add: both inputs, per-tensor. Not its output as such
+  (the Q/DQ model quantizes inputs only: where the sum feeds a Conv, that Conv's input fake-quantizes it).
 Activation ranges (amax) come from a percentile observer over training batches before fine-tuning and
 stay fixed, so the fine-tuned weights adapt to exactly the grid the Q/DQ model will use. The ranges are
 stored in the checkpoint by module name and call order; export maps them onto the ONNX tensors
@@ -165,7 +166,7 @@ def fake_quantized(model: PFM, ranges: dict) -> Iterator[QuantSwitch]:
                 a, b = inputs(block, x)
                 if not switch.enabled:
                     return then(block, x, a + b)
-                return then(block, x, fake_quant(fake_quant(a, r["in0"]) + fake_quant(b, r["in1"]), r["out"]))
+                return then(block, x, fake_quant(a, r["in0"]) + fake_quant(b, r["in1"]))
 
             block.forward = forward
             patched.append(block)
@@ -236,7 +237,8 @@ def onnx_tensor_ranges(model: PFM, proto, ranges: dict) -> dict[str, float]:
         raise ValueError(f"{len(add_nodes)} quantized Adds in the graph, {len(order['add'])} in the model")
     for node, name in zip(add_nodes, order["add"]):
         r = ranges["adds"][name]
-        out[node.input[0]], out[node.input[1]], out[node.output[0]] = r["in0"], r["in1"], r["out"]
+        out[node.input[0]], out[node.input[1]] = r["in0"], r["in1"]
+        out.setdefault(node.output[0], r["out"])  # where the sum feeds a Conv, that Conv's trained input range
     return out
 
 

@@ -48,8 +48,8 @@ def test_training_is_bitwise_reproducible(tmp_path):
 
 
 def test_qat_fake_quantization_matches_the_int8_grid_and_comes_off():
-    from export.model import create_model
-    from export.qat import fake_quant, fake_quantized, observe_ranges, quantized_convs
+    from export.model import FasterNetBlock, create_model
+    from export.qat import add_modules, fake_quant, fake_quantized, observe_ranges, quantized_convs
 
     torch.manual_seed(0)
     model = create_model("pfm_tiny", num_classes=4).eval()
@@ -67,6 +67,14 @@ def test_qat_fake_quantization_matches_the_int8_grid_and_comes_off():
         w = conv.weight  # parametrized: per-output-channel symmetric int8
         scale = w.detach().abs().amax(dim=(1, 2, 3), keepdim=True) / 127
         assert torch.allclose(w / scale, torch.round(w / scale), atol=1e-4)
+        name, block = next((n, m) for n, m in add_modules(model) if isinstance(m, FasterNetBlock))
+        sums = []
+        handle = block.register_forward_hook(lambda m, i, o: sums.append(o))
         quantized = model(*x)
+        handle.remove()
+        # a residual Add's inputs are on their int8 grids, its sum is not rounded again (inputs only, as the Q/DQ
+        # model quantizes: export.quant_scheme); it was, on the grid of its own output range
+        step = ranges["adds"][name]["out"] / 127
+        assert not torch.allclose(sums[0] / step, torch.round(sums[0] / step), atol=1e-3)
     assert not torch.equal(quantized, ref)
     assert torch.equal(model(*x), ref)  # back to the float model exactly
