@@ -8,7 +8,7 @@ from runtime_media import scene_frames, write_video
 
 from edge_pfm.runtime.pairing import AlternatingPairer, TimestampPairer
 from edge_pfm.sources import Frame
-from edge_pfm.sources.replay import ReplaySource
+from edge_pfm.sources.replay import ReplaySource, link_replays
 from edge_pfm.sources.simulated.faults import FaultySource
 from edge_pfm.sources.simulated.stamp import read_stamp, stamp
 
@@ -43,11 +43,12 @@ def test_prefers_the_nearer_later_frame():
     assert [(q.white_light.seq, q.fluorescence.seq) for q in pairs] == [(1, 0)]
 
 
-def _collect_pairs(white, fluo, tolerance_ms, seconds):
-    """Run two started sources and a pairer in this thread; -> pairs."""
+def _collect_pairs(white, fluo, tolerance_ms, seconds, stagger_s=0.0):
+    """Run two started sources (the second `stagger_s` after the first) and a pairer in this thread; -> pairs."""
     pairer = TimestampPairer(int(tolerance_ms * 1e6))
     out = []
     white.start()
+    time.sleep(stagger_s)
     fluo.start()
     t_end = time.monotonic() + seconds
     try:
@@ -95,6 +96,25 @@ def test_pairing_frame_by_frame_on_lossless_video(tmp_path, faults):
     assert len(got) >= 0.85 * (n - dropped_w - dropped_f)
     if faults.get("drop"):
         assert dropped_w + dropped_f > 0 and pairer.stats["unpaired_white_light"] + pairer.stats["unpaired_fluorescence"] > 0
+
+
+def test_two_image_folders_of_pairs_pair_frame_k_with_k_however_late_the_second_opens(tmp_path):
+    """Folders replayed as two cameras (`record --white DIR --fluo DIR`) share one start (link_replays): opened on
+    their own clocks 45 ms apart at 30 fps, white frame k+1 fell within tolerance of fluorescence frame k, and every
+    pair mixed two scenes."""
+    import cv2
+
+    n = 24
+    for i, (white_img, fluo_img, _) in enumerate(scene_frames(n)):
+        for folder, img in (("white", white_img), ("fluo", fluo_img)):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            assert cv2.imwrite(str(tmp_path / folder / f"{i:04d}.png"), img)  # lossless: the stamps survive
+    white = ReplaySource(tmp_path / "white", "white_light", keep=n)
+    fluo = ReplaySource(tmp_path / "fluo", "fluorescence", keep=n)
+    assert link_replays([white, fluo]) is not None
+    pairs, _ = _collect_pairs(white, fluo, tolerance_ms=1000 / 30 / 2, seconds=10, stagger_s=0.045)
+    got = [(read_stamp(p.white_light.image)[0], read_stamp(p.fluorescence.image)[0]) for p in pairs]
+    assert len(got) >= n - 2 and all(w == f for w, f in got), got
 
 
 def test_stamp_round_trip():

@@ -8,6 +8,8 @@ Where a frame's time comes from, best first (`timing` says which):
   jitter come back.
 - `container`: the video's own timestamps (FFmpeg's, through CAP_PROP_POS_MSEC), when they increase.
 - `index`: the frame index at the file's (or the given) frame rate; an image folder always.
+Replays without a frame record share the moment the first of them opens (link_replays), so two folders (or
+videos) of pairs play frame k of each at the same time.
 """
 from __future__ import annotations
 
@@ -46,16 +48,28 @@ def _span(times: list[int]) -> int:
 
 
 def link_replays(sources: Iterable[FrameSource]) -> ReplayTimeline | None:
-    """Give the replays that carry a frame record one shared time base (module doc); -> it, or None when fewer
-    than two do. Sources wrapped by a decorator are found through its `inner`."""
-    replays = []
+    """Give the replays one shared time base (module doc); -> the frame-recorded ones' timeline (or the shared
+    start of those without a record), or None when fewer than two replays. Sources wrapped by a decorator are
+    found through its `inner`.
+
+    Replays without a frame record (image folders; videos timed by their container or frame index) share the
+    moment the first of them opens, so frame k of each is scheduled at the same time whatever the delay between
+    opening them: each opened on its own clock, two folders of pairs opened 31 ms apart at 30 fps paired every
+    white frame k+1 with fluorescence frame k (two scenes), and a whole `record --mode dataset` of them was
+    mispaired."""
+    replays: list[ReplaySource] = []
     for s in sources:
         while not isinstance(s, ReplaySource) and getattr(s, "inner", None) is not None:
             s = s.inner
-        if isinstance(s, ReplaySource) and s.recorded:
+        if isinstance(s, ReplaySource):
             replays.append(s)
+    unrecorded = [r for r in replays if not r.recorded]
+    shared_start = ReplayTimeline(0, 0) if len(unrecorded) >= 2 else None
+    for r in unrecorded if shared_start else ():
+        r.timeline = shared_start
+    replays = [r for r in replays if r.recorded]
     if len(replays) < 2:
-        return None
+        return shared_start
     times = [[r["t_capture_ns"] for r in rep.recorded] for rep in replays]
     first, last = min(t[0] for t in times), max(t[-1] for t in times)
     period = min(_span(t) - (t[-1] - t[0]) for t in times)
