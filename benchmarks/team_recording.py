@@ -10,8 +10,10 @@ where `import torch` fails:
 
 The labelled held-out set (400 pairs) decides accuracy and recall; the recording decides agreement.
 
-    python benchmarks/team_recording.py [--model their_pfm | zoo:NAME] [--seeds 0 1] [--val-pairs 2000]
-        [--agreement-pairs 3000] [--work build/team_recording] [--json build/bench/team_recording.json]
+    python benchmarks/team_recording.py [--model their_pfm | zoo:NAME] [--seeds 0 1] [--pairs 400]
+        [--val-pairs 2000] [--agreement-pairs 3000] [--work build/team_recording] [--json build/bench/team_recording.json]
+
+--pairs: their labelled pairs with the split column (the docs' 400: 280 train); the labelled held-out set stays 400.
 
 --model zoo:NAME takes a model of examples/zoo.py (its own trainer and spec) instead of the docs' example.
 
