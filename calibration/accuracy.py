@@ -281,8 +281,8 @@ def _floor_lines(floor: dict | None) -> list[str]:
     lo, hi = floor["fp32_agreement_ci95"]
     return [f"- noise floor ({floor['samples']} pairs, {floor['source']}): FP32 with {floor['sigma_grey_levels']:g} "
             f"grey level of Gaussian pixel noise changes {floor['fp32_changed']} decisions (agreement [{lo:.2%}, "
-            f"{hi:.2%}]); INT8 changes {floor.get('int8_changed', '-')}. INT8 perturbs a model about as much: a model "
-            "whose decisions move with one grey level cannot agree better under any int8 recipe"]
+            f"{hi:.2%}]); INT8 changes {floor.get('int8_changed', '-')} (INT8's error is of that order: a model whose "
+            "decisions move with one grey level cannot agree better under any int8 recipe)"]
 
 
 def _pct_ci(ci: list) -> str:
