@@ -253,7 +253,7 @@ def _recipe_verdict(recipe: Recipe, int8_check: dict) -> tuple[dict, list[str]]:
          f"trial model(s) in {recipe.seconds:.0f}s; Int8: {where}")
     if recipe.kind == "refused":
         reasons.append(f"no INT8 recipe meets the val margin: {recipe.reason}")
-    elif share < MIN_INT8_SHARE - 1e-9:
+    if share < MIN_INT8_SHARE - 1e-9:  # said beside a refused recipe too: each alone refuses INT8
         reasons.append(f"only {where} run in Int8 (< {MIN_INT8_SHARE:.0%}): not worth shipping INT8")
     return record, reasons
 
