@@ -348,6 +348,7 @@ def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_type
     sensitivity = {u: alone(members) for u, members in units.items()}
     max_float = len(layers) - int(np.ceil(min_share * len(all_layers)))
     engine = census(qmodel) if census is not None else None
+    counted_layers = f"{engine[1]} engine" if engine else str(len(all_layers))  # as the budget was counted
     if engine is not None:  # each layer kept float costs (at least) one engine Int8 layer
         int8_engine, all_engine = engine
         max_float = min(max_float, int8_engine - int(np.ceil(min_share * all_engine)))
@@ -394,8 +395,7 @@ def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_type
                       sensitivity=sensitivity)
     return recipe("refused", method, float_nodes, s,
                   f"{target} failed with {n_float} conv/matmul layers and {len(float_nodes) - n_float} residual Adds "
-                  f"float, the most that leaves {min_share:.0%} of the "
-                  f"{f'{engine[1]} engine' if engine else len(all_layers)} conv/matmul layers in INT8 "
+                  f"float, the most that leaves {min_share:.0%} of the {counted_layers} conv/matmul layers in INT8 "
                   f"(val agreement {s.agreement:.2%})", methods=summary, sensitivity=sensitivity)
 
 

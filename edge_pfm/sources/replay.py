@@ -64,9 +64,11 @@ def link_replays(sources: Iterable[FrameSource]) -> ReplayTimeline | None:
         if isinstance(s, ReplaySource):
             replays.append(s)
     unrecorded = [r for r in replays if not r.recorded]
-    shared_start = ReplayTimeline(0, 0) if len(unrecorded) >= 2 else None
-    for r in unrecorded if shared_start else ():
-        r.timeline = shared_start
+    shared_start = None
+    if len(unrecorded) >= 2:  # only its start is used: no recorded time base, nothing to loop by
+        shared_start = ReplayTimeline(0, 0)
+        for r in unrecorded:
+            r.timeline = shared_start
     replays = [r for r in replays if r.recorded]
     if len(replays) < 2:
         return shared_start
