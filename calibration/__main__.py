@@ -1,6 +1,6 @@
 """python -m calibration --bundle BUNDLE [--data DIR | --synthetic N] [--method auto|percentile|entropy|minmax]
        [--samples 512] [--val DIR | --val-synthetic N] [--eval DIR | --eval-synthetic N] [--agreement-data DIR]
-       [--trt-version 10.3] [--allow-degraded]
+       [--weight-rounding gptq|nearest] [--trt-version 10.3] [--allow-degraded]
 
 One pass over paired calibration data (through edge_pfm's own preprocessing) gives symmetric
 activation ranges by each method; the INT8 recipe is chosen on val pairs (calibration/mixed.py): the range
@@ -8,7 +8,9 @@ method, and, when full INT8 misses the margin (val agreement lower bound >= 99.3
 chance that the gate's held-out set passes: at most 4 of 2000 val pairs differing against 2000 held-out
 pairs), the most sensitive layers kept float, as long as >= 80 % of the conv/matmul layers stay Int8. The recipe
 the search stops at is confirmed on pairs it never saw (rendered afresh with --synthetic, else half of a large
-val set) before the gate. Val needs no labels: it measures agreement with FP32. From the recipe: model.int8.onnx (explicit
+val set) before the gate. Val needs no labels: it measures agreement with FP32. The int8 weights take GPTQ's
+error-compensating levels on the calibration pairs' inputs (calibration/weight_rounding.py; PTQ only: a QAT model
+keeps the levels it trained on). From the recipe: model.int8.onnx (explicit
 Q/DQ) and calibration.cache (TensorRT text format). model.fp16.onnx is the FP16-typed model strongly typed
 TensorRT builds for FP16. Each ONNX passes onnx.checker's full check and a TensorRT-RTX build before it is
 written (exit 2 with the parser's node and message otherwise). INT8 and FP16 accuracy are measured against FP32
@@ -35,7 +37,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from calibration.calibrate import RANGES, CalibrationPlan, GateRefused, calibrate
+from calibration.calibrate import RANGES, WEIGHT_ROUNDINGS, CalibrationPlan, GateRefused, calibrate
 from calibration.ranges import METHODS
 from edge_pfm.config import parse_size
 from edge_pfm.errors import run_command
@@ -80,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--resolution", type=parse_size, default=(1280, 720), help="synthetic camera resolution WxH")
     ap.add_argument("--keep-float", nargs="*", default=[],
                     help="node-name substrings kept in float, beyond each input's first conv (always float)")
+    ap.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default="gptq",
+                    help="gptq: int8 weight levels chosen to cancel each other's output error on the calibration "
+                         "pairs (same scales); nearest: each weight rounded alone")
     ap.add_argument("--seed", type=int, default=1, help="seed of the synthetic pairs and the sampling")
     ap.add_argument("--allow-degraded", action="store_true", help="write the INT8 model even if the gate fails")
     ap.add_argument("--map-classes", metavar="A,B",
@@ -94,7 +99,7 @@ def plan_from_args(args: argparse.Namespace) -> CalibrationPlan:
         eval_synthetic=args.eval_synthetic, val_synthetic=args.val_synthetic, val=args.val,
         agreement_data=args.agreement_data, resolution=args.resolution, eval_resolution=args.eval_resolution,
         ranges=args.ranges, trt_version=args.trt_version, keep_float=tuple(args.keep_float), seed=args.seed,
-        allow_degraded=args.allow_degraded,
+        allow_degraded=args.allow_degraded, weight_rounding=args.weight_rounding,
         map_classes=None if args.map_classes is None else parse_map_classes(args.map_classes))
 
 

@@ -72,6 +72,8 @@ from export.sign import void_signature
 FP16_METHOD = ("model.fp16.onnx run on ONNX Runtime CPU (FP16-typed graph, float32 I/O, LayerNormalization in "
                "float32; ORT computes FP16 ops without a CPU kernel in float32 between FP16 tensors)")
 RANGES = ("auto", "ptq", "qat")
+WEIGHT_ROUNDINGS = ("gptq", "nearest")
+ROUNDING_PAIRS = 256  # calibration pairs whose inputs weigh GPTQ's rounding (calibration.weight_rounding)
 
 
 class GateRefused(CalibrationError):
@@ -100,6 +102,7 @@ class CalibrationPlan:
     ranges: str = "auto"  # auto | ptq | qat
     trt_version: str = "10.3"  # the TensorRT the cache targets (JetPack 6.1/6.2)
     keep_float: tuple[str, ...] = ()  # node-name substrings kept float, beyond each input's first conv
+    weight_rounding: str = "gptq"  # gptq: error-compensating int8 weight levels; nearest: round to nearest
     seed: int = 1
     allow_degraded: bool = False  # write the INT8 model even if the gate refuses it
     map_classes: tuple[str, ...] | None = None  # default: the bundle's, else lsil, hsil
@@ -109,6 +112,8 @@ class CalibrationPlan:
             raise CalibrationError(f"unknown range method {self.method!r}; choose auto or one of {METHODS}")
         if self.ranges not in RANGES:
             raise CalibrationError(f"unknown ranges {self.ranges!r}; choose one of {RANGES}")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise CalibrationError(f"unknown weight rounding {self.weight_rounding!r}; choose one of {WEIGHT_ROUNDINGS}")
         self.trt_version_int  # noqa: B018 - validates the version early
 
     @property
@@ -182,7 +187,7 @@ def _engine_census(max_batch: int):
 
 
 def _recipe(fp32: Path, all_ranges: dict, qat: dict | None, val: ValSet | None, plan: CalibrationPlan,
-            gate_pairs: int, confirm: ValSet | None = None, max_batch: int = 8) -> Recipe:
+            gate_pairs: int, confirm: ValSet | None = None, max_batch: int = 8, rounding=None) -> Recipe:
     """The range method and float layers (calibration.mixed), or the fixed recipe where nothing is chosen: QAT
     ranges (trained for the whole scheme) or no val set."""
     import onnx
@@ -195,7 +200,7 @@ def _recipe(fp32: Path, all_ranges: dict, qat: dict | None, val: ValSet | None, 
         return choose_recipe(fp32, all_ranges, DEFAULT_QUANTIZED_OPS, val,
                              methods=None if plan.method == "auto" else [plan.method], margin=plan.margin, log=_log,
                              gate_pairs=gate_pairs, fixed_float=all_ranges.float_nodes, confirm=confirm,
-                             census=_engine_census(max_batch))
+                             census=_engine_census(max_batch), rounding=rounding)
     graph = name_nodes(onnx.load(str(fp32)))
     ops = QAT_QUANTIZED_OPS if qat is not None else DEFAULT_QUANTIZED_OPS
     total = sum(n.op_type in QUANTIZABLE_OPS for n in graph.graph.node)
@@ -315,9 +320,19 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
         if unknown:
             raise CalibrationError(f"qat_ranges.json names tensors the graph does not have, e.g. {unknown[:3]}; "
                                    "re-export the QAT checkpoint")
+    rounding = None
+    if qat is None and plan.weight_rounding == "gptq":  # QAT trained its weights on the nearest levels: kept
+        from calibration.weight_rounding import WeightRounding
+
+        sample = calib.subset(range(min(len(calib), ROUNDING_PAIRS))) if hasattr(calib, "subset") else \
+            calib[:ROUNDING_PAIRS]
+        _log(f"      int8 weight levels: GPTQ, from each weight layer's FP32 inputs on {len(sample)} calibration "
+             "pairs (--weight-rounding nearest: round to nearest)")
+        rounding = WeightRounding.measure(fp32, PairReader(sample, specs, names, progress="weight rounding"),
+                                          len(sample))
     val_set, confirm_set, tuned = _val_sets(data, bundle, calib_digests)
     recipe = _recipe(fp32, all_ranges, qat, val_set, plan, data.gate_agreement_pairs, confirm_set,
-                     bundle.max_batch)
+                     bundle.max_batch, rounding)
     amax = dict(all_ranges[recipe.method])
     ranges_used, quantized_ops = f"ptq ({recipe.method})", DEFAULT_QUANTIZED_OPS
     if qat is not None:
@@ -340,13 +355,18 @@ def calibrate(bundle: str | Path | Bundle, plan: CalibrationPlan | None = None) 
             shutil.copytree(bundle.root, tmp, dirs_exist_ok=True)
             void_signature(tmp, "calibration", _log)
             _log("[4/6] INT8 Q/DQ model and TensorRT calibration cache from the same ranges; FP16-typed model")
-            quantize_qdq(fp32, amax, tmp / "model.int8.onnx", op_types=quantized_ops,
-                         keep_float=tuple(plan.keep_float),
-                         float_nodes=tuple(dict.fromkeys([*recipe.float_layers, *all_ranges.float_nodes])))
+            written = quantize_qdq(fp32, amax, tmp / "model.int8.onnx", op_types=quantized_ops,
+                                   keep_float=tuple(plan.keep_float),
+                                   float_nodes=tuple(dict.fromkeys([*recipe.float_layers, *all_ranges.float_nodes])),
+                                   rounding=rounding)
+            props = {p.key: p.value for p in written.metadata_props}
+            weight_rounding = (json.loads(props["edge_pfm.weight_rounding"]) if "edge_pfm.weight_rounding" in props
+                               else {"method": "nearest" + (" (QAT trained on it)" if qat is not None else "")})
             save_onnx(fp16_model(fp32), tmp / "model.fp16.onnx")
             atomic_write_text(tmp / "calibration.cache", cache.to_text())
             atomic_write_json(tmp / "calibration.json", {"method": recipe.method, "ranges": ranges_used,
                                                          "symmetric": True, "float_layers": recipe.float_layers,
+                                                         "weight_rounding": weight_rounding,
                                                          "range_notes": all_ranges.notes(), "amax": amax})
             build_checks = {}
             for name in ("model.int8.onnx", "model.fp16.onnx"):

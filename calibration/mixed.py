@@ -252,7 +252,7 @@ def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_type
                   methods: Sequence[str] | None = None, margin: float = MARGIN, min_share: float = MIN_INT8_SHARE,
                   log: Callable[[str], None] = lambda m: None, gate_pairs: int | None = None,
                   gate_floor: float = GATE_FLOOR, fixed_float: Sequence[str] = (), confirm: ValSet | None = None,
-                  census: Callable[[object], tuple[int, int] | None] | None = None) -> Recipe:
+                  census: Callable[[object], tuple[int, int] | None] | None = None, rounding=None) -> Recipe:
     """The range method and the nodes kept float (module docstring). `ranges`: {method: amax}; `methods`: the
     ones to choose among (default all in `ranges`); `gate_pairs`, `gate_floor`: the held-out set the gate will
     decide on, and its agreement floor (margin_target); `fixed_float`: nodes float whatever the search finds (those
@@ -260,7 +260,9 @@ def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_type
     sees, on which the recipe it stops at must meet the target too (module docstring); `census`: a Q/DQ model ->
     (Int8, all) conv/matmul layers of its engine (TensorRT-RTX), or None where no engine can be built: the float
     budget is then counted as the verdict counts it (an engine fuses and splits layers: seen, 16 ONNX conv/matmul
-    nodes with 81 % in Int8 built 14 engine layers with 79 %, and the recipe the search stopped at was refused).
+    nodes with 81 % in Int8 built 14 engine layers with 79 %, and the recipe the search stopped at was refused);
+    `rounding` (calibration.weight_rounding.WeightRounding): every Q/DQ model the search builds takes its weights'
+    GPTQ levels, as the one written will.
 
     The search's units are each block's conv/matmul layers and each block's residual Adds (export.quant_scheme:
     quantized for TensorRT's fusions; keeping them float costs no conv/matmul Int8). Units are ranked by their
@@ -307,7 +309,8 @@ def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_type
                       confirmations=confirmations, gate_confirms=confirm is None and kind != "refused", **kw)
 
     methods = list(methods or ranges)
-    full = {m: quantize_qdq(fp32, ranges[m], None, op_types=op_types, float_nodes=fixed) for m in methods}
+    full = {m: quantize_qdq(fp32, ranges[m], None, op_types=op_types, float_nodes=fixed, rounding=rounding)
+            for m in methods}
     by_method = {m: val.score(q) for m, q in full.items()}
     trials += len(methods)
     method = max(methods, key=lambda m: (by_method[m].agree, -by_method[m].kl))
@@ -333,7 +336,8 @@ def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_type
         return val.score(unquantize(qmodel, graph, [n for n in quantized if n not in keep]), sub).kl
 
     def build(float_nodes: Sequence[str]):  # the model quantize_qdq writes
-        return quantize_qdq(fp32, ranges[method], None, op_types=op_types, float_nodes=fixed + tuple(float_nodes))
+        return quantize_qdq(fp32, ranges[method], None, op_types=op_types, float_nodes=fixed + tuple(float_nodes),
+                            rounding=rounding)
 
     def score(float_nodes: Sequence[str]) -> ValScore:  # on all of val
         nonlocal trials

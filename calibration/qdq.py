@@ -5,10 +5,13 @@ explicit-quantization rules want it:
 - int8 symmetric per-tensor activations, int8 symmetric per-output-channel weights (Conv, MatMul, Gemm);
 - biases stay float: TensorRT's parser refuses an int32 DequantizeLinear (NVIDIA/TensorRT#3360),
   which onnxruntime's quantizer writes by default; zero points are int8 0 (symmetric);
-- nodes are topologically sorted (the quantizer appends its Q/DQ nodes out of order).
+- nodes are topologically sorted (the quantizer appends its Q/DQ nodes out of order);
+- with a WeightRounding, the int8 weight levels are chosen to cancel each other's output error on the
+  calibration inputs (calibration.weight_rounding), on the quantizer's own scales.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +23,16 @@ from export.quant_scheme import DEFAULT_QUANTIZED_OPS, OUTPUT_FLOAT_OPS, input_l
 def quantize_qdq(onnx_path: str | Path, amax: dict[str, float], out_path: str | Path | None,
                  op_types: tuple[str, ...] = DEFAULT_QUANTIZED_OPS, keep_float: tuple[str, ...] = (),
                  int32_biases: bool = False, float_nodes: tuple[str, ...] = (),
-                 output_float_ops: tuple[str, ...] = OUTPUT_FLOAT_OPS):
+                 output_float_ops: tuple[str, ...] = OUTPUT_FLOAT_OPS, rounding=None):
     """Write the Q/DQ model quantizing `op_types` (+ residual adds), each input's first layer, the nodes named in
     `float_nodes` and those whose names contain a `keep_float` substring left float; -> onnx.ModelProto (also
     when `out_path` is None: nothing written).
     `output_float_ops`: the ops whose outputs stay float (export.quant_scheme: inputs only are quantized).
     `int32_biases` writes what this project wrote before TensorRT checked it (biases quantized to int32,
-    which TensorRT refuses): for accuracy comparisons only, never a bundle artifact."""
+    which TensorRT refuses): for accuracy comparisons only, never a bundle artifact.
+    `rounding` (calibration.weight_rounding.WeightRounding): the int8 weights take error-compensating (GPTQ)
+    levels on the same scales, and the model's metadata `edge_pfm.weight_rounding` says how many layers did;
+    None: nearest rounding, onnxruntime's."""
     import onnx
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
@@ -53,6 +59,11 @@ def quantize_qdq(onnx_path: str | Path, amax: dict[str, float], out_path: str | 
     qmodel.ir_version = model.ir_version
     qmodel.producer_name = model.producer_name
     qmodel.producer_version = model.producer_version
+    if rounding is not None:
+        summary = rounding.apply(qmodel).to_dict()
+        del summary["per_layer"]
+        onnx.helper.set_model_props(qmodel, {**{p.key: p.value for p in qmodel.metadata_props},
+                                             "edge_pfm.weight_rounding": json.dumps(summary)})
     problems = [] if int32_biases else tensorrt_qdq_problems(qmodel)
     if problems:
         raise ValueError("the Q/DQ model is not what TensorRT accepts:\n  - " + "\n  - ".join(problems[:10]))

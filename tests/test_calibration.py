@@ -102,6 +102,16 @@ def test_cache_covers_every_activation_tensor(calibrated_bundle):
         assert cache.amax[name] == pytest.approx(amax, rel=1e-6, abs=1e-9)
 
 
+def test_the_shipped_int8_weights_take_gptq_levels_by_default(calibrated_bundle):
+    """The default calibration re-rounds the int8 weights (calibration.weight_rounding) and records it in
+    calibration.json and in the Q/DQ model; each layer kept its GPTQ levels only where they err less."""
+    record = json.loads((calibrated_bundle / "calibration.json").read_text())["weight_rounding"]
+    assert record["method"].startswith("gptq") and 0 < record["layers_gptq"] <= record["layers"]
+    model = onnx.load(str(calibrated_bundle / "model.int8.onnx"))
+    props = {p.key: json.loads(p.value) for p in model.metadata_props if p.key == "edge_pfm.weight_rounding"}
+    assert props["edge_pfm.weight_rounding"] == record
+
+
 def test_qdq_census(calibrated_bundle):
     model = onnx.load(str(calibrated_bundle / "model.int8.onnx"))
     census = collections.Counter(n.op_type for n in model.graph.node)
