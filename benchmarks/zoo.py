@@ -12,14 +12,18 @@ exit status. The table puts each model's forecast (examples/zoo.py's EXPECTED, w
 what happened, with the recipe, the Int8 share, the held-out agreement and its 95 % interval, and the time.
 
     python benchmarks/zoo.py [--work build/zoo] [--json build/bench/zoo.json] [--pairs 4000] [--heldout 2000]
-        [--epochs 60] [--models attnpool convnext ...]
+        [--epochs 60] [--models attnpool convnext ...] [--keep-weights]
 
-Every command runs in a fresh process, as a user runs it, with the product's defaults.
+Every command runs in a fresh process, as a user runs it, with the product's defaults. `--keep-weights` keeps each
+model's trained weights from the last run in --work with the same --json (the data is regenerated from the same seeds and must match
+byte for byte; the trainer is single-threaded and seeded, so training again gives the same weights) and reruns
+everything after training: the way to measure a calibration change without an hour of training.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import shutil
 import subprocess
@@ -77,9 +81,32 @@ def calibration_row(bundle: Path, rc: int, out: str) -> dict:
     return row
 
 
+def _digest(folder: Path) -> str:
+    """sha256 over a dataset folder's files, names and bytes, in name order."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def _kept_weights(work: Path, last: Path, models: list[str]) -> dict:
+    """What --keep-weights reuses from the last run in `work`, whose table is `last` (the same --json):
+    {"data": digest, name: {weights, log, seconds}}."""
+    if not last.exists() or not (work / "data").is_dir():
+        raise SystemExit(f"!! --keep-weights: no finished run in {work} with its table {last}; run without it")
+    record = json.loads(last.read_text())["models"]
+    kept: dict = {"data": _digest(work / "data")}
+    for name in models:
+        weights, log = work / name / f"{name}.pt", work / "logs" / f"{name}.train.log"
+        if name in record and weights.exists() and log.exists():
+            kept[name] = {"weights": weights.read_bytes(), "log": log.read_text(),
+                          "seconds": record[name]["train_seconds"]}
+    return kept
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="build/zoo", help="emptied first")
+    ap.add_argument("--work", default="build/zoo", help="emptied first (but for --keep-weights)")
     ap.add_argument("--json", default="build/bench/zoo.json")
     ap.add_argument("--pairs", type=int, default=4000,
                     help="labelled pairs with a split column (70/15/15 %% train/val/test); at 1000 (700 "
@@ -87,12 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heldout", type=int, default=2000, help="held-out labelled pairs (the gate's)")
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--models", nargs="*", default=None, help="a subset of the zoo (default: all)")
+    ap.add_argument("--keep-weights", action="store_true",
+                    help="reuse each model's weights and training log from the last run in --work (module docstring)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT / "examples"))
     import zoo  # the forecasts and the data writer; no torch work happens in this process
 
     models = args.models or list(zoo.EXPECTED)
     work = (ROOT / args.work).resolve()
+    kept = _kept_weights(work, ROOT / args.json, models) if args.keep_weights else {}
     shutil.rmtree(work, ignore_errors=True)
     logs = work / "logs"
     logs.mkdir(parents=True)
@@ -100,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     zoo.write_data(data, args.pairs, seed=3)
     zoo.write_data(heldout, args.heldout, seed=4, split=False)
+    if kept and _digest(data) != kept["data"]:
+        raise SystemExit(f"!! --keep-weights: the regenerated {data} differs from the one the kept weights were "
+                         "trained on (another --pairs?); run without --keep-weights")
     with open(data / "labels.csv", newline="") as f:
         split = dict(Counter(row["split"] for row in csv.DictReader(f)))
     seconds: dict[str, float] = {"datasets": time.perf_counter() - t0}
@@ -110,9 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         d.mkdir()
         weights, spec, onnx = d / f"{name}.pt", d / f"{name}.spec.json", d / f"{name}.onnx"
         r: dict = {"expected": zoo.EXPECTED[name][0], "why": zoo.EXPECTED[name][1], "doors": {}}
-        r["train_seconds"] = must(run([ZOO, "train", "--model", name, "--data", data, "--out", weights, "--epochs",
-                                       args.epochs], logs / f"{name}.train.log"), f"{name}: training",
-                                  logs / f"{name}.train.log")
+        if name in kept:  # trained by the last run on the same data: its weights, log and time
+            weights.write_bytes(kept[name]["weights"])
+            (logs / f"{name}.train.log").write_text(kept[name]["log"])
+            r["train_seconds"], r["weights_kept"] = kept[name]["seconds"], True
+        else:
+            r["train_seconds"] = must(run([ZOO, "train", "--model", name, "--data", data, "--out", weights,
+                                           "--epochs", args.epochs], logs / f"{name}.train.log"),
+                                      f"{name}: training", logs / f"{name}.train.log")
         r["training"] = (logs / f"{name}.train.log").read_text().strip().splitlines()[-1]
         zoo.write_spec(name, spec)
         log = logs / f"{name}.export_model.log"
@@ -167,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
           f"failure: {len(failed)} of {len(calibrations)} {failed}")
     for line in differ:
         print(f"forecast missed: {line}")
-    write_json(args.json, {"pairs": args.pairs, "split": split, "heldout": args.heldout, "epochs": args.epochs,
-                           "models": results, "shipped": shipped, "failed": failed, "forecast_missed": differ,
+    write_json(args.json, {"pairs": args.pairs, "weights_kept": sorted(n for n in kept if n != "data"),
+                           "split": split, "heldout": args.heldout, "epochs": args.epochs, "models": results, "shipped": shipped, "failed": failed, "forecast_missed": differ,
                            "seconds": seconds})
     return 1 if failed else 0
 

@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--trt-version", default="10.3", help="TensorRT the cache targets (JetPack 6.1/6.2: 10.3)")
     ap.add_argument("--resolution", type=parse_size, default=(1280, 720), help="synthetic camera resolution WxH")
     ap.add_argument("--keep-float", nargs="*", default=[],
-                    help="node-name substrings kept in float, beyond each input's first conv (always float)")
+                    help="node-name substrings kept in float (each input's first layer is float too with "
+                         "--weight-rounding nearest)")
     ap.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS, default="gptq",
                     help="gptq: int8 weight levels chosen to cancel each other's output error on the calibration "
                          "pairs (same scales); nearest: each weight rounded alone")

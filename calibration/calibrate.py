@@ -101,7 +101,7 @@ class CalibrationPlan:
     eval_resolution: tuple[int, int] | None = None  # default: resolution
     ranges: str = "auto"  # auto | ptq | qat
     trt_version: str = "10.3"  # the TensorRT the cache targets (JetPack 6.1/6.2)
-    keep_float: tuple[str, ...] = ()  # node-name substrings kept float, beyond each input's first conv
+    keep_float: tuple[str, ...] = ()  # node-name substrings kept float
     weight_rounding: str = "gptq"  # gptq: error-compensating int8 weight levels; nearest: round to nearest
     seed: int = 1
     allow_degraded: bool = False  # write the INT8 model even if the gate refuses it
@@ -206,7 +206,7 @@ def _recipe(fp32: Path, all_ranges: dict, qat: dict | None, val: ValSet | None, 
     total = sum(n.op_type in QUANTIZABLE_OPS for n in graph.graph.node)
     why = "QAT ranges: the scheme QAT trained, unchanged" if qat is not None else "no val set: nothing tuned"
     _log(f"[3/6] the INT8 recipe: {why} ({method})")
-    quantized = len(quantizable_layers(graph, ops))
+    quantized = len(quantizable_layers(graph, ops, rounding is not None))
     if qat is not None and val is not None:  # held to the search's target on val and confirmation (judge_fixed)
         qmodel = quantize_qdq(fp32, {**all_ranges[method], **qat}, None, op_types=ops, keep_float=tuple(plan.keep_float),
                               float_nodes=tuple(all_ranges.float_nodes))

@@ -138,9 +138,10 @@ class ValSet:
         return ValScore(int((p.argmax(1) == ref.argmax(1)).sum()), n, kl)
 
 
-def quantizable_layers(model, op_types: tuple[str, ...]) -> list[str]:
-    """The conv/matmul/gemm nodes the Q/DQ model quantizes (each input's first layer stays float), graph order."""
-    first = set(input_layers(model))
+def quantizable_layers(model, op_types: tuple[str, ...], with_input_layers: bool = False) -> list[str]:
+    """The conv/matmul/gemm nodes the Q/DQ model quantizes, graph order: each input's first layer only
+    `with_input_layers` (the weights take GPTQ's levels: export.quant_scheme)."""
+    first = set() if with_input_layers else set(input_layers(model))
     return [n.name for n in model.graph.node if n.op_type in op_types and n.name not in first]
 
 
@@ -284,7 +285,7 @@ def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_type
     t0 = time.perf_counter()
     graph = name_nodes(onnx.load(str(fp32)))
     all_layers = [n.name for n in graph.graph.node if n.op_type in QUANTIZABLE_OPS]
-    layers = quantizable_layers(graph, op_types)
+    layers = quantizable_layers(graph, op_types, rounding is not None)
     adds = residual_adds(graph)
     meets, target = margin_target(len(val), margin, gate_pairs, gate_floor)
     trials = 0

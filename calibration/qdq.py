@@ -24,7 +24,7 @@ def quantize_qdq(onnx_path: str | Path, amax: dict[str, float], out_path: str | 
                  op_types: tuple[str, ...] = DEFAULT_QUANTIZED_OPS, keep_float: tuple[str, ...] = (),
                  int32_biases: bool = False, float_nodes: tuple[str, ...] = (),
                  output_float_ops: tuple[str, ...] = OUTPUT_FLOAT_OPS, rounding=None):
-    """Write the Q/DQ model quantizing `op_types` (+ residual adds), each input's first layer, the nodes named in
+    """Write the Q/DQ model quantizing `op_types` (+ residual adds), each input's first layer (without `rounding`), the nodes named in
     `float_nodes` and those whose names contain a `keep_float` substring left float; -> onnx.ModelProto (also
     when `out_path` is None: nothing written).
     `output_float_ops`: the ops whose outputs stay float (export.quant_scheme: inputs only are quantized).
@@ -43,7 +43,8 @@ def quantize_qdq(onnx_path: str | Path, amax: dict[str, float], out_path: str | 
         name: TensorData(lowest=np.array(-a, np.float32), highest=np.array(a, np.float32)) for name, a in amax.items()
     })
     nodes = [n.name for n in model.graph.node if n.op_type in op_types] + residual_adds(model)
-    first = set(input_layers(model))  # each input's first layer sees raw pixels: float (export.quant_scheme)
+    # each input's first layer sees raw pixels: float unless its weights take GPTQ's levels (export.quant_scheme)
+    first = set() if rounding is not None else set(input_layers(model))
     exact = set(float_nodes)
     nodes = [n for n in nodes if n not in first and n not in exact and not any(k in n for k in keep_float)]
     if not nodes:  # onnxruntime's quantizer reads an empty list as "every node"

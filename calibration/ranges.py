@@ -20,6 +20,8 @@ at MIN_AMAX, and `ActivationRanges.fallbacks` says which and why. Non-finite val
 legitimate (masked attention gives -inf): such a tensor keeps the range of its finite values, and the nodes that
 read it stay float (`ActivationRanges.float_nodes`). A non-finite graph input or output is bad input (RangeError,
 exit 2), naming the tensor and the pair.
+The tensors the inputs' first layers read (pixels, export.quant_scheme.input_layer_inputs) take their min/max
+under every method: a pixel is never clipped.
 From these ranges alone come both the Q/DQ model and the TensorRT calibration cache.
 """
 from __future__ import annotations
@@ -257,10 +259,11 @@ def compute_all_ranges(onnx_path: str | Path, reader: PairReader, chunk: int = 6
     graph order, from one pass over `reader` (module docstring)."""
     import onnx
 
-    from export.quant_scheme import QUANTIZABLE_OPS, name_nodes
+    from export.quant_scheme import QUANTIZABLE_OPS, input_layer_inputs, name_nodes
 
     model = name_nodes(onnx.load(str(onnx_path)))
     order = activation_tensors(onnx_path)
+    pixels = set(input_layer_inputs(model))
     inputs = [i.name for i in model.graph.input if i.name in set(order)]
     outputs = {o.name for o in model.graph.output}
     observed = [t for t in order if t not in set(inputs)]
@@ -286,7 +289,7 @@ def compute_all_ranges(onnx_path: str | Path, reader: PairReader, chunk: int = 6
             for t in order:
                 if collected[t]:
                     stats[t].add(np.concatenate([np.ravel(v) for v in collected[t]]))
-    by_method = {m: {t: stats[t].ranges()[m] for t in order} for m in METHODS}
+    by_method = {m: {t: stats[t].ranges()["minmax" if t in pixels else m] for t in order} for m in METHODS}
     non_finite = {t: s.non_finite for t, s in stats.items() if s.non_finite}
     readers = [n.name for n in model.graph.node
                if n.op_type in (*QUANTIZABLE_OPS, "Add") and any(i in non_finite for i in n.input)]

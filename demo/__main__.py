@@ -118,8 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="build/demo")
-    ap.add_argument("--pairs", type=int, default=1200, help="synthetic training pairs")
-    ap.add_argument("--epochs", type=int, default=20)
+    # 1200 pairs x 20 epochs stopped with val accuracy still rising (96 %), and a model whose decisions sit that
+    # close to its boundary changes as many under INT8 as under 1 grey level of noise: refused on 2 of 6 seeds
+    ap.add_argument("--pairs", type=int, default=2400, help="synthetic training pairs")
+    ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0, help="training seed (another seed: another model)")
     ap.add_argument("--threads", type=int, default=TrainPlan.threads,
                     help="training threads (another count: another model, as on another machine)")

@@ -87,6 +87,10 @@ def test_every_tensor_gets_a_finite_range_and_degenerate_ones_say_why(pairs, tmp
     zero = [t for t, w in why.items() if w.startswith("all zero")]
     assert zero and all(ranges["minmax"][t] == MIN_AMAX for t in zero)  # the switched-off branch: the floor
     assert any(1e-31 < ranges["minmax"][t] < 1e-29 for t in ranges["minmax"])  # the 1e-30 tensor keeps its scale
+    # the pixels the inputs' first convs read: their min/max by every method (never clipped), and distinct from
+    # what percentile gives the tensors after them
+    pixels = ["white", "fluo"]
+    assert all(ranges[m][t] == ranges["minmax"][t] for m in METHODS for t in pixels)
     # masked attention: -inf inside the graph is legitimate; the tensor keeps its finite values' range, and the
     # nodes that read it stay float in the Q/DQ model
     assert ranges.non_finite and all(np.isfinite(ranges["minmax"][t]) for t in ranges.non_finite)

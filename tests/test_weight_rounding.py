@@ -67,11 +67,11 @@ def test_gptq_levels_cancel_what_nearest_rounding_adds_up_on_correlated_inputs()
 
 
 def test_the_q_dq_model_runs_gptq_levels_on_its_own_scales_and_errs_less(tmp_path):
-    """quantize_qdq with a WeightRounding: the second MatMul's int8 weights change level, not scale, stay within
-    +-127, the model says so in its metadata, and ONNX Runtime's output of the Q/DQ model is closer to FP32's on
+    """quantize_qdq with a WeightRounding: the input's first layer is quantized too (float under nearest rounding),
+    the second MatMul's int8 weights change level, not scale, stay within +-127, the model says so in its metadata, and ONNX Runtime's output of the Q/DQ model is closer to FP32's on
     the calibration inputs than with nearest rounding."""
     rng = np.random.default_rng(2)
-    w0 = rng.normal(size=(6, 32)).astype(np.float32)  # the input's first layer: float by the scheme
+    w0 = rng.normal(size=(6, 32)).astype(np.float32)  # the input's first layer: quantized only with GPTQ levels
     w1 = rng.normal(size=(32, 8)).astype(np.float32)
     nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="first"),
              helper.make_node("Relu", ["h"], ["r"], name="relu"),
@@ -87,9 +87,11 @@ def test_the_q_dq_model_runs_gptq_levels_on_its_own_scales_and_errs_less(tmp_pat
     amax = {t: float(np.abs(v).max()) for t, v in
             zip(("h", "r", "y"), _session(_with_outputs(model, ["h", "r", "y"])).run(None, {
                 "x": np.concatenate([f["x"] for f in feeds])}))}
+    amax["x"] = float(max(np.abs(f["x"]).max() for f in feeds))
     rounding = WeightRounding.measure(path, iter(feeds), len(feeds))
     nearest = quantize_qdq(path, amax, None)
-    gptq = quantize_qdq(path, amax, None, rounding=rounding)
+    with_first = quantize_qdq(path, amax, None, rounding=rounding)
+    gptq = quantize_qdq(path, amax, None, rounding=rounding, float_nodes=("first",))  # nearest's quantized layers
 
     def weight(m):
         inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
@@ -97,6 +99,13 @@ def test_the_q_dq_model_runs_gptq_levels_on_its_own_scales_and_errs_less(tmp_pat
         s = next(v for k, v in inits.items() if v.dtype == np.float32 and v.shape == (8,))
         return q, s
 
+    def reads_dequantized(m, node):
+        producers = {o: n.op_type for n in m.graph.node for o in n.output}
+        return [producers.get(i) == "DequantizeLinear" for i in next(n for n in m.graph.node if n.name == node).input]
+
+    assert reads_dequantized(nearest, "first") == [False, False]  # the pixels' layer: float under nearest rounding
+    assert reads_dequantized(with_first, "first") == [True, True]
+    assert reads_dequantized(gptq, "second") == [True, True]
     (qn, sn), (qg, sg) = weight(nearest), weight(gptq)
     assert np.array_equal(sn, sg) and not np.array_equal(qn, qg) and np.abs(qg.astype(int)).max() <= QMAX
     props = {p.key: json.loads(p.value) for p in gptq.metadata_props if p.key == "edge_pfm.weight_rounding"}
