@@ -175,15 +175,39 @@ def _weight_dq(qmodel) -> dict[str, object]:
     return found
 
 
+def _layer_levels(rows: np.ndarray, nearest: np.ndarray, scale: np.ndarray, h: np.ndarray,
+                  groups: int) -> tuple[np.ndarray, dict]:
+    """One layer's levels (out, D): GPTQ's per group where they err less than `nearest`'s, and its record."""
+    per_group = rows.shape[0] // groups
+    chosen = nearest.copy()
+    err_nearest = err_kept = 0.0
+    for g in range(groups):
+        sl = slice(g * per_group, (g + 1) * per_group)
+        try:
+            levels = gptq_levels(rows[sl], h[g], scale[sl])
+        except np.linalg.LinAlgError:
+            levels = nearest[sl]
+        e_near, e_gptq = output_error(rows[sl], nearest[sl], scale[sl], h[g]), output_error(
+            rows[sl], levels, scale[sl], h[g])
+        err_nearest += e_near
+        err_kept += min(e_near, e_gptq)
+        if e_gptq < e_near:
+            chosen[sl] = levels
+    kept = "gptq" if err_kept < err_nearest else "nearest"
+    return chosen, {"kept": kept, "error_nearest": err_nearest, "error_kept": err_kept}
+
+
 def round_weights(qmodel, float_weights: dict[str, np.ndarray], layers: dict[str, WeightLayer],
-                  hessians: dict[str, np.ndarray]) -> RoundingReport:
+                  hessians: dict[str, np.ndarray], memo: dict | None = None) -> RoundingReport:
     """Rewrite, in place, the int8 weight initializers of `qmodel`'s quantized layers that have a Hessian, with
     GPTQ levels on the same per-channel scales where those give a smaller output error than nearest rounding.
-    `float_weights`: {weight initializer name in the FP32 model: its float array}."""
+    `float_weights`: {weight initializer name in the FP32 model: its float array}; `memo`: levels already found,
+    by layer and scales (H is the FP32 graph's, so a layer's levels do not depend on which others are float)."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in qmodel.graph.initializer}
     report = RoundingReport()
+    memo = {} if memo is None else memo
     for node, dq in _weight_dq(qmodel).items():
         layer, h = layers.get(node), hessians.get(node)
         if layer is None or h is None or layer.weight not in float_weights:
@@ -196,29 +220,16 @@ def round_weights(qmodel, float_weights: dict[str, np.ndarray], layers: dict[str
         rows = w.reshape(w.shape[0], -1)
         if rows.shape[0] != scale.size or stored.shape != w.shape:
             continue  # a per-tensor or otherwise laid out weight: left as quantized
-        per_group = rows.shape[0] // layer.groups
-        nearest = stored.reshape(rows.shape).astype(np.float64)
-        chosen = nearest.copy()
-        err_nearest = err_gptq = 0.0
-        for g in range(layer.groups):
-            sl = slice(g * per_group, (g + 1) * per_group)
-            try:
-                levels = gptq_levels(rows[sl], h[g], scale[sl])
-            except np.linalg.LinAlgError:
-                levels = nearest[sl]
-            e_near, e_gptq = output_error(rows[sl], nearest[sl], scale[sl], h[g]), output_error(
-                rows[sl], levels, scale[sl], h[g])
-            err_nearest += e_near
-            err_gptq += min(e_near, e_gptq)
-            if e_gptq < e_near:
-                chosen[sl] = levels
-        kept = "gptq" if err_gptq < err_nearest else "nearest"
-        if kept == "gptq":
+        key = (node, scale.tobytes())
+        if key not in memo:
+            memo[key] = _layer_levels(rows, stored.reshape(rows.shape).astype(np.float64), scale, h, layer.groups)
+        chosen, record = memo[key]
+        if record["kept"] == "gptq":
             out = chosen.reshape(w.shape).astype(np.int8)
             if layer.kind == "matmul":
                 out = out.T
             inits[dq.input[0]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(out), dq.input[0]))
-        report.layers[node] = {"kept": kept, "error_nearest": err_nearest, "error_kept": err_gptq}
+        report.layers[node] = dict(record)
     return report
 
 
@@ -231,6 +242,7 @@ class WeightRounding:
     float_weights: dict[str, np.ndarray]
     hessians: dict[str, np.ndarray]
     pairs: int
+    memo: dict = field(default_factory=dict, compare=False, repr=False)  # levels found, reused by every model
 
     @classmethod
     def measure(cls, onnx_path: str | Path, feeds: Iterable[dict[str, np.ndarray]], count: int) -> WeightRounding:
@@ -249,4 +261,4 @@ class WeightRounding:
 
     def apply(self, qmodel) -> RoundingReport:
         """Re-round `qmodel`'s int8 weights in place (round_weights)."""
-        return round_weights(qmodel, self.float_weights, self.layers, self.hessians)
+        return round_weights(qmodel, self.float_weights, self.layers, self.hessians, self.memo)
