@@ -200,7 +200,7 @@ def _recipe(fp32: Path, all_ranges: dict, qat: dict | None, val: ValSet | None, 
         return choose_recipe(fp32, all_ranges, DEFAULT_QUANTIZED_OPS, val,
                              methods=None if plan.method == "auto" else [plan.method], margin=plan.margin, log=_log,
                              gate_pairs=gate_pairs, fixed_float=all_ranges.float_nodes, confirm=confirm,
-                             census=_engine_census(max_batch), rounding=rounding)
+                             census=_engine_census(max_batch), rounding=rounding, steer_only=confirm is None)
     graph = name_nodes(onnx.load(str(fp32)))
     ops = QAT_QUANTIZED_OPS if qat is not None else DEFAULT_QUANTIZED_OPS
     total = sum(n.op_type in QUANTIZABLE_OPS for n in graph.graph.node)

@@ -20,9 +20,12 @@ layer sensitivity. Nothing here sees the `test` pairs the gate decides on.
 - **No confirmation set** (val too small to halve, or too small to show the margin at all): the gate's held-out
   set is the recipe's confirmation, looked at once after the search: it must show what val would have had to, the
   count that gives a 97 % chance that a fresh set of its size holds the gate's floor (4 of 2000), not merely the
-  floor (11 of 2000). A val set too small to show the margin still steers the search (full agreement, else the
-  float set closest to FP32 by KL within the budget), but does not refuse by itself: seen, 152 val pairs with one
-  near-tie pair refused a model that differed on 1 of 2000 held-out pairs.
+  floor (11 of 2000). Val then steers the search (its target, else the float set closest to FP32 by KL within the
+  budget) but does not refuse by itself (`steer_only`): the gate's check at that count is the guarantee, and it
+  is looked at once. Seen: 152 val pairs with one near-tie pair refused a model that differed on 1 of 2000
+  held-out pairs; 600 val pairs, which can show the margin only at 0 differing, refused a zoo model for 1 of 600
+  (its full INT8 differed on 2 of 2000 held-out pairs). A val set too small to show the margin at all asks for full
+  agreement.
 - **The range method**: each of calibration.ranges.METHODS, from the one histogram pass; the best val agreement
   wins (ties: the lower KL divergence from FP32).
 - **Sensitivity**: each block of the network (a module: `/model/stages.3/...` in a torch export) quantized alone,
@@ -253,7 +256,8 @@ def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_type
                   methods: Sequence[str] | None = None, margin: float = MARGIN, min_share: float = MIN_INT8_SHARE,
                   log: Callable[[str], None] = lambda m: None, gate_pairs: int | None = None,
                   gate_floor: float = GATE_FLOOR, fixed_float: Sequence[str] = (), confirm: ValSet | None = None,
-                  census: Callable[[object], tuple[int, int] | None] | None = None, rounding=None) -> Recipe:
+                  census: Callable[[object], tuple[int, int] | None] | None = None, rounding=None,
+                  steer_only: bool = False) -> Recipe:
     """The range method and the nodes kept float (module docstring). `ranges`: {method: amax}; `methods`: the
     ones to choose among (default all in `ranges`); `gate_pairs`, `gate_floor`: the held-out set the gate will
     decide on, and its agreement floor (margin_target); `fixed_float`: nodes float whatever the search finds (those
@@ -263,7 +267,9 @@ def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_type
     budget is then counted as the verdict counts it (an engine fuses and splits layers: seen, 16 ONNX conv/matmul
     nodes with 81 % in Int8 built 14 engine layers with 79 %, and the recipe the search stopped at was refused);
     `rounding` (calibration.weight_rounding.WeightRounding): every Q/DQ model the search builds takes its weights'
-    GPTQ levels, as the one written will.
+    GPTQ levels, as the one written will; `steer_only`: there is no confirmation set and the gate's held-out set
+    will confirm the recipe (module docstring): a search that misses the target returns the closest recipe it
+    found instead of refusing.
 
     The search's units are each block's conv/matmul layers and each block's residual Adds (export.quant_scheme:
     quantized for TensorRT's fusions; keeping them float costs no conv/matmul Int8). Units are ranked by their
@@ -393,8 +399,9 @@ def choose_recipe(fp32: str | Path, ranges: dict[str, dict[str, float]], op_type
         else:  # no closer: these stay INT8 (seen: a whole block float flipped more pairs than one of its layers)
             log(f"        no closer to FP32 than KL {s.kl:.2e}: {unit} stays INT8")
     n_float = sum(n in layer_set for n in float_nodes)
-    if target.startswith(FULL_AGREEMENT):  # val cannot show the margin: it steered, the gate's set confirms
-        log(f"      {len(val)} val pairs cannot show the margin: the closest recipe found ({len(float_nodes)} node(s) "
+    if target.startswith(FULL_AGREEMENT) or steer_only:  # val steered; the gate's set confirms
+        why = "cannot show the margin" if target.startswith(FULL_AGREEMENT) else "have no confirmation set"
+        log(f"      {len(val)} val pairs {why}: the closest recipe found ({len(float_nodes)} node(s) "
             "float) goes to the gate, whose held-out set must show the val target")
         return recipe("mixed" if float_nodes else "ptq", method, float_nodes, s, methods=summary,
                       sensitivity=sensitivity)

@@ -96,6 +96,21 @@ def test_a_search_that_would_leave_too_little_int8_is_refused(fragile):
     assert not layers & set(recipe.float_layers)  # residual Adds may have been tried float, no layer
 
 
+def test_without_a_confirmation_set_val_steers_and_the_gate_confirms(fragile):
+    """The same search with no confirmation set (calibrate: val too small to halve): val could show the margin but
+    the search misses it, and the closest recipe goes to the gate, which confirms it at the count a fresh set needs,
+    instead of a refusal on val alone."""
+    path, _, ranges, val = fragile
+    said: list[str] = []
+    recipe = choose_recipe(path, ranges, DEFAULT_QUANTIZED_OPS, val, methods=["percentile"], margin=0.90,
+                           min_share=0.99, steer_only=True, log=said.append)
+    layers = set(quantizable_layers(name_nodes(onnx.load(str(path))), DEFAULT_QUANTIZED_OPS))
+    assert not recipe.target.startswith("every val pair")  # 400 pairs can show a 90 % margin
+    assert recipe.kind in ("ptq", "mixed") and recipe.gate_confirms and recipe.confirm is None, recipe.reason
+    assert not layers & set(recipe.float_layers) and recipe.val.agree != recipe.val.n
+    assert any("no confirmation set" in line and "goes to the gate" in line for line in said), said
+
+
 def test_the_float_budget_is_counted_on_the_engine_as_the_verdict_counts_it(fragile):
     """The search's float budget comes from the TensorRT-RTX census, as the verdict's share does: a budget counted on
     ONNX nodes let the search stop at a recipe whose engine then fell below the share, and it was refused."""
