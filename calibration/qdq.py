@@ -24,8 +24,8 @@ def quantize_qdq(onnx_path: str | Path, amax: dict[str, float], out_path: str | 
                  op_types: tuple[str, ...] = DEFAULT_QUANTIZED_OPS, keep_float: tuple[str, ...] = (),
                  int32_biases: bool = False, float_nodes: tuple[str, ...] = (),
                  output_float_ops: tuple[str, ...] = OUTPUT_FLOAT_OPS, rounding=None):
-    """Write the Q/DQ model quantizing `op_types` (+ residual adds), each input's first layer (without `rounding`), the nodes named in
-    `float_nodes` and those whose names contain a `keep_float` substring left float; -> onnx.ModelProto (also
+    """Write the Q/DQ model quantizing `op_types` (+ residual adds); the nodes named in `float_nodes`, those whose
+    names contain a `keep_float` substring and, without `rounding`, each input's first layer left float; -> onnx.ModelProto (also
     when `out_path` is None: nothing written).
     `output_float_ops`: the ops whose outputs stay float (export.quant_scheme: inputs only are quantized).
     `int32_biases` writes what this project wrote before TensorRT checked it (biases quantized to int32,
